@@ -1,0 +1,1 @@
+"""Configuration: one settings model, loaded once in `main()` and passed down."""

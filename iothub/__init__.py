@@ -1,0 +1,1 @@
+"""iothub: MQTT telemetry into PostgreSQL with a rule engine."""

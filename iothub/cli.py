@@ -1,0 +1,87 @@
+"""The `iothub` command line: one console script, one subcommand per job.
+
+Each subcommand lives in the module that owns its work; that module provides
+`add_arguments(parser)` and `main(settings, args) -> int`; cli.py only loads the settings once,
+sets logging up, and maps failures to the exit codes of `iothub.exitcodes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, cast
+
+import structlog
+
+from config.settings import ConfigError, Settings, load_settings
+from iothub import exitcodes, logs
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("ingestor.service", "the daemon: ingestion + rules + actions"),
+    "migrate": ("schema.commands", "apply schema migrations"),
+    "setup-timescaledb": ("schema.timescale", "hypertable, compression and retention"),
+    "seed": ("iothub.seed", "load the development data set (idempotent)"),
+    "simulate": ("iothub.simulate", "simulated devices publishing telemetry"),
+    "demo": ("iothub.demo", "the whole pipeline on this machine, then a summary"),
+    "rules": ("rules_engine.commands", "check rules; backtest a rule over stored history"),
+    "query": ("iothub.query", "the seed's example queries: last readings, recent readings"),
+}
+
+
+class CommandModule(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def main(self, settings: Settings, args: argparse.Namespace) -> int: ...
+
+
+def _module(name: str) -> CommandModule:
+    return cast(CommandModule, importlib.import_module(COMMANDS[name][0]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iothub",
+        description="MQTT telemetry into PostgreSQL/TimescaleDB, with a rule engine.",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="TOML file of settings (IOTHUB_* environment variables override it)",
+    )
+    parser.add_argument("--debug", action="store_true", help="debug logs and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        _module(name).add_arguments(command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        # One line, no traceback: the operator has a typo to fix, not a bug to report.
+        print(f"iothub: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+    if args.debug:
+        settings = settings.model_copy(update={"log_level": "debug"})
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        return _module(args.command).main(settings, args)
+    except KeyboardInterrupt:
+        return exitcodes.INTERRUPTED
+    except Exception as exc:
+        log = structlog.get_logger("iothub")
+        if args.debug:
+            log.exception("command_crashed", command=args.command)
+        else:
+            log.error("command_crashed", command=args.command, error=f"{type(exc).__name__}: {exc}")
+        return exitcodes.CRASH
+
+
+if __name__ == "__main__":
+    sys.exit(main())

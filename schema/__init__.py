@@ -1,0 +1,1 @@
+"""The database: versioned SQL migrations, named queries, TimescaleDB setup."""

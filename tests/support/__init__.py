@@ -1,0 +1,1 @@
+"""Test support: real PostgreSQL and Mosquitto servers for the suite."""
