@@ -1,0 +1,1 @@
+"""MQTT intake: topic matching, payload validation and the batch writer into PostgreSQL."""
