@@ -1,0 +1,1 @@
+"""The rule engine: condition and action models, safe templates, the evaluation state machine."""
