@@ -1,0 +1,131 @@
+"""The service's Prometheus instruments, served on /metrics by `iothub.http.HealthServer`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, exposition
+
+# Every name here is a plain Prometheus name, so the body is the same in text format 0.0.4 and
+# 1.0.0; announcing 0.0.4 keeps older Prometheus servers and other scrapers happy.
+CONTENT_TYPE = exposition.CONTENT_TYPE_PLAIN_0_0_4
+
+# Batches are a COPY plus rule evaluation in one transaction: about a millisecond when small and
+# warm, seconds when the database is struggling. Beyond 10 s the exact value no longer matters.
+BATCH_SECONDS_BUCKETS = (  # seconds
+    *(0.001, 0.0025, 0.005),
+    *(0.01, 0.025, 0.05),
+    *(0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0),
+)
+
+# Label values known in advance get a series at 0 from the start, so that `rate()` and alerts
+# see the first occurrence instead of a series appearing out of nowhere: the codes of DESIGN
+# section 3 plus the ingestor's storage_error (ingestor/reasons.py), and the event kinds.
+REJECTION_REASONS = (
+    "bad_json",
+    "bad_schema",
+    "payload_too_large",
+    "unknown_device",
+    "inactive_device",
+    "device_mismatch",
+    "unknown_metric",
+    "type_mismatch",
+    "bad_timestamp",
+    "ts_in_future",
+    "ts_too_old",
+    "value_too_large",
+    "storage_error",
+)
+EVENT_KINDS = ("triggered", "resolved")
+
+
+class Metrics:
+    """All instruments of one service instance, in a registry of their own.
+
+    A registry per instance (not prometheus_client's global one) lets tests and the demo run
+    several services in one process without "Duplicated timeseries" errors.
+    """
+
+    def __init__(
+        self,
+        *,
+        rejection_reasons: Iterable[str] = REJECTION_REASONS,
+        event_kinds: Iterable[str] = EVENT_KINDS,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        # --- intake
+        self.messages_received = Counter(
+            "iothub_messages_received_total", "MQTT messages received from the broker", registry=r
+        )
+        self.readings_stored = Counter(
+            "iothub_readings_stored_total", "Readings committed as new telemetry rows", registry=r
+        )
+        self.duplicates = Counter(
+            "iothub_readings_duplicate_total",
+            "Readings already stored (redelivered by the broker), dropped by the unique key",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "iothub_readings_rejected_total",
+            "Readings written to rejected_messages instead of telemetries, by reason code",
+            ["reason"],
+            registry=r,
+        )
+        self.late = Counter(
+            "iothub_readings_late_total",
+            "Readings older than the last one evaluated: stored, but not moving rule state",
+            registry=r,
+        )
+
+        # --- rules and actions
+        self.events = Counter(
+            "iothub_events_total", "Rule events written, by kind", ["kind"], registry=r
+        )
+        self.actions_delivered = Counter(
+            "iothub_actions_delivered_total",
+            "Rule action delivery attempts from the outbox, by action kind and outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
+
+        # --- batches
+        self.batches = Counter(
+            "iothub_batches_total", "Batch transactions, by outcome", ["outcome"], registry=r
+        )
+        self.batch_seconds = Histogram(
+            "iothub_batch_seconds",
+            "Time to write one batch: load, insert, evaluate rules, commit",
+            buckets=BATCH_SECONDS_BUCKETS,
+            registry=r,
+        )
+
+        # --- state
+        self.queue_depth = Gauge(
+            "iothub_queue_depth", "Messages received and waiting to be written", registry=r
+        )
+        self.oldest_unacked_seconds = Gauge(
+            "iothub_oldest_unacked_seconds",
+            "Age of the oldest message received but not yet acknowledged to the broker",
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "iothub_outbox_backlog", "Rule actions waiting in the outbox for delivery", registry=r
+        )
+        self.mqtt_connected = Gauge(
+            "iothub_mqtt_connected", "1 while connected to the MQTT broker, else 0", registry=r
+        )
+        self.db_connected = Gauge(
+            "iothub_db_connected", "1 while the database is reachable, else 0", registry=r
+        )
+
+        for reason in rejection_reasons:
+            self.rejected.labels(reason=reason)
+        for kind in event_kinds:
+            self.events.labels(kind=kind)
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format (see CONTENT_TYPE)."""
+        return exposition.generate_latest(self.registry)
