@@ -6,18 +6,25 @@ capitals, and the TOML file uses the same names as keys. Defaults are named cons
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg.conninfo
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 ENV_PREFIX = "IOTHUB_"
 TEST_PREFIX = "IOTHUB_TEST_"  # the test suite's own variables, not settings
@@ -73,7 +80,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=4, ge=2, le=100, description="connections in the pool")
     mqtt_url: str = Field(default=DEFAULT_MQTT_URL, description="mqtt://user:pass@host:port")
     mqtt_client_id: str = Field(default=DEFAULT_CLIENT_ID, min_length=1, max_length=128)
-    mqtt_topics: tuple[str, ...] = Field(default=DEFAULT_TOPICS, min_length=1)
+    # NoDecode: the variable may be a JSON list or plain comma-separated text (_split_topics).
+    mqtt_topics: Annotated[tuple[str, ...], NoDecode] = Field(default=DEFAULT_TOPICS, min_length=1)
     mqtt_shared_group: str | None = Field(
         default=None, description="subscribe through $share/<group>/... to spread load"
     )
@@ -100,6 +108,9 @@ class Settings(BaseSettings):
     webhook_timeout: float = Field(default=DEFAULT_WEBHOOK_TIMEOUT, gt=0)
     smtp_url: str | None = Field(default=None, description="smtp://user:pass@host:port; unset logs")
     smtp_from: str = "iothub@localhost"
+    smtp_to: str | None = Field(
+        default=None, description="recipient of email notifications (the rules name no address)"
+    )
 
     # --- operations
     http_host: str = "127.0.0.1"
@@ -131,8 +142,14 @@ class Settings(BaseSettings):
     @classmethod
     def _split_topics(cls, value: object) -> object:
         # An environment variable may list topics separated by commas instead of JSON.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return tuple(json.loads(text))
+                except (ValueError, TypeError):
+                    raise ValueError("not a JSON list of topic patterns") from None
+            return tuple(part.strip() for part in text.split(",") if part.strip())
         return value
 
     @field_validator("mqtt_topics")
@@ -140,7 +157,9 @@ class Settings(BaseSettings):
     def _check_topics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for topic in value:
             if "#" in topic or "+" in topic:
-                raise ValueError(f"{topic!r}: use {{serial_id}} for the device level, not wildcards")
+                raise ValueError(
+                    f"{topic!r}: use {{serial_id}} for the device level, not wildcards"
+                )
             if topic.count("{serial_id}") > 1:
                 raise ValueError(f"{topic!r}: {{serial_id}} may appear once")
         return value
@@ -254,6 +273,8 @@ def load_settings(
         return _settings_from(init, env)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc, set(file_values))) from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def _settings_from(init: dict[str, Any], env: Mapping[str, str]) -> Settings:

@@ -42,25 +42,32 @@ def _module(name: str) -> CommandModule:
     return cast(CommandModule, importlib.import_module(COMMANDS[name][0]))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, only that command's module is imported for its options, so a
+    broken or slow import elsewhere never stands in the way of another command."""
     parser = argparse.ArgumentParser(
         prog="iothub",
         description="MQTT telemetry into PostgreSQL/TimescaleDB, with a rule engine.",
     )
     parser.add_argument(
-        "--config", type=Path, default=None,
+        "--config",
+        type=Path,
+        default=None,
         help="TOML file of settings (IOTHUB_* environment variables override it)",
     )
     parser.add_argument("--debug", action="store_true", help="debug logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_module_name, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        _module(name).add_arguments(command)
+        if only is None or only == name:
+            _module(name).add_arguments(command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(only=chosen or "").parse_args(argv)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
 import structlog
 from psycopg_pool import ConnectionPool
@@ -28,7 +30,12 @@ def connect(settings: Settings, purpose: str, autocommit: bool = False) -> psyco
     return psycopg.connect(conninfo(settings, purpose), autocommit=autocommit)
 
 
-def make_pool(settings: Settings, purpose: str, size: int | None = None) -> ConnectionPool:
+def make_pool(
+    settings: Settings,
+    purpose: str,
+    size: int | None = None,
+    configure: Callable[[psycopg.Connection], None] | None = None,
+) -> ConnectionPool:
     """A closed pool: the caller opens it (`open(wait=False)`) when it is ready to use it.
 
     Connections are checked on checkout so that a server restart costs one failed check, not
@@ -42,5 +49,7 @@ def make_pool(settings: Settings, purpose: str, size: int | None = None) -> Conn
         open=False,
         check=ConnectionPool.check_connection,
         name=f"iothub-{purpose}",
+        kwargs={"autocommit": True},  # transactions are explicit: `with conn.transaction()`
+        configure=configure,
         timeout=CONNECT_TIMEOUT * 2,
     )

@@ -59,18 +59,14 @@ def migrate(conn: psycopg.Connection) -> list[Migration]:
     conn.execute(queries["lock_migrations"], {"key": MIGRATION_LOCK_KEY})
     try:
         conn.execute(queries["create_migrations_table"])
-        applied = {
-            row[0]: (row[1], row[2]) for row in conn.execute(queries["applied_migrations"])
-        }
+        applied = {row[0]: (row[1], row[2]) for row in conn.execute(queries["applied_migrations"])}
         done: list[Migration] = []
         for migration in available():
             if migration.version in applied:
                 name, checksum = applied[migration.version]
                 if checksum != migration.checksum:
                     # Editing a migration after it shipped makes databases differ silently.
-                    log.warning(
-                        "migration_checksum_mismatch", version=migration.version, name=name
-                    )
+                    log.warning("migration_checksum_mismatch", version=migration.version, name=name)
                 continue
             with conn.transaction():
                 conn.execute(migration.sql.encode())  # bytes: several statements, no params

@@ -1,0 +1,44 @@
+"""The seam between storing a batch and what runs on the new rows in the same transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+import psycopg
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReading:
+    """A reading that this transaction inserted (never a redelivered duplicate)."""
+
+    device_metric_id: int
+    ts: datetime
+    value: float | int | bool | str
+    data_type: Literal["numeric", "str", "boolean"]
+    serial_id: str
+    device_name: str
+    metric_type: str
+
+
+@dataclass
+class HookResult:
+    events: dict[str, int] = field(default_factory=dict)  # by kind
+    late: int = 0  # readings older than the last evaluated one of their device_metric
+
+
+class BatchHook(Protocol):
+    """Called inside the batch transaction, after the insert, before the commit."""
+
+    def on_inserted(
+        self, conn: psycopg.Connection, rows: Sequence[StoredReading]
+    ) -> HookResult: ...
+
+
+class NoHook:
+    """Stores telemetry and nothing else (the daemon without rules)."""
+
+    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+        return HookResult()

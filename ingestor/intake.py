@@ -1,0 +1,271 @@
+"""The MQTT side of ingestion: a persistent session, QoS 1, acknowledgements only on request.
+
+paho runs our callbacks on its network thread. They only copy the message into a value of our
+own and append it to a queue: a callback that blocked would stop keepalives, and one that raised
+would end paho's thread while `is_connected()` still said True. So every callback is wrapped,
+and the service watches the thread.
+
+Acknowledgements: `ack()` is called by the writer after the transaction holding the messages
+committed, in arrival order. A message id is only meaningful on the connection that delivered
+it, so each message carries the connection generation and only the current generation is
+acknowledged. After a reconnect with the session present the broker resends what was not
+acknowledged; the unique key in the database drops the copies.
+
+Memory: at most `max_pending_messages` unacknowledged messages are held. Beyond that the
+callback waits (TCP back-pressure to the broker). The broker's window (our Receive Maximum)
+normally stops it first, but Mosquitto 2.0.x opens a whole new window on each acknowledgement,
+so our own limit is what bounds memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from config.settings import Settings
+from ingestor.messages import InboundMessage
+from ingestor.topics import TopicRouter
+from iothub import mqttclient
+
+log = structlog.get_logger(__name__)
+
+RECONNECT_MIN, RECONNECT_MAX = 1, 30  # seconds, paho doubles the delay between them
+FULL_WAIT = 0.5  # seconds: how long the callback waits for room before re-checking stop
+RECEIVE_MAXIMUM_CAP = 65_535  # the protocol's limit for Receive Maximum
+
+
+class MqttIntake:
+    def __init__(self, settings: Settings, router: TopicRouter) -> None:
+        self._settings = settings
+        self._router = router
+        self._max_pending = settings.max_pending_messages
+        self._queue: collections.deque[InboundMessage] = collections.deque()
+        self._cond = threading.Condition()
+        self._pending = 0  # received and not yet acknowledged (or given up on)
+        self._closed = False  # intake stopped: new messages are left unacknowledged
+        self._paused_since: float | None = None
+        self._ack_lock = threading.Lock()
+        self._generation = 0
+        self._connected = False
+        self.ever_connected = threading.Event()
+        self.session_lost = 0  # reconnects on which the broker had no session for us
+        self.stale_acks = 0  # acknowledgements skipped because their connection was gone
+        client = mqttclient.make_client(settings.mqtt_url, settings.mqtt_client_id, manual_ack=True)
+        client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+
+    # --- lifecycle
+
+    def start(self) -> None:
+        target = self._settings.mqtt
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self._settings.mqtt_session_expiry
+        props.ReceiveMaximum = min(self._max_pending, RECEIVE_MAXIMUM_CAP)
+        self._client.connect_async(
+            target.host,
+            target.port,
+            keepalive=self._settings.mqtt_keepalive,
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+        log.info(
+            "mqtt_starting",
+            host=target.host,
+            port=target.port,
+            client_id=self._settings.mqtt_client_id,
+        )
+
+    def close_intake(self) -> None:
+        """Stop taking messages: later ones stay unacknowledged and come back next start."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the session stays on the broker) and end the network thread."""
+        self.close_intake()
+        self._client.disconnect()
+        mqttclient.stop_loop(self._client)
+
+    @property
+    def thread_alive(self) -> bool:
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # --- what the writer uses
+
+    def take(self, max_messages: int, max_wait: float) -> list[InboundMessage]:
+        """Up to `max_messages`, waiting at most `max_wait` seconds for the first one."""
+        deadline = time.monotonic() + max_wait
+        with self._cond:
+            while not self._queue and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            out: list[InboundMessage] = []
+            while self._queue and len(out) < max_messages:
+                out.append(self._queue.popleft())
+            return out
+
+    def ack(self, messages: Sequence[InboundMessage]) -> None:
+        """Acknowledge stored messages (arrival order) and free their room."""
+        skipped = 0
+        with self._ack_lock:
+            for msg in messages:
+                if msg.qos == 0:
+                    continue
+                if msg.generation != self._generation or not self._connected:
+                    skipped += 1
+                    continue
+                self._client.ack(msg.mid, msg.qos)
+        if skipped:
+            self.stale_acks += skipped
+            log.info(
+                "ack_skipped_stale",
+                count=skipped,
+                why="connection changed; the broker redelivers and duplicates are dropped",
+            )
+        self.release(len(messages))
+
+    def release(self, count: int) -> None:
+        """Free room for messages given up on without an acknowledgement."""
+        with self._cond:
+            self._pending -= count
+            self._cond.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def oldest_queued_age(self) -> float:
+        try:
+            head = self._queue[0]
+        except IndexError:
+            return 0.0
+        return time.monotonic() - head.received_mono
+
+    # --- paho callbacks: they hand work over and never raise
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            if reason_code.is_failure:
+                log.error("mqtt_connect_refused", reason=str(reason_code))
+                return
+            with self._ack_lock:
+                self._generation += 1
+                self._connected = True
+            if not flags.session_present and self._generation > 1:
+                # Messages queued for us while we were away are gone with that session.
+                self.session_lost += 1
+                log.warning("mqtt_session_lost", why="the broker had no session for this client id")
+            log.info(
+                "mqtt_connected", session_present=flags.session_present, generation=self._generation
+            )
+            group = self._settings.mqtt_shared_group
+            topics = [
+                (p.subscription_for(group), SubscribeOptions(qos=1)) for p in self._router.patterns
+            ]
+            client.subscribe(topics)
+        except Exception:
+            log.exception("mqtt_callback_failed", callback="on_connect")
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        try:
+            failed = [str(rc) for rc in reason_codes if rc.is_failure]
+            if failed:
+                log.error("mqtt_subscribe_refused", reasons=failed)
+            else:
+                log.info("mqtt_subscribed", granted=[rc.value for rc in reason_codes])
+                # Ready only now: before the SUBACK, a first-time session may miss messages.
+                self.ever_connected.set()
+        except Exception:
+            log.exception("mqtt_callback_failed", callback="on_subscribe")
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            with self._ack_lock:
+                self._generation += 1
+                self._connected = False
+            log.warning("mqtt_disconnected", reason=str(reason_code), pending=self._pending)
+        except Exception:
+            log.exception("mqtt_callback_failed", callback="on_disconnect")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            try:
+                topic = message.topic
+            except UnicodeDecodeError:
+                topic = message._topic.decode("utf-8", "replace")
+            item = InboundMessage(
+                topic=topic,
+                payload=bytes(message.payload),
+                mid=message.mid,
+                qos=message.qos,
+                dup=bool(message.dup),
+                generation=self._generation,
+                received_at=time.time(),
+                received_mono=time.monotonic(),
+            )
+            with self._cond:
+                while self._pending >= self._max_pending and not self._closed:
+                    if self._paused_since is None:
+                        self._paused_since = time.monotonic()
+                        log.warning("intake_paused", pending=self._pending, limit=self._max_pending)
+                    self._cond.wait(FULL_WAIT)
+                if self._paused_since is not None:
+                    log.info(
+                        "intake_resumed", paused_s=round(time.monotonic() - self._paused_since, 3)
+                    )
+                    self._paused_since = None
+                if self._closed:
+                    return  # not acknowledged: the broker keeps it for the next start
+                self._pending += 1
+                self._queue.append(item)
+                self._cond.notify_all()
+        except Exception:
+            log.exception("mqtt_callback_failed", callback="on_message")

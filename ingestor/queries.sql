@@ -1,0 +1,37 @@
+-- name: load_catalog
+-- Everything needed to turn (serial_id, metric_type) into a device_metric, in one round trip.
+SELECT d.serial_id, d.id, d.name, d.is_active, m.metric_type::text, m.data_type::text, dm.id
+FROM devices d
+LEFT JOIN device_metrics dm ON dm.device_id = d.id
+LEFT JOIN metrics m ON m.id = dm.metric_id
+
+-- name: load_metric_types
+SELECT metric_type::text FROM metrics
+
+-- name: listen_catalog
+LISTEN iothub_catalog
+
+-- name: create_staging
+-- Per connection, once (the pool's configure hook). ON COMMIT DELETE ROWS empties it for free.
+CREATE TEMP TABLE IF NOT EXISTS iothub_staging (
+    device_metric_id integer NOT NULL,
+    ts               timestamptz NOT NULL,
+    value_jsonb      jsonb NOT NULL
+) ON COMMIT DELETE ROWS
+
+-- name: copy_staging
+COPY iothub_staging (device_metric_id, ts, value_jsonb) FROM STDIN
+
+-- name: truncate_staging
+TRUNCATE iothub_staging
+
+-- name: insert_from_staging
+-- Redelivered readings meet the unique key and are dropped here, so what RETURNING gives is
+-- exactly what is new: only that reaches the rule engine.
+INSERT INTO telemetries (device_metric_id, ts, value_jsonb)
+SELECT device_metric_id, ts, value_jsonb FROM iothub_staging
+ON CONFLICT (device_metric_id, ts) DO NOTHING
+RETURNING device_metric_id, ts
+
+-- name: copy_rejections
+COPY rejected_messages (received_at, topic, payload, reason, detail, serial_id, metric) FROM STDIN

@@ -1,0 +1,160 @@
+"""Where a batch is written: one transaction from COPY to COMMIT.
+
+COPY into a per-connection staging table, INSERT … ON CONFLICT DO NOTHING into telemetries,
+hand the new rows to the rule engine, record rejections, commit. A row the server refuses
+(a data error) is isolated by bisection inside savepoints and recorded as rejected, so it never
+costs the rest of its batch. A lost connection is `DatabaseUnavailable`: the caller retries the
+same batch later, and nothing was acknowledged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import psycopg
+import structlog
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ingestor.batch import Batch, RejectRow, Row
+from ingestor.hooks import BatchHook, HookResult
+from ingestor.reasons import Reason
+from schema import queries as queries_mod
+
+log = structlog.get_logger(__name__)
+queries = queries_mod.load("ingestor")
+
+# SQLSTATE classes that mean "this row", not "this connection": data exceptions, integrity
+# violations, program limits (a value too large for an index row).
+_DATA_ERROR_CLASSES = ("22", "23", "54")
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached; the batch was not stored."""
+
+
+@dataclass
+class WriteResult:
+    inserted: int = 0
+    duplicates: int = 0  # rows already in the table (redeliveries) or twice in the batch
+    storage_rejects: int = 0
+    hook: HookResult = field(default_factory=HookResult)
+    seconds: float = 0.0
+
+
+def configure_connection(conn: psycopg.Connection) -> None:
+    """Pool hook: each connection gets its own staging table, once."""
+    conn.execute(queries["create_staging"])
+
+
+def _is_data_error(exc: psycopg.Error) -> bool:
+    return (exc.sqlstate or "").startswith(_DATA_ERROR_CLASSES)
+
+
+class BatchWriter:
+    def __init__(self, pool: ConnectionPool, hook: BatchHook) -> None:
+        self._pool = pool
+        self._hook = hook
+
+    def write(self, batch: Batch) -> WriteResult:
+        started = time.perf_counter()
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                inserted, refused = self._insert(conn, batch.rows)
+                rejects = list(batch.rejects) + [
+                    self._refused(batch, row, why) for row, why in refused
+                ]
+                hook_result = HookResult()
+                if inserted:
+                    by_key = {(row.device_metric_id, row.ts): row for row in batch.rows}
+                    new_rows = [by_key[key].reading for key in inserted if key in by_key]
+                    new_rows.sort(key=lambda r: (r.device_metric_id, r.ts))
+                    hook_result = self._hook.on_inserted(conn, new_rows)
+                if rejects:
+                    self._copy_rejections(conn, rejects)
+        except PoolTimeout as exc:
+            raise DatabaseUnavailable(f"no database connection: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            if _is_data_error(exc):
+                raise
+            raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
+        return WriteResult(
+            inserted=len(inserted),
+            duplicates=batch.duplicates + len(batch.rows) - len(inserted) - len(refused),
+            storage_rejects=len(refused),
+            hook=hook_result,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _insert(
+        self, conn: psycopg.Connection, rows: Sequence[Row]
+    ) -> tuple[list[tuple[int, datetime]], list[tuple[Row, str]]]:
+        """Insert rows; on a data error split the rows in halves until the culprits are alone."""
+        if not rows:
+            return [], []
+        try:
+            with conn.transaction():  # a savepoint: a refusal undoes this part only
+                return self._copy_insert(conn, rows), []
+        except psycopg.Error as exc:
+            if not _is_data_error(exc):
+                raise
+            if len(rows) == 1:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                return [], [(rows[0], f"{exc.sqlstate}: {first_line}")]
+            log.info("batch_bisect", rows=len(rows), sqlstate=exc.sqlstate)
+            half = len(rows) // 2
+            ok_a, bad_a = self._insert(conn, rows[:half])
+            ok_b, bad_b = self._insert(conn, rows[half:])
+            return ok_a + ok_b, bad_a + bad_b
+
+    def _copy_insert(
+        self, conn: psycopg.Connection, rows: Sequence[Row]
+    ) -> list[tuple[int, datetime]]:
+        with conn.cursor() as cur:
+            with cur.copy(queries["copy_staging"]) as copy:
+                for row in rows:
+                    copy.write_row((row.device_metric_id, row.ts, row.value_json))
+            cur.execute(queries["insert_from_staging"])
+            inserted = [(dm, ts) for dm, ts in cur.fetchall()]
+            # The staging table empties at commit; inside the transaction a later savepoint
+            # (bisection) must not see these rows again.
+            cur.execute(queries["truncate_staging"])
+            return inserted
+
+    @staticmethod
+    def _refused(batch: Batch, row: Row, why: str) -> RejectRow:
+        # The reading passed validation but the server refused it: keep the message for study.
+        source = batch.messages[row.source]
+        log.warning(
+            "reading_refused_by_database",
+            device_metric_id=row.device_metric_id,
+            ts=row.ts.isoformat(),
+            error=why,
+        )
+        return RejectRow(
+            received_at=datetime.fromtimestamp(source.received_at, UTC),
+            topic=source.topic,
+            payload=source.payload,
+            reason=Reason.storage_error,
+            detail=f"metric {row.reading.metric_type!r} at {row.ts.isoformat()}: {why}",
+            serial_id=row.reading.serial_id,
+            metric=row.reading.metric_type,
+        )
+
+    @staticmethod
+    def _copy_rejections(conn: psycopg.Connection, rejects: Sequence[RejectRow]) -> None:
+        with conn.cursor() as cur, cur.copy(queries["copy_rejections"]) as copy:
+            for r in rejects:
+                copy.write_row(
+                    (
+                        r.received_at,
+                        r.topic,
+                        r.payload,
+                        str(r.reason),
+                        r.detail,
+                        r.serial_id,
+                        r.metric,
+                    )
+                )

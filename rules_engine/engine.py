@@ -1,0 +1,390 @@
+"""Where rules run: inside the ingestion transaction, on the rows it actually inserted.
+
+For each device_metric with active rules: take its advisory lock (ascending order, so two
+service instances never deadlock), load the rule states, feed the new readings in device-time
+order through the state machines (`evaluator.step`), write an event per transition and, for a
+triggered event, a row per action into the outbox; save the states. All of it commits with the
+telemetry, so a crash either keeps readings, state and events together or loses none of them to
+a redelivery.
+
+Rules are cached in memory and reloaded when the catalogue listener reports a change to rules,
+devices, metrics or bindings: an edit takes effect on the next batch, without a restart. A rule
+whose condition changed starts from a fresh state (its fingerprint differs); unchanged rules keep
+theirs. An invalid rule is logged with its id and problem, once per version, and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from config.settings import Settings
+from ingestor.catalog import Snapshot
+from ingestor.hooks import HookResult, StoredReading
+from iothub import db
+from iothub.metrics import Metrics
+from rules_engine import actions_model, evaluator, templates
+from rules_engine.conditions import InvalidRule
+from rules_engine.no_data import NoDataWorker
+from rules_engine.outbox import OutboxWorker
+from schema import queries as queries_mod
+
+log = structlog.get_logger(__name__)
+queries = queries_mod.load("rules_engine")
+
+LOCK_CLASS = 0x1074  # first key of pg_advisory_xact_lock(int, int): "iothub rule state"
+RELOAD_TABLES = frozenset({"*", "rules", "devices", "metrics", "device_metrics"})
+
+
+@dataclass(frozen=True)
+class RuleEntry:
+    rule: evaluator.CompiledRule
+    device_metric_id: int
+    fingerprint: str
+    serial_id: str
+    device_name: str
+    metric: str
+
+
+def fingerprint(condition: Any, data_type: str) -> str:
+    text = json.dumps(condition, sort_keys=True, separators=(",", ":")) + "|" + data_type
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RuleCache:
+    """The active, valid rules by device_metric; reloaded when marked stale."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stale = True
+        self._by_dm: dict[int, tuple[RuleEntry, ...]] = {}
+        self._reported: set[tuple[int, str]] = set()
+
+    def mark_stale(self) -> None:
+        self._stale = True
+
+    def current(self, conn: psycopg.Connection) -> dict[int, tuple[RuleEntry, ...]]:
+        if self._stale:
+            with self._lock:
+                if self._stale:
+                    # Cleared before loading: a change notified during the load marks it again.
+                    self._stale = False
+                    self._by_dm = self._load(conn)
+        return self._by_dm
+
+    def _load(self, conn: psycopg.Connection) -> dict[int, tuple[RuleEntry, ...]]:
+        by_dm: dict[int, list[RuleEntry]] = defaultdict(list)
+        invalid = 0
+        for (
+            rule_id,
+            name,
+            condition,
+            action,
+            dm_id,
+            data_type,
+            serial,
+            dev_name,
+            metric,
+        ) in conn.execute(queries["load_rules"]):
+            fp = fingerprint(condition, data_type)
+            try:
+                compiled = evaluator.compile_rule(rule_id, name, condition, action, data_type)
+            except InvalidRule as exc:
+                invalid += 1
+                if (rule_id, fp) not in self._reported:
+                    self._reported.add((rule_id, fp))
+                    log.error("rule_invalid", rule_id=rule_id, rule_name=name, problem=str(exc))
+                continue
+            by_dm[dm_id].append(RuleEntry(compiled, dm_id, fp, serial, dev_name, metric))
+        log.info(
+            "rules_loaded",
+            rules=sum(len(v) for v in by_dm.values()),
+            invalid=invalid,
+            device_metrics=len(by_dm),
+        )
+        return {dm: tuple(entries) for dm, entries in by_dm.items()}
+
+
+def render_context(entry: RuleEntry, value: object, ts: datetime) -> dict[str, object]:
+    return {
+        "device_name": entry.device_name,
+        "serial_id": entry.serial_id,
+        "metric": entry.metric,
+        "value": value,
+        "ts": ts.isoformat(),
+        "rule_name": entry.rule.name,
+    }
+
+
+def outbox_rows(
+    entry: RuleEntry,
+    event_id: int,
+    kind: str,
+    transition: evaluator.Transition,
+    message: str,
+    *,
+    smtp_to: str | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """What to deliver for an event: (kind, rendered target) per action. Only triggered events
+    carry actions: the original action forms describe an alarm, not its end."""
+    if kind != "triggered":
+        return []
+    action = entry.rule.action
+    ctx = render_context(entry, transition.value, transition.ts)
+    if isinstance(action, actions_model.NotifyAction):
+        return [
+            (
+                "notify",
+                {
+                    "channel": action.channel,
+                    "message": message,
+                    "subject": f"{entry.rule.name}: {kind}",
+                },
+            )
+        ]
+    if isinstance(action, actions_model.MqttAction):
+        return [
+            (
+                "mqtt",
+                {
+                    "topic": templates.render(action.topic, ctx),
+                    "payload": templates.render_json(action.payload, ctx),
+                    "qos": action.qos,
+                    "retain": action.retain,
+                },
+            )
+        ]
+    rows: list[tuple[str, dict[str, Any]]] = []
+    notification = (
+        templates.render_json(action.notification.model_dump(exclude_none=True), ctx)
+        if action.notification is not None
+        else None
+    )
+    if action.webhook is not None and action.webhook.enabled:
+        rows.append(
+            (
+                "webhook",
+                {
+                    "url": action.webhook.url,
+                    "headers": action.webhook.headers,
+                    "body": {
+                        "event_id": event_id,
+                        "kind": kind,
+                        "rule_id": entry.rule.rule_id,
+                        "rule_name": entry.rule.name,
+                        "serial_id": entry.serial_id,
+                        "device_name": entry.device_name,
+                        "metric": entry.metric,
+                        "value": transition.value,
+                        "ts": transition.ts.isoformat(),
+                        "message": message,
+                        "notification": notification,
+                    },
+                },
+            )
+        )
+    elif action.notification is not None:
+        # A disabled (or absent) webhook still leaves its notification to be told.
+        rows.append(
+            (
+                "notify",
+                {
+                    "channel": action.notification.channel or "log",
+                    "message": message,
+                    "subject": f"{entry.rule.name}: {kind}",
+                },
+            )
+        )
+    return rows
+
+
+class RuleEngine:
+    """The batch hook of the ingestion transaction, plus the rule engine's workers."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.tz = settings.tz
+        self.cache = RuleCache()
+
+    def on_catalog_change(self, snapshot: Snapshot, tables: frozenset[str]) -> None:
+        if tables & RELOAD_TABLES:
+            self.cache.mark_stale()
+
+    def workers(self, pool: ConnectionPool) -> list[Any]:
+        actions_pool = db.make_pool(self.settings, "actions", size=3)
+        return [
+            PoolKeeper(actions_pool),
+            NoDataWorker(self, actions_pool),
+            OutboxWorker(self.settings, actions_pool, self.metrics),
+        ]
+
+    # --- the hook
+
+    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+        rules = self.cache.current(conn)
+        relevant = sorted({r.device_metric_id for r in rows} & rules.keys())
+        if not relevant:
+            return HookResult()
+        by_dm: dict[int, list[StoredReading]] = defaultdict(list)
+        for r in rows:
+            if r.device_metric_id in rules:
+                by_dm[r.device_metric_id].append(r)
+        self.lock(conn, relevant)
+        states = self.load_states(conn, relevant)
+        events: Counter[str] = Counter()
+        late_keys: set[tuple[int, datetime]] = set()
+        for dm in relevant:
+            readings = sorted(by_dm[dm], key=lambda r: r.ts)
+            for entry in rules[dm]:
+                state = self.state_for(entry, states)
+                before = state
+                for r in readings:
+                    result = evaluator.step(
+                        entry.rule, state, evaluator.Reading(r.ts, r.value), self.tz
+                    )
+                    if result.late:
+                        late_keys.add((dm, r.ts))
+                    for transition in result.transitions:
+                        self.write_event(conn, entry, transition)
+                        events[transition.kind] += 1
+                    state = result.state
+                if state != before:
+                    self.save_state(conn, entry, state)
+        return HookResult(events=dict(events), late=len(late_keys))
+
+    # --- pieces the no-data worker shares
+
+    @staticmethod
+    def lock(conn: psycopg.Connection, device_metric_ids: Sequence[int]) -> None:
+        conn.execute(
+            queries["lock_device_metrics"],
+            {"lock_class": LOCK_CLASS, "ids": list(device_metric_ids)},
+        )
+
+    @staticmethod
+    def load_states(
+        conn: psycopg.Connection, device_metric_ids: Sequence[int]
+    ) -> dict[tuple[int, int], tuple[str, Any]]:
+        return {
+            (rule_id, dm): (fp, state)
+            for rule_id, dm, fp, state in conn.execute(
+                queries["load_states"], {"ids": list(device_metric_ids)}
+            )
+        }
+
+    @staticmethod
+    def state_for(
+        entry: RuleEntry, states: dict[tuple[int, int], tuple[str, Any]]
+    ) -> evaluator.RuleState:
+        stored = states.get((entry.rule.rule_id, entry.device_metric_id))
+        if stored is None or stored[0] != entry.fingerprint:
+            return evaluator.RuleState.initial()
+        try:
+            return evaluator.RuleState.from_json(stored[1])
+        except ValueError as exc:
+            log.warning(
+                "rule_state_reset",
+                rule_id=entry.rule.rule_id,
+                device_metric_id=entry.device_metric_id,
+                why=str(exc),
+            )
+            return evaluator.RuleState.initial()
+
+    @staticmethod
+    def save_state(conn: psycopg.Connection, entry: RuleEntry, state: evaluator.RuleState) -> None:
+        conn.execute(
+            queries["save_state"],
+            {
+                "rule_id": entry.rule.rule_id,
+                "device_metric_id": entry.device_metric_id,
+                "fingerprint": entry.fingerprint,
+                "status": state.status,
+                "state": Jsonb(state.to_json()),
+                "last_ts": state.last_ts,
+            },
+        )
+
+    def write_event(
+        self, conn: psycopg.Connection, entry: RuleEntry, transition: evaluator.Transition
+    ) -> int:
+        template = actions_model.message_template(entry.rule.action)
+        message = templates.render(template, render_context(entry, transition.value, transition.ts))
+        context = {
+            "value": transition.value,
+            "ts": transition.ts.isoformat(),
+            "message": message,
+            "reason": transition.reason,
+            "serial_id": entry.serial_id,
+            "metric": entry.metric,
+        }
+        row = conn.execute(
+            queries["insert_event"],
+            {
+                "ts": transition.ts,
+                "rule_id": entry.rule.rule_id,
+                "kind": transition.kind,
+                "device_metric_id": entry.device_metric_id,
+                "context": Jsonb(context),
+            },
+        ).fetchone()
+        assert row is not None
+        event_id = int(row[0])
+        for kind, target in outbox_rows(
+            entry, event_id, transition.kind, transition, message, smtp_to=self.settings.smtp_to
+        ):
+            conn.execute(
+                queries["insert_outbox"],
+                {
+                    "event_id": event_id,
+                    "rule_id": entry.rule.rule_id,
+                    "kind": kind,
+                    "target": Jsonb(target),
+                },
+            )
+        log.info(
+            "rule_" + transition.kind,
+            rule_id=entry.rule.rule_id,
+            rule_name=entry.rule.name,
+            serial_id=entry.serial_id,
+            metric=entry.metric,
+            value=transition.value,
+            ts=transition.ts.isoformat(),
+            reason=transition.reason,
+        )
+        return event_id
+
+
+class PoolKeeper:
+    """Opens the rule engine's own pool first and closes it last (workers share it)."""
+
+    name = "iothub-actions-pool"
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def start(self) -> None:
+        self.pool.open(wait=False)
+
+    def stop(self, timeout: float) -> None:
+        # Workers stop in reverse order of the list, so this runs after every user of the pool.
+        self.pool.close(timeout=timeout)
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

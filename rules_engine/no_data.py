@@ -1,0 +1,97 @@
+"""The no-data timer: fires `no_data` rules whose device_metric went silent.
+
+A silence produces no reading, so no batch would ever evaluate it: this worker checks on a
+timer, under the same per-device_metric advisory lock as the batch transaction, and writes the
+event and state in one transaction. The next reading resolves it (in the batch path).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import psycopg
+import structlog
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ingestor.backoff import Backoff
+from rules_engine import conditions, evaluator
+
+if TYPE_CHECKING:
+    from rules_engine.engine import RuleEngine, RuleEntry
+
+log = structlog.get_logger(__name__)
+
+
+class NoDataWorker:
+    name = "iothub-no-data"
+
+    def __init__(self, engine: RuleEngine, pool: ConnectionPool) -> None:
+        self._engine = engine
+        self._pool = pool
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() or self._stop.is_set()
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        interval = self._engine.settings.no_data_check_interval
+        while not self._stop.wait(backoff.next() if backoff.failing else interval):
+            try:
+                fired = self.check(datetime.now(UTC))
+                if backoff.failing:
+                    log.info("no_data_check_recovered")
+                backoff.reset()
+                if fired:
+                    log.info("no_data_check", fired=fired)
+            except (psycopg.Error, PoolTimeout) as exc:
+                delay = backoff.next()
+                log.warning(
+                    "no_data_check_failed", error=str(exc).strip()[:300], retry_in=round(delay, 2)
+                )
+            except Exception:
+                # A bug here must not end the thread quietly: log it and keep the timer going.
+                backoff.next()
+                log.exception("no_data_check_crashed")
+
+    def check(self, now: datetime) -> int:
+        """One pass over every no_data rule; returns how many fired."""
+        engine = self._engine
+        fired = 0
+        with self._pool.connection() as conn:
+            rules = engine.cache.current(conn)
+            watched: dict[int, list[RuleEntry]] = defaultdict(list)
+            for dm, entries in rules.items():
+                for entry in entries:
+                    if isinstance(entry.rule.condition, conditions.NoData):
+                        watched[dm].append(entry)
+            if not watched:
+                return 0
+            with conn.transaction():
+                dms = sorted(watched)
+                engine.lock(conn, dms)
+                states = engine.load_states(conn, dms)
+                for dm in dms:
+                    for entry in watched[dm]:
+                        state = engine.state_for(entry, states)
+                        result = evaluator.check_no_data(entry.rule, state, now, engine.tz)
+                        for transition in result.transitions:
+                            engine.write_event(conn, entry, transition)
+                            engine.metrics.events.labels(kind=transition.kind).inc()
+                            fired += 1
+                        if result.state != state:
+                            engine.save_state(conn, entry, result.state)
+        return fired

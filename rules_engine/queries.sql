@@ -1,0 +1,37 @@
+-- name: load_rules
+-- Active rules with what evaluation and messages need about their binding.
+SELECT r.id, r.name, r.condition, r.action, r.device_metric_id, m.data_type::text,
+       d.serial_id, d.name, m.metric_type::text
+FROM rules r
+JOIN device_metrics dm ON dm.id = r.device_metric_id
+JOIN devices d ON d.id = dm.device_id
+JOIN metrics m ON m.id = dm.metric_id
+WHERE r.is_active
+ORDER BY r.id
+
+-- name: lock_device_metrics
+-- Serialises evaluation of a device_metric across service instances. Locks are taken in
+-- ascending id order (the subquery sorts first) so two instances cannot deadlock.
+SELECT count(pg_advisory_xact_lock(%(lock_class)s, s.dm))
+FROM (SELECT DISTINCT dm FROM unnest(%(ids)s::int[]) AS dm ORDER BY dm) AS s
+
+-- name: load_states
+SELECT rule_id, device_metric_id, fingerprint, state
+FROM rule_states
+WHERE device_metric_id = ANY(%(ids)s)
+
+-- name: save_state
+INSERT INTO rule_states (rule_id, device_metric_id, fingerprint, status, state, last_ts, updated_at)
+VALUES (%(rule_id)s, %(device_metric_id)s, %(fingerprint)s, %(status)s, %(state)s, %(last_ts)s, now())
+ON CONFLICT (rule_id, device_metric_id) DO UPDATE
+SET fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status, state = EXCLUDED.state,
+    last_ts = EXCLUDED.last_ts, updated_at = now()
+
+-- name: insert_event
+INSERT INTO events ("timestamp", rule_id, kind, device_metric_id, context)
+VALUES (%(ts)s, %(rule_id)s, %(kind)s, %(device_metric_id)s, %(context)s)
+RETURNING id
+
+-- name: insert_outbox
+INSERT INTO action_outbox (event_id, rule_id, kind, target)
+VALUES (%(event_id)s, %(rule_id)s, %(kind)s, %(target)s)
