@@ -127,7 +127,9 @@ class IngestService:
             readiness=self.readiness,
             metrics=self.metrics,
         )
-        self.db_ok = False
+        # False after a failed batch until one commits again; idle, the catalogue's own
+        # connection speaks for the database.
+        self.db_ok = True
         self.fatal: str | None = None
         self.stats = Stats()
         self._writer_done = threading.Event()
@@ -386,7 +388,7 @@ class IngestService:
         m.queue_depth.set(self.intake.queue_depth)
         m.oldest_unacked_seconds.set(self.oldest_unacked_age())
         m.mqtt_connected.set(1 if self.intake.connected else 0)
-        m.db_connected.set(1 if self.db_ok else 0)
+        m.db_connected.set(1 if self.readiness()["database"] else 0)
 
     def _log_stats(self) -> None:
         s = self.stats
