@@ -6,16 +6,18 @@ in the database, duplicates = rows minus distinct readings. Both must be 0.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from tests.support.faults import Daemon, NumberedPublisher, wait_stored
-from tests.support.fleet import make_fleet
+from tests.support.fleet import Publisher, count, make_fleet, wait_for
 from tests.support.services import LocalMosquitto, LocalPostgres
 
 pytestmark = pytest.mark.slow
@@ -132,4 +134,98 @@ def test_broker_restart_mid_stream_loses_nothing(
     daemon.wait_log("mqtt_connected", occurrences=2, timeout=60)
     pub.wait(90)
     check_no_loss(db_url, dm_id, pub, daemon)
+    assert daemon.terminate() == 0
+
+
+def test_bad_input_corpus_is_rejected_and_the_daemon_lives(
+    db_url: str, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    """Each kind of bad payload, mixed with good readings, is recorded with its reason code;
+    every good reading is stored and the daemon stays up."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 2, inactive=[f"SN-{unique}-1"])
+    serial, inactive = fleet.serials
+    dm_id = fleet.bindings[(serial, "temperature")]
+    topic = f"t{unique}/devices/{serial}/telemetry"
+    now = datetime.now(UTC).replace(microsecond=0)
+    corpus: list[tuple[str, bytes, str]] = [
+        (topic, b"\xff\xfe not utf-8", "bad_json"),
+        (topic, b'{"metrics": {"temperature": 1', "bad_json"),
+        (topic, b'{"metrics": {"temperature": NaN}}', "bad_json"),
+        (topic, b'{"metrics": {"temperature": Infinity}}', "bad_json"),
+        (topic, b'{"metrics": {"temperature": "warm"}}', "type_mismatch"),
+        (topic, b'{"metrics": {"online": 1}}', "type_mismatch"),
+        (topic, b'{"metrics": {"status": "O\\u0000K"}}', "type_mismatch"),
+        (topic, json.dumps({"metrics": {"status": "x" * 5000}}).encode(), "value_too_large"),
+        (topic, b"[" + b'{"metrics": {"temperature": 1}},' * 20000 + b"{}]", "payload_too_large"),
+        (topic, b'{"metrics": {"nosuch": 1}}', "unknown_metric"),
+        (
+            f"t{unique}/devices/SN-NOBODY/telemetry",
+            b'{"metrics": {"temperature": 1}}',
+            "unknown_device",
+        ),
+        (
+            f"t{unique}/devices/{inactive}/telemetry",
+            b'{"metrics": {"temperature": 1}}',
+            "inactive_device",
+        ),
+        (topic, b'{"device": "SN-OTHER", "metrics": {"temperature": 1}}', "device_mismatch"),
+        (topic, b'{"ts": "yesterday", "metrics": {"temperature": 1}}', "bad_timestamp"),
+        (
+            topic,
+            json.dumps(
+                {"ts": (now + timedelta(days=365)).isoformat(), "metrics": {"temperature": 1}}
+            ).encode(),
+            "ts_in_future",
+        ),
+        (
+            topic,
+            json.dumps(
+                {"ts": (now - timedelta(days=3650)).isoformat(), "metrics": {"temperature": 1}}
+            ).encode(),
+            "ts_too_old",
+        ),
+        (topic, b'"just a string"', "bad_schema"),
+        (topic, b'{"schema_version": 2, "metrics": {"temperature": 1}}', "bad_schema"),
+    ]
+    daemon = Daemon(
+        daemon_env(db_url, broker_url, unique)
+        | {
+            "IOTHUB_MQTT_TOPICS": f"t{unique}/devices/{{serial_id}}/telemetry,t{unique}/telemetry",
+        },
+        tmp_path / "daemon.log",
+    )
+    daemon.start()
+    daemon.wait_log("service_ready")
+    pub = Publisher(broker_url, f"pub-{unique}")
+    good = 0
+    try:
+        for i, (bad_topic, payload, _reason) in enumerate(corpus):
+            pub.publish(bad_topic, payload)
+            pub.publish(
+                topic,
+                {"ts": (now - timedelta(seconds=i)).isoformat(), "metrics": {"temperature": i}},
+            )
+            good += 1
+    finally:
+        pub.close()
+    assert wait_for(
+        lambda: count(db_url, "SELECT count(*) FROM rejected_messages") >= len(corpus), timeout=30
+    )
+    assert wait_for(
+        lambda: (
+            count(db_url, "SELECT count(*) FROM telemetries WHERE device_metric_id = %s", dm_id)
+            >= good
+        )
+    )
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT reason, count(*) FROM rejected_messages GROUP BY 1").fetchall()
+    got = dict(rows)
+    expected: dict[str, int] = {}
+    for _topic, _payload, reason in corpus:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert got == expected
+    assert (
+        count(db_url, "SELECT count(*) FROM telemetries WHERE device_metric_id = %s", dm_id) == good
+    )
+    assert daemon.alive()
     assert daemon.terminate() == 0
