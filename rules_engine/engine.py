@@ -248,21 +248,47 @@ class RuleEngine:
         for dm in relevant:
             readings = sorted(by_dm[dm], key=lambda r: r.ts)
             for entry in rules[dm]:
-                state = self.state_for(entry, states)
-                before = state
-                for r in readings:
-                    result = evaluator.step(
-                        entry.rule, state, evaluator.Reading(r.ts, r.value), self.tz
+                try:
+                    # A savepoint per rule: a rule that fails (a bug, or a value the rule
+                    # cannot take) loses its own effects for this batch, never the telemetry
+                    # or the other rules'.
+                    with conn.transaction():
+                        fired = self._evaluate(conn, entry, states, readings, late_keys)
+                except psycopg.OperationalError:
+                    raise  # the connection is gone: the whole batch is retried
+                except Exception as exc:
+                    log.exception(
+                        "rule_evaluation_failed",
+                        rule_id=entry.rule.rule_id,
+                        device_metric_id=dm,
+                        error=f"{type(exc).__name__}: {exc}",
                     )
-                    if result.late:
-                        late_keys.add((dm, r.ts))
-                    for transition in result.transitions:
-                        self.write_event(conn, entry, transition)
-                        events[transition.kind] += 1
-                    state = result.state
-                if state != before:
-                    self.save_state(conn, entry, state)
+                    continue
+                events.update(fired)
         return HookResult(events=dict(events), late=len(late_keys))
+
+    def _evaluate(
+        self,
+        conn: psycopg.Connection,
+        entry: RuleEntry,
+        states: dict[tuple[int, int], tuple[str, Any]],
+        readings: Sequence[StoredReading],
+        late_keys: set[tuple[int, datetime]],
+    ) -> Counter[str]:
+        fired: Counter[str] = Counter()
+        state = self.state_for(entry, states)
+        before = state
+        for r in readings:
+            result = evaluator.step(entry.rule, state, evaluator.Reading(r.ts, r.value), self.tz)
+            if result.late:
+                late_keys.add((r.device_metric_id, r.ts))
+            for transition in result.transitions:
+                self.write_event(conn, entry, transition)
+                fired[transition.kind] += 1
+            state = result.state
+        if state != before:
+            self.save_state(conn, entry, state)
+        return fired
 
     # --- pieces the no-data worker shares
 
