@@ -170,7 +170,8 @@ class Settings(BaseSettings):
         try:
             psycopg.conninfo.conninfo_to_dict(value)
         except psycopg.ProgrammingError as exc:
-            raise ValueError(f"not a libpq URL or conninfo: {exc}") from None
+            detail = " ".join(str(exc).split())  # libpq's messages end with a newline
+            raise ValueError(f"not a libpq URL or conninfo: {detail}") from None
         return value
 
     @field_validator("mqtt_url")

@@ -1,0 +1,95 @@
+"""Configuration: environment over file, one clear line for every mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config.settings import ConfigError, Settings, load_settings
+
+
+def test_defaults_need_no_configuration() -> None:
+    """With nothing set, the service has usable defaults (libpq defaults for the database)."""
+    settings = load_settings(None, {})
+    assert settings.database_url == ""
+    assert settings.mqtt.host == "127.0.0.1" and settings.mqtt.port == 1883
+    assert settings.mqtt_topics == ("devices/{serial_id}/telemetry", "telemetry")
+
+
+def test_environment_overrides_the_toml_file(tmp_path: Path) -> None:
+    """A TOML key is used unless the matching IOTHUB_ variable is set."""
+    config = tmp_path / "iothub.toml"
+    config.write_text('batch_size = 100\nmqtt_url = "mqtt://file-host:1884"\n')
+    settings = load_settings(config, {"IOTHUB_BATCH_SIZE": "250"})
+    assert settings.batch_size == 250
+    assert settings.mqtt.host == "file-host" and settings.mqtt.port == 1884
+
+
+def test_broker_url_carries_credentials_and_tls() -> None:
+    """mqtt(s)://user:pass@host:port is split into its parts, percent-decoded."""
+    target = Settings(mqtt_url="mqtts://dev%40ice:p%3Ass@broker:8884").mqtt
+    assert (target.username, target.password, target.host, target.port, target.tls) == (
+        "dev@ice",
+        "p:ss",
+        "broker",
+        8884,
+        True,
+    )
+
+
+def test_topics_from_a_comma_separated_variable() -> None:
+    """IOTHUB_MQTT_TOPICS accepts plain comma-separated patterns as well as a JSON list."""
+    assert load_settings(None, {"IOTHUB_MQTT_TOPICS": "a/{serial_id}/t, b"}).mqtt_topics == (
+        "a/{serial_id}/t",
+        "b",
+    )
+    assert load_settings(None, {"IOTHUB_MQTT_TOPICS": '["x/{serial_id}"]'}).mqtt_topics == (
+        "x/{serial_id}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"IOTHUB_BATCH_SIZE": "0"}, "IOTHUB_BATCH_SIZE: Input should be greater than or equal"),
+        ({"IOTHUB_MQTT_URL": "http://x"}, "IOTHUB_MQTT_URL: scheme must be mqtt:// or mqtts://"),
+        ({"IOTHUB_TIMEZONE": "Mars/Olympus"}, "IOTHUB_TIMEZONE: unknown time zone"),
+        ({"IOTHUB_MQTT_TOPICS": "devices/+/telemetry"}, "use {serial_id} for the device level"),
+        ({"IOTHUB_DATABASE_URL": "host=x port"}, "IOTHUB_DATABASE_URL: not a libpq URL"),
+        ({"IOTHUB_BATCHSIZE": "5"}, "IOTHUB_BATCHSIZE: unknown setting"),
+        ({"IOTHUB_LOG_LEVEL": "loud"}, "IOTHUB_LOG_LEVEL: Input should be"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_setting(environ: dict[str, str], message: str) -> None:
+    """Each mistake is reported on one line that names the variable and what is wrong."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, environ)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert message in text
+
+
+def test_bad_toml_and_unknown_keys_in_the_file(tmp_path: Path) -> None:
+    """A file that is not TOML, or has an unknown key, is named in the error."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = = 3\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_settings(bad, {})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("batchsize = 3\n")
+    with pytest.raises(ConfigError, match=r"batchsize \(config file\): unknown setting"):
+        load_settings(unknown, {})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "missing.toml", {})
+
+
+def test_passwords_are_masked_in_the_startup_log() -> None:
+    """redacted() hides passwords of every URL and conninfo."""
+    settings = Settings(
+        database_url="postgresql://u:secret@db/x", mqtt_url="mqtt://dev:hunter2@broker:1883"
+    )
+    shown = str(settings.redacted())
+    assert "secret" not in shown and "hunter2" not in shown
+    conninfo = Settings(database_url="host=db password=secret").redacted()["database_url"]
+    assert conninfo == "host=db password=***"
