@@ -1,0 +1,67 @@
+"""paho callbacks hand work over and never raise (a raise would end paho's network thread)."""
+
+from __future__ import annotations
+
+import paho.mqtt.client as mqtt
+from structlog.testing import capture_logs
+
+from config.settings import Settings
+from ingestor.intake import MqttIntake
+from ingestor.topics import TopicRouter
+
+
+def make_intake(**overrides: object) -> MqttIntake:
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    return MqttIntake(settings, TopicRouter.from_strings(settings.mqtt_topics))
+
+
+def test_on_message_copies_the_message_and_counts_it_pending() -> None:
+    """A received message becomes a frozen value on the queue, counted until acknowledged."""
+    intake = make_intake()
+    message = mqtt.MQTTMessage(mid=7, topic=b"devices/SN-1/telemetry")
+    message.payload = b'{"metrics": {}}'
+    message.qos = 1
+    intake._on_message(intake._client, None, message)
+    (taken,) = intake.take(10, 0.0)
+    assert (taken.topic, taken.payload, taken.mid, taken.qos) == (
+        "devices/SN-1/telemetry",
+        b'{"metrics": {}}',
+        7,
+        1,
+    )
+    assert intake.pending == 1
+
+
+def test_a_failing_callback_is_logged_not_raised() -> None:
+    """Whatever goes wrong inside on_message is logged as mqtt_callback_failed and swallowed."""
+    intake = make_intake()
+    broken = mqtt.MQTTMessage(mid=1, topic=b"devices/SN-1/telemetry")
+    broken.payload = object()  # type: ignore[assignment]  # bytes() of it raises TypeError
+    with capture_logs() as logs:
+        intake._on_message(intake._client, None, broken)
+    assert [e["event"] for e in logs] == ["mqtt_callback_failed"]
+    assert intake.pending == 0
+
+
+def test_invalid_utf8_topic_is_kept_for_the_rejection_record() -> None:
+    """A topic that is not UTF-8 is decoded with replacement, so the message can still be
+    recorded as rejected rather than lost in the callback."""
+    intake = make_intake()
+    message = mqtt.MQTTMessage(mid=2, topic=b"devices/\xff/telemetry")
+    message.payload = b"{}"
+    message.qos = 1
+    intake._on_message(intake._client, None, message)
+    (taken,) = intake.take(10, 0.0)
+    assert taken.topic == "devices/\ufffd/telemetry"
+
+
+def test_closed_intake_leaves_new_messages_to_the_broker() -> None:
+    """After close_intake() a message is neither queued nor counted (never acknowledged)."""
+    intake = make_intake()
+    intake.close_intake()
+    message = mqtt.MQTTMessage(mid=3, topic=b"devices/SN-1/telemetry")
+    message.payload = b"{}"
+    message.qos = 1
+    intake._on_message(intake._client, None, message)
+    assert intake.take(10, 0.0) == []
+    assert intake.pending == 0
