@@ -26,6 +26,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from ingestor import topics
+
 ENV_PREFIX = "IOTHUB_"
 TEST_PREFIX = "IOTHUB_TEST_"  # the test suite's own variables, not settings
 
@@ -160,8 +162,24 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{topic!r}: use {{serial_id}} for the device level, not wildcards"
                 )
-            if topic.count("{serial_id}") > 1:
-                raise ValueError(f"{topic!r}: {{serial_id}} may appear once")
+        # The router's own checks, so that a pattern it would refuse stops start-up here.
+        topics.TopicRouter.from_strings(value)
+        return value
+
+    @field_validator("mqtt_shared_group")
+    @classmethod
+    def _check_share_group(cls, value: str | None) -> str | None:
+        if value is not None:
+            topics.validate_share_group(value)
+        return value
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _check_smtp_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+                raise ValueError("expected smtp://user:pass@host:port or smtps://...")
         return value
 
     @field_validator("database_url")

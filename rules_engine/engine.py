@@ -143,16 +143,15 @@ def outbox_rows(
     action = entry.rule.action
     ctx = render_context(entry, transition.value, transition.ts)
     if isinstance(action, actions_model.NotifyAction):
-        return [
-            (
-                "notify",
-                {
-                    "channel": action.channel,
-                    "message": message,
-                    "subject": f"{entry.rule.name}: {kind}",
-                },
-            )
-        ]
+        target: dict[str, Any] = {
+            "channel": action.channel,
+            "message": message,
+            "subject": f"{entry.rule.name}: {kind}",
+        }
+        if action.channel == "email" and smtp_to:
+            # The original action form names no address: email goes to the configured one.
+            target["to"] = smtp_to
+        return [("notify", target)]
     if isinstance(action, actions_model.MqttAction):
         return [
             (
@@ -277,7 +276,21 @@ class RuleEngine:
     ) -> Counter[str]:
         fired: Counter[str] = Counter()
         state = self.state_for(entry, states)
-        before = state
+        before: evaluator.RuleState | None = state
+        stored = states.get((entry.rule.rule_id, entry.device_metric_id))
+        if stored is not None and stored[0] != entry.fingerprint and readings:
+            before = None  # the new fingerprint must be saved even if nothing else changes
+            if isinstance(stored[1], dict) and stored[1].get("status") == "firing":
+                # An edited rule starts afresh; an alarm it had open is closed, not left hanging.
+                first = readings[0]
+                self.write_event(
+                    conn,
+                    entry,
+                    evaluator.Transition(
+                        "resolved", first.ts, first.value, "rule changed; its state starts afresh"
+                    ),
+                )
+                fired["resolved"] += 1
         for r in readings:
             result = evaluator.step(entry.rule, state, evaluator.Reading(r.ts, r.value), self.tz)
             if result.late:

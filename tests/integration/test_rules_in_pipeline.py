@@ -118,3 +118,47 @@ def test_rule_inserted_while_running_takes_effect(
     finally:
         pub.close()
     assert events(db_url) == [("triggered", now)]
+
+
+def test_editing_a_firing_rule_closes_its_alarm_and_starts_afresh(
+    make_settings: Callable[..., Settings], db_url: str, broker_url: str, unique: str
+) -> None:
+    """A rule edited while FIRING gets a resolved event on its next reading, then is evaluated
+    under the new condition from OK."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    serial = fleet.serials[0]
+    rule_id = add_rule(
+        db_url,
+        fleet.bindings[(serial, "temperature")],
+        {"type": "threshold", "operator": ">", "value": 25},
+    )
+    topic = f"t{unique}/devices/{serial}/telemetry"
+    t0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        with running(make_service(make_settings())) as handle:
+            pub.publish(topic, {"ts": t0.isoformat(), "metrics": {"temperature": 26}})
+            assert wait_for(lambda: len(events(db_url)) >= 1)
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute(
+                    "UPDATE rules SET condition = %s WHERE id = %s",
+                    (json.dumps({"type": "threshold", "operator": ">", "value": 30}), rule_id),
+                )
+            time.sleep(1.0)
+            pub.publish(
+                topic,
+                {"ts": (t0 + timedelta(minutes=1)).isoformat(), "metrics": {"temperature": 27}},
+            )
+            pub.publish(
+                topic,
+                {"ts": (t0 + timedelta(minutes=2)).isoformat(), "metrics": {"temperature": 31}},
+            )
+            assert wait_for(lambda: len(events(db_url)) >= 3)
+            assert wait_for(lambda: handle.service.totals["rows"] >= 3)
+    finally:
+        pub.close()
+    assert events(db_url) == [
+        ("triggered", t0),
+        ("resolved", t0 + timedelta(minutes=1)),
+        ("triggered", t0 + timedelta(minutes=2)),
+    ]

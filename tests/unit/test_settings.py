@@ -93,3 +93,20 @@ def test_passwords_are_masked_in_the_startup_log() -> None:
     assert "secret" not in shown and "hunter2" not in shown
     conninfo = Settings(database_url="host=db password=secret").redacted()["database_url"]
     assert conninfo == "host=db password=***"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"IOTHUB_SMTP_URL": "http://mail"}, "IOTHUB_SMTP_URL: expected smtp://"),
+        ({"IOTHUB_MQTT_SHARED_GROUP": "a/b"}, "IOTHUB_MQTT_SHARED_GROUP:"),
+        ({"IOTHUB_MQTT_TOPICS": "dev{serial_id}/t"}, "IOTHUB_MQTT_TOPICS:"),
+        ({"IOTHUB_MQTT_TOPICS": "telemetry,telemetry"}, "IOTHUB_MQTT_TOPICS:"),
+    ],
+)
+def test_what_the_router_or_mailer_would_refuse_stops_start_up(
+    environ: dict[str, str], message: str
+) -> None:
+    """Settings the MQTT router or the mailer would refuse later are refused at load time."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, environ)
