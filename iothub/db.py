@@ -13,15 +13,25 @@ from config.settings import Settings
 log = structlog.get_logger(__name__)
 
 CONNECT_TIMEOUT = 5  # seconds: a dead server must fail fast so that the retry loop can log it
+# TCP keepalives: a silent network partition is noticed in about a minute, not hours.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 APPLICATION_NAME = "iothub"
 
 
 def conninfo(settings: Settings, purpose: str) -> str:
-    """The configured DSN plus our application name and connect timeout."""
+    """The configured DSN plus our application name, connect timeout and keepalives (what the
+    DSN sets itself wins)."""
+    given = psycopg.conninfo.conninfo_to_dict(settings.database_url)
     return psycopg.conninfo.make_conninfo(
         settings.database_url,
         application_name=f"{APPLICATION_NAME}-{purpose}",
         connect_timeout=CONNECT_TIMEOUT,
+        **{k: v for k, v in KEEPALIVES.items() if k not in given},
     )
 
 

@@ -58,7 +58,9 @@ class Metrics:
 
         # --- intake
         self.messages_received = Counter(
-            "iothub_messages_received_total", "MQTT messages received from the broker", registry=r
+            "iothub_messages_received_total",
+            "MQTT messages taken from the broker and committed (counted when their batch commits)",
+            registry=r,
         )
         self.readings_stored = Counter(
             "iothub_readings_stored_total", "Readings committed as new telemetry rows", registry=r
