@@ -1,0 +1,857 @@
+"""`iothub demo`: the whole pipeline on this machine for a minute, live progress, then a summary.
+
+1. Servers: the PostgreSQL and Mosquitto the configuration points at when they answer within
+   PROBE_TIMEOUT; otherwise throwaway ones started from the installed binaries in a temporary
+   directory (`iothub.localservers`). On a configured PostgreSQL the demo works in a database of
+   its own, `iothub_demo_<timestamp>`, created for the run and dropped at the end (kept with
+   `--keep`); when it may not create one, it uses a throwaway server instead, so an operator's
+   data is never touched. On a configured broker it publishes and subscribes under a topic prefix
+   of its own (`iothub-demo-<timestamp>/...`), so a production ingestor never sees its messages.
+2. Schema migrations, then the seed's development data set (7 devices, 11 rules).
+3. The daemon in-process (`ingestor.service.build`: ingestion, rules, actions; its own client id,
+   health port 0) and the simulator in-process, for `--duration` seconds.
+4. A summary read from the database: rows stored, rejections by reason, events by rule.
+5. Clean-up of everything it started, also on Ctrl-C/SIGTERM: the daemon through request_stop,
+   the demo database, the throwaway servers, the temporary directory.
+
+Device time runs DEVICE_TIME_SCALE (60) times faster than wall time: the simulated devices' clock
+starts `duration * 60` seconds plus DEVICE_TIME_MARGIN in the past and ends DEVICE_TIME_MARGIN
+before now. So a minute of demo is an hour of device time, long enough for the seed's "above
+27.5 °C for 10 minutes" rule to fire, while every reading stays inside the service's time bounds
+(never ahead of its clock, never older than `max_age`; a demo too long for 60x runs slower).
+
+Exit status: 0 when readings were stored, rejections were recorded with their reasons (when bad
+payloads were sent) and at least one rule fired; 1 with what was missing otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Final, TextIO
+
+import paho.mqtt.client as mqtt
+import psycopg
+import structlog
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from psycopg import sql
+
+from config.settings import Settings
+from ingestor import catalog
+from ingestor import service as service_mod
+from iothub import exitcodes, localservers, logs, mqttclient, seed, simulate
+from iothub.metrics import REJECTION_REASONS
+from schema import migrate
+from schema import queries as queries_mod
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_DURATION: Final = 60.0  # seconds
+DEFAULT_RATE: Final = 200.0  # messages per second
+DEFAULT_BAD_SHARE: Final = 0.05
+PROBE_TIMEOUT: Final = 2  # seconds for a configured server to answer before we start our own
+DEVICE_TIME_SCALE: Final = 60.0  # device seconds per wall second: a device hour per demo minute
+DEVICE_TIME_MARGIN: Final = timedelta(minutes=5)  # device time ends this long before now
+BACKFILL_MARGIN: Final = timedelta(hours=1)  # device time starts this far inside max_age
+READY_TIMEOUT: Final = 60.0  # seconds for the daemon to reach the database and the broker
+CATCH_UP_TIMEOUT: Final = 15.0  # seconds for the daemon to store what the broker acknowledged
+SHUTDOWN_TIMEOUT: Final = 10.0  # seconds: the daemon's bounded stop
+SESSION_EXPIRY: Final = 60  # seconds the broker keeps the demo daemon's session after it left
+TTY_REFRESH: Final = 0.5  # seconds between redraws of the live line on a terminal
+PLAIN_REFRESH: Final = 5.0  # seconds between progress lines otherwise
+RATE_WINDOW: Final = 2.0  # seconds of history behind the live messages/s figure
+TICK: Final = 0.1  # seconds: how often waits look at the stop flag
+DEMO_DATABASE: Final = "iothub_demo"  # name of the database on a throwaway server
+PREFIX: Final = "iothub-demo"
+
+queries = queries_mod.load("iothub", "demo.sql")
+
+
+class Interrupted(Exception):
+    """The demo was stopped by a signal."""
+
+
+class DemoFailed(Exception):
+    """The demo could not set up or run the pipeline."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+class Console:
+    """What the demo tells its user on stdout: narrative lines, a live line, the summary.
+
+    On a terminal the live line is redrawn in place; elsewhere progress is plain lines."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self._live = False
+        self._last = ""
+
+    def say(self, text: str = "") -> None:
+        if self._live:
+            self.out.write("\r\x1b[K")
+            self._live = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def live(self, text: str) -> None:
+        if self.tty:
+            # A line longer than the terminal would wrap, and "\r" only goes back one row.
+            width = shutil.get_terminal_size().columns - 1
+            if len(text) > width:
+                text = text[: max(width - 1, 0)] + "…"
+            self.out.write("\r\x1b[K" + text)
+            self.out.flush()
+            self._live = True
+        elif text != self._last:
+            self.say(text)
+        self._last = text
+
+    def end_live(self) -> None:
+        if self._live:
+            self.out.write("\n")
+            self.out.flush()
+            self._live = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d_%H%M%S")
+
+
+def database_answers(dsn: str) -> bool:
+    """True when the configured PostgreSQL accepts a connection within PROBE_TIMEOUT."""
+    conninfo = psycopg.conninfo.make_conninfo(
+        dsn, connect_timeout=PROBE_TIMEOUT, application_name="iothub-demo"
+    )
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        log.info("demo_database_probe", answers=False, error=str(exc).strip().splitlines()[0])
+        return False
+    return True
+
+
+def broker_answers(url: str) -> bool:
+    """True when the configured broker accepts an MQTT connection within PROBE_TIMEOUT."""
+    client = mqttclient.make_client(url, f"{PREFIX}-probe-{os.getpid()}")
+    client.connect_timeout = PROBE_TIMEOUT
+    accepted = threading.Event()
+    result: dict[str, bool] = {}
+
+    def on_connect(
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        result["ok"] = not reason_code.is_failure
+        accepted.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(*mqttclient.host_port(url), keepalive=10)
+    except (OSError, ValueError) as exc:
+        log.info("demo_broker_probe", answers=False, error=str(exc))
+        return False
+    client.loop_start()
+    try:
+        accepted.wait(PROBE_TIMEOUT)
+        return result.get("ok", False)
+    finally:
+        client.disconnect()
+        mqttclient.stop_loop(client)
+
+
+def _create_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL(queries["create_database"]).format(name=sql.Identifier(name)))
+
+
+def _drop_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        query = (
+            "drop_database" if conn.info.server_version >= 130000 else "drop_database_before_pg13"
+        )
+        conn.execute(sql.SQL(queries[query]).format(name=sql.Identifier(name)))
+
+
+@dataclass
+class Environment:
+    """The servers and database of one run, each undone by `stack` (last made, first undone)."""
+
+    settings: Settings
+    stack: contextlib.ExitStack
+    console: Console
+    keep: bool
+    temp_root: Path | None = None
+    cleaned: list[str] = field(default_factory=list)  # what the final clean-up line lists
+
+    def temp_dir(self, name: str) -> Path:
+        if self.temp_root is None:
+            root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+            # PostgreSQL runs as `postgres` when we are root: it must reach its directory.
+            root.chmod(0o711)
+            self.stack.callback(self._remove_temp, root)
+            self.temp_root = root
+        return self.temp_root / name
+
+    def _remove_temp(self, root: Path) -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        self.cleaned.append(f"{root} removed")
+        log.info("demo_temp_removed", path=str(root))
+
+    def database(self) -> str:
+        """The DSN of the demo's own database."""
+        configured = self.settings.database_url
+        where = _describe_dsn(configured)
+        why = f"no server answered at {where}"
+        if database_answers(configured):
+            why = f"the server at {where} would not create a database for the demo"
+            name = self._own_database(configured)
+            if name is not None:
+                dsn = psycopg.conninfo.make_conninfo(configured, dbname=name)
+                fate = "kept (--keep)" if self.keep else "dropped at the end"
+                self.console.say(f"  PostgreSQL  the configured server ({where}), database {name}")
+                self.console.say(f"              created for this run, {fate}")
+                log.info("demo_database", server="configured", database=name, keep=self.keep)
+                return dsn
+        server = localservers.LocalPostgres(self.temp_dir("postgres"))
+        self.stack.callback(self._stop_postgres, server)
+        server.init()
+        server.start()
+        _create_database(server.admin_dsn, DEMO_DATABASE)
+        self.console.say(
+            f"  PostgreSQL  {why}: started a throwaway one on "
+            f"127.0.0.1:{server.port} (in {server.base}), removed at the end"
+        )
+        log.info(
+            "demo_database",
+            server="throwaway",
+            port=server.port,
+            path=str(server.base),
+            configured=where,
+        )
+        return psycopg.conninfo.make_conninfo(server.admin_dsn, dbname=DEMO_DATABASE)
+
+    def _own_database(self, configured: str) -> str | None:
+        base = f"{DEMO_DATABASE}_{_stamp()}"
+        for attempt in range(1, 10):
+            name = base if attempt == 1 else f"{base}_{attempt}"
+            try:
+                _create_database(configured, name)
+            except psycopg.errors.DuplicateDatabase:
+                continue
+            except psycopg.Error as exc:
+                # No CREATEDB right: never fall back to the operator's own database.
+                log.warning(
+                    "demo_cannot_create_database",
+                    error=str(exc).strip().splitlines()[0],
+                    fallback="a throwaway server",
+                )
+                return None
+            if not self.keep:
+                self.stack.callback(self._drop, configured, name)
+            return name
+        return None
+
+    def _drop(self, configured: str, name: str) -> None:
+        try:
+            _drop_database(configured, name)
+        except psycopg.Error as exc:
+            log.error("demo_drop_failed", database=name, error=str(exc).strip().splitlines()[0])
+            self.console.say(f"could not drop the demo database {name}: drop it by hand")
+        else:
+            self.cleaned.append(f"database {name} dropped")
+            log.info("demo_database_dropped", database=name)
+
+    def _stop_postgres(self, server: localservers.LocalPostgres) -> None:
+        server.destroy()
+        self.cleaned.append("PostgreSQL stopped")
+        log.info("demo_postgres_stopped", port=server.port)
+
+    def broker(self) -> tuple[str, bool]:
+        """The broker URL, and whether it is shared (the configured one) or our own."""
+        configured = self.settings.mqtt_url
+        target = self.settings.mqtt
+        where = f"{target.host}:{target.port}"
+        if broker_answers(configured):
+            self.console.say(f"  Mosquitto   the configured broker ({where}), demo topics only")
+            log.info("demo_broker", server="configured", address=where)
+            return configured, True
+        broker = localservers.LocalMosquitto(self.temp_dir("mosquitto"), own_session=True)
+        self.stack.callback(self._stop_mosquitto, broker)
+        broker.start()
+        self.console.say(
+            f"  Mosquitto   no broker answered at {where}: started a throwaway one on "
+            f"127.0.0.1:{broker.port} (in {broker.base}), removed at the end"
+        )
+        log.info(
+            "demo_broker",
+            server="throwaway",
+            port=broker.port,
+            path=str(broker.base),
+            configured=where,
+        )
+        return broker.url, False
+
+    def _stop_mosquitto(self, broker: localservers.LocalMosquitto) -> None:
+        broker.destroy()
+        self.cleaned.append("Mosquitto stopped")
+        log.info("demo_mosquitto_stopped", port=broker.port)
+
+
+def _describe_dsn(dsn: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = info.get("host") or "the default socket"
+    port = info.get("port") or 5432
+    return f"{host}:{port}" if info.get("host") else f"{host} (port {port})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the simulated devices keep time, chosen so that every reading is acceptable."""
+
+    start: datetime
+    scale: float
+
+    @classmethod
+    def for_run(cls, duration: float, max_age: float, now: datetime) -> Plan:
+        # Device time ends DEVICE_TIME_MARGIN before now; a very long demo slows it down rather
+        # than starting beyond the backfill limit.
+        reach = timedelta(seconds=max_age) - BACKFILL_MARGIN - DEVICE_TIME_MARGIN
+        scale = DEVICE_TIME_SCALE
+        if timedelta(seconds=duration * scale) > reach:
+            scale = reach.total_seconds() / duration
+        start = now - timedelta(seconds=duration * scale) - DEVICE_TIME_MARGIN
+        return cls(start, scale)
+
+
+@dataclass
+class Progress:
+    """The daemon's counters, read from its own Prometheus registry."""
+
+    messages: float = 0.0
+    rows: float = 0.0
+    rejected: dict[str, float] = field(default_factory=dict)
+    triggered: float = 0.0
+    resolved: float = 0.0
+
+    @classmethod
+    def read(cls, service: service_mod.IngestService) -> Progress:
+        registry = service.metrics.registry
+
+        def value(name: str, labels: dict[str, str] | None = None) -> float:
+            return registry.get_sample_value(name, labels or {}) or 0.0
+
+        rejected = {
+            reason: n
+            for reason in REJECTION_REASONS
+            if (n := value("iothub_readings_rejected_total", {"reason": reason}))
+        }
+        return cls(
+            messages=value("iothub_messages_received_total"),
+            rows=value("iothub_readings_stored_total"),
+            rejected=rejected,
+            triggered=value("iothub_events_total", {"kind": "triggered"}),
+            resolved=value("iothub_events_total", {"kind": "resolved"}),
+        )
+
+
+def _progress_line(elapsed: float, duration: float, rate: float, p: Progress) -> str:
+    rejected = sum(p.rejected.values())
+    reasons = ", ".join(
+        f"{reason} {n:.0f}" for reason, n in sorted(p.rejected.items(), key=lambda kv: -kv[1])
+    )
+    # Reasons last: on a narrow terminal the line is cut from the end.
+    return (
+        f"  {min(elapsed, duration):4.0f}/{duration:.0f} s | {rate:5.0f} msg/s | "
+        f"{p.rows:,.0f} rows stored | events {p.triggered:.0f} triggered, "
+        f"{p.resolved:.0f} resolved | {rejected:,.0f} rejected"
+        + (f": {reasons}" if reasons else "")
+    )
+
+
+@dataclass
+class Run:
+    """One run of the daemon and the simulator side by side."""
+
+    settings: Settings
+    console: Console
+    stop: threading.Event  # set by a signal: the user wants out
+    duration: float
+    rate: float
+    bad_share: float
+    cleaned: list[str]
+    sim_stop: threading.Event = field(default_factory=threading.Event)
+    service: service_mod.IngestService | None = None
+    service_thread: threading.Thread | None = None
+    simulator: simulate.Simulator | None = None
+    sim_thread: threading.Thread | None = None
+    sim_result: simulate.SimResult | None = None
+    sim_error: Exception | None = None
+
+    def start_service(self, stack: contextlib.ExitStack) -> None:
+        self.service = service = service_mod.build(self.settings)
+        self.service_thread = threading.Thread(target=service.run, name="iothub-demo-daemon")
+        stack.callback(self.stop_service)
+        self.service_thread.start()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not service.wait_ready(TICK):
+            _check(self.stop)
+            if not self.service_thread.is_alive() or time.monotonic() > deadline:
+                raise DemoFailed(f"the daemon did not become ready: {service.readiness()}")
+        self.console.say(
+            f"  daemon      ready: client id {self.settings.mqtt_client_id}, "
+            f"topics {', '.join(self.settings.mqtt_topics)}"
+        )
+
+    def stop_service(self) -> None:
+        """Stop the daemon the way SIGTERM would (idempotent)."""
+        if self.service is None or self.service_thread is None:
+            return
+        self.service.request_stop("demo stopped" if self.stop.is_set() else "demo finished")
+        self.service_thread.join(SHUTDOWN_TIMEOUT + 5)
+        if self.service_thread.is_alive():
+            log.error("demo_daemon_stop_timeout")
+        else:
+            self.cleaned.append("daemon stopped")
+        self.service_thread = None
+
+    def start_simulator(
+        self, stack: contextlib.ExitStack, devices: list[simulate.SimDevice], plan: Plan
+    ) -> None:
+        factory = simulate.MessageFactory(
+            self.settings.mqtt_topics,
+            devices,
+            bad_share=self.bad_share,
+            readings_per_message=None,
+            origin=plan.start.timestamp(),
+            time_scale=plan.scale,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            tz=self.settings.tz,
+            rng=random.Random(),
+        )
+        self.simulator = simulate.Simulator(
+            self.settings.mqtt_url,
+            factory,
+            rate=self.rate,
+            duration=self.duration,
+            stop=self.sim_stop,
+            client_id=f"{PREFIX}-simulator-{os.getpid()}",
+            progress_interval=None,
+        )
+        self.sim_thread = threading.Thread(target=self._simulate, name="iothub-demo-simulator")
+        stack.callback(self.stop_simulator)
+        self.sim_thread.start()
+
+    def _simulate(self) -> None:
+        assert self.simulator is not None
+        try:
+            self.sim_result = self.simulator.run()
+        except Exception as exc:  # handed to the main thread, which reports it
+            self.sim_error = exc
+
+    def stop_simulator(self) -> None:
+        self.sim_stop.set()
+        if self.sim_thread is not None:
+            self.sim_thread.join(simulate.DRAIN_TIMEOUT + 5)
+
+    def watch(self) -> None:
+        """Show progress until the simulator is done and the daemon has stored what it sent."""
+        assert self.service is not None and self.simulator is not None
+        assert self.sim_thread is not None
+        refresh = TTY_REFRESH if self.console.tty else PLAIN_REFRESH
+        started = time.monotonic()
+        history: deque[tuple[float, float]] = deque()
+        next_draw = started
+        catch_up_until: float | None = None
+        drawn = Progress()
+        while True:
+            now = time.monotonic()
+            progress = Progress.read(self.service)
+            history.append((now, progress.messages))
+            while len(history) > 2 and now - history[0][0] > RATE_WINDOW:
+                history.popleft()
+            if now >= next_draw:
+                span = now - history[0][0]
+                rate = (progress.messages - history[0][1]) / span if span > 0 else 0.0
+                self.console.live(_progress_line(now - started, self.duration, rate, progress))
+                drawn = progress
+                next_draw = now + refresh
+            if self.service_thread is None or not self.service_thread.is_alive():
+                raise DemoFailed("the daemon stopped during the run")
+            if self.stop.is_set():
+                self.sim_stop.set()
+                if not self.sim_thread.is_alive():
+                    break
+            elif not self.sim_thread.is_alive():
+                if self.sim_error is not None:
+                    raise DemoFailed(f"the simulator stopped: {self.sim_error}")
+                # The broker has everything; wait for the daemon to have committed it too.
+                catch_up_until = catch_up_until or now + CATCH_UP_TIMEOUT
+                stored = self.service.totals["messages"]
+                if stored >= self.simulator.acked:
+                    break
+                if now >= catch_up_until:
+                    log.warning("demo_catch_up_timeout", acked=self.simulator.acked, stored=stored)
+                    break
+            time.sleep(TICK)
+        final = Progress.read(self.service)
+        if self.console.tty or final != drawn:
+            elapsed = min(time.monotonic() - started, self.duration)
+            average = final.messages / max(elapsed, 1e-6)
+            self.console.live(_progress_line(elapsed, self.duration, average, final))
+        self.console.end_live()
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+@dataclass(frozen=True)
+class RuleEvents:
+    rule: str
+    serial_id: str | None
+    triggered: int
+    resolved: int
+    first: datetime
+    last: datetime
+
+
+@dataclass(frozen=True)
+class Summary:
+    sent: int
+    acked: int
+    bad_sent: dict[str, int]
+    rows: int
+    rejections: dict[str, int]  # by reason, most frequent first
+    events: tuple[RuleEvents, ...]  # by rule and device, in order of the first event
+
+    def missing(self, expect_rejections: bool) -> list[str]:
+        """What a working pipeline should have shown and did not."""
+        missing = []
+        if self.rows <= 0:
+            missing.append("no readings were stored")
+        if expect_rejections and not self.rejections:
+            missing.append("no rejections were recorded")
+        if not any(e.triggered for e in self.events):
+            missing.append("no rule fired")
+        return missing
+
+
+def _read_summary(
+    dsn: str, marks: tuple[int, int], run: Run, service: service_mod.IngestService
+) -> Summary:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rejections = {
+            str(reason): int(n)
+            for reason, n in conn.execute(queries["rejections_by_reason"], {"after": marks[1]})
+        }
+        events = tuple(
+            RuleEvents(name, serial, int(t), int(r), first, last)
+            for name, serial, t, r, first, last in conn.execute(
+                queries["events_by_rule"], {"after": marks[0]}
+            )
+        )
+    sim = run.sim_result
+    return Summary(
+        sent=sim.sent if sim else 0,
+        acked=sim.acked if sim else 0,
+        bad_sent=dict(sim.bad_sent) if sim else {},
+        rows=int(Progress.read(service).rows),
+        rejections=rejections,
+        events=events,
+    )
+
+
+def _print_summary(console: Console, summary: Summary) -> None:
+    say = console.say
+    say()
+    say("Summary")
+    bad = sum(summary.bad_sent.values())
+    say(
+        f"  messages sent     {summary.sent:,} ({bad:,} deliberately bad), "
+        f"{summary.acked:,} acknowledged by the broker"
+    )
+    say(f"  rows stored       {summary.rows:,}")
+    say(f"  rejected          {sum(summary.rejections.values()):,} (rejected_messages, by reason)")
+    for reason, n in summary.rejections.items():
+        say(f"    {reason:<22} {n:>7,}")
+    triggered = sum(e.triggered for e in summary.events)
+    resolved = sum(e.resolved for e in summary.events)
+    say(f"  events            {triggered} triggered, {resolved} resolved (device time, UTC)")
+    if summary.events:
+        width = max(len(e.rule) for e in summary.events)
+        say(f"    {'rule':<{width}}  {'device':<16} trig  res  first     last")
+        for e in summary.events:
+            say(
+                f"    {e.rule:<{width}}  {e.serial_id or '-':<16} {e.triggered:>4} "
+                f"{e.resolved:>4}  {e.first.astimezone(UTC):%H:%M:%S}  "
+                f"{e.last.astimezone(UTC):%H:%M:%S}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--duration",
+        type=_positive,
+        default=DEFAULT_DURATION,
+        help=f"seconds of simulated traffic (default {DEFAULT_DURATION:g})",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_positive,
+        default=DEFAULT_RATE,
+        help=f"messages per second, all devices together (default {DEFAULT_RATE:g})",
+    )
+    parser.add_argument(
+        "--bad-share",
+        type=_share,
+        default=DEFAULT_BAD_SHARE,
+        help=f"share of deliberately bad messages, 0..1 (default {DEFAULT_BAD_SHARE:g})",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the demo database on a configured server (throwaway servers always go)",
+    )
+
+
+@contextlib.contextmanager
+def _signals(stop: threading.Event, console: Console) -> Iterator[None]:
+    """SIGINT/SIGTERM only set `stop`: clean-up must run to its end, so a repeat is not fatal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("demo_still_cleaning_up", signal=name)
+            return
+        stop.set()
+        log.info("demo_stopping", signal=name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise Interrupted
+
+
+def _demo_settings(settings: Settings, dsn: str, mqtt_url: str, shared: bool) -> Settings:
+    stamp = _stamp().replace("_", "")
+    topics = settings.mqtt_topics
+    if shared:
+        # Our own topic space: the production ingestor on this broker never sees demo traffic.
+        topics = tuple(f"{PREFIX}-{stamp}/{t}" for t in settings.mqtt_topics)
+    client_id = f"{PREFIX}-{stamp}-{os.getpid()}"
+    return settings.model_copy(
+        update={
+            "database_url": dsn,
+            "mqtt_url": mqtt_url,
+            "mqtt_client_id": client_id,
+            "mqtt_actions_client_id": f"{client_id}-actions",
+            "mqtt_topics": topics,
+            "mqtt_shared_group": None,
+            "mqtt_session_expiry": SESSION_EXPIRY,
+            "http_port": 0,
+            "shutdown_timeout": SHUTDOWN_TIMEOUT,
+            # The seed's rules notify by email: the demo logs them rather than mail anybody.
+            "smtp_url": None,
+        }
+    )
+
+
+def _prepare_database(dsn: str, settings: Settings, console: Console) -> tuple[int, int]:
+    """Migrate and seed; return the high-water marks of events and rejections after the seed."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        applied = migrate.migrate(conn)
+    console.say(f"  schema      {len(applied)} migrations applied")
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):  # its one-line report, indented like ours
+        code = seed.main(settings, argparse.Namespace(force=False, dry_run=False, debug=False))
+    if code != exitcodes.OK:
+        raise DemoFailed(f"seeding failed (exit {code})")
+    console.say(f"  seed        {report.getvalue().strip()}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(queries["high_water_marks"]).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _seed_devices(dsn: str) -> list[simulate.SimDevice]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        devices = simulate.devices_from_catalog(catalog.load(conn))
+    if not devices:
+        raise DemoFailed("the seeded devices are not in the database")
+    return devices
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    console = Console(sys.stdout)
+    quiet = console.tty and settings.log_level != "debug"
+    if quiet:
+        # On a terminal the demo's own lines tell the story; info logs would tear the live line.
+        logs.configure("warning", settings.log_format)
+    stop = threading.Event()
+    try:
+        with _signals(stop, console):
+            return _main(settings, args, console, stop)
+    finally:
+        if quiet:
+            logs.configure(settings.log_level, settings.log_format)
+
+
+def _main(
+    settings: Settings, args: argparse.Namespace, console: Console, stop: threading.Event
+) -> int:
+    duration, rate, bad_share = float(args.duration), float(args.rate), float(args.bad_share)
+    console.say(
+        f"iothub demo: the whole pipeline on this machine for {duration:g} s "
+        f"({rate:g} msg/s, {bad_share:.0%} bad payloads)"
+    )
+    stack = contextlib.ExitStack()
+    env = Environment(settings, stack, console, keep=bool(args.keep))
+    try:
+        with stack:
+            outcome = _run(env, stop, duration, rate, bad_share)
+            console.say("cleaning up ...")
+    except Interrupted:
+        console.end_live()
+        console.say(f"stopped; cleaned up: {', '.join(env.cleaned) or 'nothing to do'}")
+        return exitcodes.INTERRUPTED
+    except (DemoFailed, localservers.ServiceUnavailable, simulate.SimulationError) as exc:
+        console.end_live()
+        console.say(f"result: FAILED: {exc}")
+        console.say(f"cleaned up: {', '.join(env.cleaned) or 'nothing to do'}")
+        log.error("demo_failed", error=str(exc))
+        return exitcodes.FAILURE
+    except (psycopg.OperationalError, TimeoutError) as exc:
+        console.end_live()
+        first = _first_line(exc)
+        console.say(f"result: FAILED: cannot reach a server: {first}")
+        console.say(f"cleaned up: {', '.join(env.cleaned) or 'nothing to do'}")
+        log.error("demo_failed", error=first)
+        return exitcodes.CONNECTION_FAILED
+    except psycopg.Error as exc:
+        # e.g. no right to create the citext extension in the demo database
+        console.end_live()
+        console.say(f"result: FAILED: database: {_first_line(exc)}")
+        console.say(f"cleaned up: {', '.join(env.cleaned) or 'nothing to do'}")
+        log.error("demo_failed", error=_first_line(exc), sqlstate=exc.sqlstate)
+        return exitcodes.FAILURE
+    console.say(f"cleaned up: {', '.join(env.cleaned)}")
+    return outcome
+
+
+def _run(
+    env: Environment, stop: threading.Event, duration: float, rate: float, bad_share: float
+) -> int:
+    console = env.console
+    dsn = env.database()
+    _check(stop)
+    mqtt_url, shared = env.broker()
+    _check(stop)
+    demo = _demo_settings(env.settings, dsn, mqtt_url, shared)
+    marks = _prepare_database(dsn, demo, console)
+    _check(stop)
+    run = Run(demo, console, stop, duration, rate, bad_share, env.cleaned)
+    run.start_service(env.stack)
+    devices = _seed_devices(dsn)
+    plan = Plan.for_run(duration, demo.max_age, datetime.now(UTC))
+    console.say(
+        f"  simulator   {len(devices)} devices of the seed; device time runs {plan.scale:g}x "
+        f"from {plan.start:%H:%M} UTC, so rules with durations fire within the run"
+    )
+    log.info(
+        "demo_running",
+        duration=duration,
+        rate=rate,
+        bad_share=bad_share,
+        device_time_start=plan.start.isoformat(),
+        device_time_scale=plan.scale,
+    )
+    console.say()
+    run.start_simulator(env.stack, devices, plan)
+    run.watch()
+    _check(stop)
+    assert run.service is not None
+    run.stop_service()  # before reading the summary: everything it took in is committed
+    summary = _read_summary(dsn, marks, run, run.service)
+    _print_summary(console, summary)
+    missing = summary.missing(expect_rejections=bad_share > 0)
+    console.say()
+    if missing:
+        console.say(f"result: FAILED: {'; '.join(missing)}")
+        log.error("demo_failed", missing=missing)
+        return exitcodes.FAILURE
+    fired = sorted({e.rule for e in summary.events if e.triggered})
+    rules = "1 rule" if len(fired) == 1 else f"{len(fired)} rules"
+    console.say(
+        f"result: OK: readings stored, rejections recorded with their reasons, {rules} fired"
+    )
+    log.info("demo_ok", rows=summary.rows, rules_fired=len(fired))
+    return exitcodes.OK
+
+
+__all__ = ["Plan", "Summary", "add_arguments", "main"]

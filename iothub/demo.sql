@@ -1,0 +1,30 @@
+-- Queries of `iothub demo` (names are filled in with psycopg.sql.Identifier).
+-- name: create_database
+CREATE DATABASE {name}
+
+-- name: drop_database
+DROP DATABASE IF EXISTS {name} WITH (FORCE)
+
+-- name: drop_database_before_pg13
+DROP DATABASE IF EXISTS {name}
+
+-- name: high_water_marks
+SELECT (SELECT coalesce(max(id), 0) FROM events),
+       (SELECT coalesce(max(id), 0) FROM rejected_messages)
+
+-- name: rejections_by_reason
+SELECT reason, count(*) FROM rejected_messages WHERE id > %(after)s
+GROUP BY reason ORDER BY count(*) DESC, reason
+
+-- name: events_by_rule
+SELECT r.name::text, d.serial_id::text,
+       count(*) FILTER (WHERE e.kind = 'triggered'),
+       count(*) FILTER (WHERE e.kind = 'resolved'),
+       min(e."timestamp"), max(e."timestamp")
+FROM events e
+JOIN rules r ON r.id = e.rule_id
+LEFT JOIN device_metrics dm ON dm.id = e.device_metric_id
+LEFT JOIN devices d ON d.id = dm.device_id
+WHERE e.id > %(after)s
+GROUP BY r.name, d.serial_id
+ORDER BY min(e."timestamp"), r.name
