@@ -52,6 +52,9 @@ class MqttIntake:
         self._queue: collections.deque[InboundMessage] = collections.deque()
         self._cond = threading.Condition()
         self._pending = 0  # received and not yet acknowledged (or given up on)
+        # Queue length the writer is waiting for (0: not waiting). The callback wakes it only
+        # then: a wake-up per message would cost a thread switch per message.
+        self._wanted = 0
         self._closed = False  # intake stopped: new messages are left unacknowledged
         self._paused_since: float | None = None
         self._ack_lock = threading.Lock()
@@ -115,17 +118,35 @@ class MqttIntake:
 
     def take(self, max_messages: int, max_wait: float) -> list[InboundMessage]:
         """Up to `max_messages`, waiting at most `max_wait` seconds for the first one."""
-        deadline = time.monotonic() + max_wait
+        return self.take_batch(max_messages, max_wait, 0.0)
+
+    def take_batch(
+        self, max_messages: int, first_wait: float, fill_wait: float
+    ) -> list[InboundMessage]:
+        """Up to `max_messages`: wait at most `first_wait` seconds for the first one, then at
+        most `fill_wait` seconds more for the batch to fill (stopping early when closed)."""
         with self._cond:
-            while not self._queue and not self._closed:
+            self._wait_for(1, first_wait)
+            if self._queue and fill_wait > 0:
+                self._wait_for(max_messages, fill_wait)
+            queue = self._queue
+            n = min(len(queue), max_messages)
+            return [queue.popleft() for _ in range(n)]
+
+    def _wait_for(self, count: int, timeout: float) -> None:
+        """With the condition held: wait until `count` messages are queued, or timeout/close."""
+        deadline = time.monotonic() + timeout
+        try:
+            while len(self._queue) < count and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    break
+                    return
+                # No more than can arrive before the pending limit stops intake.
+                reachable = len(self._queue) + self._max_pending - self._pending
+                self._wanted = max(1, min(count, reachable))
                 self._cond.wait(remaining)
-            out: list[InboundMessage] = []
-            while self._queue and len(out) < max_messages:
-                out.append(self._queue.popleft())
-            return out
+        finally:
+            self._wanted = 0
 
     def ack(self, messages: Sequence[InboundMessage]) -> None:
         """Acknowledge stored messages (arrival order) and free their room."""
@@ -266,6 +287,7 @@ class MqttIntake:
                     return  # not acknowledged: the broker keeps it for the next start
                 self._pending += 1
                 self._queue.append(item)
-                self._cond.notify_all()
+                if self._wanted and len(self._queue) >= self._wanted:
+                    self._cond.notify_all()
         except Exception:
             log.exception("mqtt_callback_failed", callback="on_message")

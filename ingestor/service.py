@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import signal
 import threading
 import time
@@ -135,6 +136,7 @@ class IngestService:
         self._writer_done = threading.Event()
         self._writer_heartbeat = time.monotonic()
         self._writing_since: float | None = None
+        self._prepared: queue.Queue[batch_mod.Batch | None] = queue.Queue(maxsize=1)
         self._writer = threading.Thread(target=self._writer_main, name="iothub-writer", daemon=True)
         self.totals: Counter[str] = Counter()
 
@@ -247,52 +249,86 @@ class IngestService:
             self._on_catalog_change(snapshot, tables)
 
     def _writer_main(self) -> None:
+        preparer = threading.Thread(target=self._prepare_main, name="iothub-prepare", daemon=True)
         try:
+            preparer.start()
             self._writer_loop()
         except Exception as exc:
             self.fatal = f"writer crashed: {type(exc).__name__}: {exc}"
             log.exception("writer_crashed")
             self.stop_event.set()
             self.intake.close_intake()
+            self._drain_prepared()
         finally:
+            preparer.join(self.settings.shutdown_timeout)
             self._writer_done.set()
 
     def _gather(self) -> list[InboundMessage]:
         """Messages for one batch: up to `batch_size`, or what came within `batch_interval`."""
         size, interval = self.settings.batch_size, self.settings.batch_interval
-        messages = self.intake.take(size, interval)
-        if not messages:
-            return messages
-        deadline = time.monotonic() + interval
-        while len(messages) < size and not self.stop_event.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            messages += self.intake.take(size - len(messages), remaining)
-        return messages
+        return self.intake.take_batch(size, interval, interval)
 
-    def _writer_loop(self) -> None:
+    # Two stages, so that parsing the next batch (Python, holding the GIL) overlaps the
+    # current transaction (the server's work, GIL released): `iothub-prepare` gathers and
+    # prepares, the writer stores and acknowledges. One prepared batch waits between them at
+    # most, its messages still counted as pending, so memory stays bounded by
+    # max_pending_messages; batches are written and acknowledged in the order they were taken.
+
+    def _prepare_main(self) -> None:
+        try:
+            self._prepare_loop()
+        except Exception as exc:
+            self.fatal = f"writer crashed: {type(exc).__name__}: {exc}"
+            log.exception("writer_crashed", stage="prepare")
+            self.stop_event.set()
+            self.intake.close_intake()
+        finally:
+            self._prepared.put(None)  # end of stream: the writer stops after what came before
+
+    def _prepare_loop(self) -> None:
         # Nothing is parsed before the catalogue is there: readings would all be unknown_device.
         while not self.catalog.wait_ready(MAIN_TICK):
-            self._writer_heartbeat = time.monotonic()
             if self.stop_event.is_set():
                 return
         while True:
-            self._writer_heartbeat = time.monotonic()
             messages = self._gather()
             if not messages:
                 if self.stop_event.is_set() and self.intake.queue_depth == 0:
                     return
                 continue
-            self._writing_since = messages[0].received_mono
             prepared = batch_mod.prepare(messages, self.catalog.snapshot, self.router, self.limits)
+            self._prepared.put(prepared)
+
+    def _writer_loop(self) -> None:
+        while True:
+            self._writer_heartbeat = time.monotonic()
+            try:
+                prepared = self._prepared.get(timeout=MAIN_TICK)
+            except queue.Empty:
+                continue
+            if prepared is None:
+                return
+            messages = prepared.messages
+            self._writing_since = messages[0].received_mono
             if self._write_with_retry(prepared):
                 self.intake.ack(messages)
             else:
                 # Stopping with the database away: leave them to the broker.
                 self.intake.release(len(messages))
+                self._drain_prepared()
                 return
             self._writing_since = None
+
+    def _drain_prepared(self) -> None:
+        """Give back, unacknowledged, whatever the prepare stage still hands over."""
+        while True:
+            try:
+                prepared = self._prepared.get(timeout=self.settings.shutdown_timeout)
+            except queue.Empty:
+                return
+            if prepared is None:
+                return
+            self.intake.release(len(prepared.messages))
 
     def _write_with_retry(self, prepared: batch_mod.Batch) -> bool:
         backoff = Backoff()

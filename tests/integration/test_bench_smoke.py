@@ -1,0 +1,34 @@
+"""The ingestion benchmark still runs end to end (its figures are not judged here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench" / "ingest_bench.py"
+FIGURES = ("(a) ", "(b) ", "(c1) ", "(rss) ", "(c10) ", "(rules) ", "(latency) ")
+TIMEOUT = 300  # seconds; the quick run takes well under a minute on two cores
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_quick_benchmark_prints_every_figure() -> None:
+    """`bench/ingest_bench.py --quick` exits 0 and prints one line per figure, each with a
+    target verdict or rate, so the script cannot rot unnoticed between full runs."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    for tag in FIGURES:
+        assert any(line.startswith(tag) for line in lines), f"no {tag!r} line in:\n{done.stdout}"
+    assert "msg/s" in next(line for line in lines if line.startswith("(c1) "))
+    assert "redelivered after stop: 0" in next(line for line in lines if line.startswith("(c1) "))
