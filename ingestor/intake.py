@@ -252,7 +252,9 @@ class MqttIntake:
             with self._ack_lock:
                 self._generation += 1
                 self._connected = False
-            log.warning("mqtt_disconnected", reason=str(reason_code), pending=self._pending)
+            # Our own clean disconnect (at stop) is news, not trouble.
+            level = log.info if reason_code.value == 0 and self._closed else log.warning
+            level("mqtt_disconnected", reason=str(reason_code), pending=self._pending)
         except Exception:
             log.exception("mqtt_callback_failed", callback="on_disconnect")
 

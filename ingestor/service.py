@@ -134,6 +134,7 @@ class IngestService:
         self.fatal: str | None = None
         self.stats = Stats()
         self._writer_done = threading.Event()
+        self._abandoned = False  # a batch was left to the broker at stop: not a clean exit
         self._writer_heartbeat = time.monotonic()
         self._writing_since: float | None = None
         self._prepared: queue.Queue[batch_mod.Batch | None] = queue.Queue(maxsize=1)
@@ -181,6 +182,7 @@ class IngestService:
         self.request_stop()
         deadline = time.monotonic() + self.settings.shutdown_timeout
         flushed = self._writer_done.wait(max(0.0, deadline - time.monotonic()))
+        flushed = flushed and not self._abandoned
         if not flushed:
             log.error(
                 "shutdown_timeout",
@@ -344,6 +346,7 @@ class IngestService:
                         give_up_at = time.monotonic() + self.settings.shutdown_timeout * 0.8
                     if time.monotonic() >= give_up_at:
                         log.error("batch_abandoned_at_stop", messages=len(prepared.messages))
+                        self._abandoned = True
                         return False
                 delay = backoff.next()
                 log.warning(

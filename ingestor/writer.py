@@ -19,7 +19,7 @@ import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ingestor.batch import Batch, RejectRow, Row
-from ingestor.hooks import BatchHook, HookResult
+from ingestor.hooks import BatchHook, HookResult, StoredReading
 from ingestor.reasons import Reason
 from schema import queries as queries_mod
 
@@ -29,6 +29,10 @@ queries = queries_mod.load("ingestor")
 # SQLSTATE classes that mean "this row", not "this connection": data exceptions, integrity
 # violations, program limits (a value too large for an index row).
 _DATA_ERROR_CLASSES = ("22", "23", "54")
+# Errors after which the same batch may well succeed later: connection exceptions, the server
+# shutting down or starting, a failover that left us on a read-only standby, exhausted
+# resources (disk full, too many connections), serialization failures and deadlocks.
+_RETRYABLE = ("08", "57P", "25006", "53", "40001", "40P01")
 
 
 class DatabaseUnavailable(Exception):
@@ -49,6 +53,13 @@ def configure_connection(conn: psycopg.Connection) -> None:
     conn.execute(queries["create_staging"])
 
 
+def _is_unavailable(exc: psycopg.Error) -> bool:
+    """The database, not the batch, is the problem: retry the same batch later."""
+    if (exc.sqlstate or "").startswith(_RETRYABLE):
+        return True
+    return isinstance(exc, psycopg.OperationalError) and not _is_data_error(exc)
+
+
 def _is_data_error(exc: psycopg.Error) -> bool:
     return (exc.sqlstate or "").startswith(_DATA_ERROR_CLASSES)
 
@@ -61,25 +72,33 @@ class BatchWriter:
     def write(self, batch: Batch) -> WriteResult:
         started = time.perf_counter()
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                inserted, refused = self._insert(conn, batch.rows)
-                rejects = list(batch.rejects) + [
-                    self._refused(batch, row, why) for row, why in refused
-                ]
-                hook_result = HookResult()
-                if inserted:
-                    by_key = {(row.device_metric_id, row.ts): row for row in batch.rows}
-                    new_rows = [by_key[key].reading for key in inserted if key in by_key]
-                    new_rows.sort(key=lambda r: (r.device_metric_id, r.ts))
-                    hook_result = self._hook.on_inserted(conn, new_rows)
-                if rejects:
-                    self._copy_rejections(conn, rejects)
+            with self._pool.connection() as conn:
+                try:
+                    with conn.transaction():
+                        inserted, refused = self._insert(conn, batch.rows)
+                        rejects = list(batch.rejects) + [
+                            self._refused(batch, row, why) for row, why in refused
+                        ]
+                        hook_result = HookResult()
+                        if inserted:
+                            by_key = {(row.device_metric_id, row.ts): row for row in batch.rows}
+                            new_rows = [by_key[key].reading for key in inserted if key in by_key]
+                            new_rows.sort(key=lambda r: (r.device_metric_id, r.ts))
+                            hook_result = self._run_hook(conn, new_rows)
+                        if rejects:
+                            self._copy_rejections(conn, rejects)
+                except psycopg.Error as exc:
+                    if _is_unavailable(exc) and not conn.closed:
+                        # Do not hand this session out again: after a failover it may sit on
+                        # a read-only standby for good. The pool makes a fresh one.
+                        conn.close()
+                    raise
         except PoolTimeout as exc:
             raise DatabaseUnavailable(f"no database connection: {exc}") from exc
-        except psycopg.OperationalError as exc:
-            if _is_data_error(exc):
-                raise
-            raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
+        except psycopg.Error as exc:
+            if _is_unavailable(exc):
+                raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
+            raise  # a bug or a schema problem (e.g. migrations not applied): stop loudly
         return WriteResult(
             inserted=len(inserted),
             duplicates=batch.duplicates + len(batch.rows) - len(inserted) - len(refused),
@@ -87,6 +106,23 @@ class BatchWriter:
             hook=hook_result,
             seconds=time.perf_counter() - started,
         )
+
+    def _run_hook(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+        """The rule engine, in a savepoint: if the server refuses what it writes (a data error,
+        not a lost connection), the telemetry still commits and the failure is logged."""
+        try:
+            with conn.transaction():
+                return self._hook.on_inserted(conn, rows)
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError) and not _is_data_error(exc):
+                raise
+            log.error(
+                "rules_failed",
+                rows=len(rows),
+                sqlstate=exc.sqlstate,
+                error=" ".join(str(exc).split())[:300],
+            )
+            return HookResult()
 
     def _insert(
         self, conn: psycopg.Connection, rows: Sequence[Row]

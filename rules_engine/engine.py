@@ -242,20 +242,19 @@ class RuleEngine:
                 by_dm[r.device_metric_id].append(r)
         self.lock(conn, relevant)
         states = self.load_states(conn, relevant)
-        events: Counter[str] = Counter()
         late_keys: set[tuple[int, datetime]] = set()
+        transitions: list[tuple[RuleEntry, evaluator.Transition]] = []
+        changed: list[tuple[RuleEntry, evaluator.RuleState]] = []
+        # Evaluation is pure Python; the database sees one statement per event and one batched
+        # upsert for all states, not a round trip per rule and device_metric.
         for dm in relevant:
             readings = sorted(by_dm[dm], key=lambda r: r.ts)
             for entry in rules[dm]:
                 try:
-                    # A savepoint per rule: a rule that fails (a bug, or a value the rule
-                    # cannot take) loses its own effects for this batch, never the telemetry
-                    # or the other rules'.
-                    with conn.transaction():
-                        fired = self._evaluate(conn, entry, states, readings, late_keys)
-                except psycopg.OperationalError:
-                    raise  # the connection is gone: the whole batch is retried
+                    outcome = self._evaluate(entry, states, readings, late_keys)
                 except Exception as exc:
+                    # A rule that fails (a bug, or a value it cannot take) loses its own effects
+                    # for this batch, never the telemetry or the other rules'.
                     log.exception(
                         "rule_evaluation_failed",
                         rule_id=entry.rule.rule_id,
@@ -263,18 +262,27 @@ class RuleEngine:
                         error=f"{type(exc).__name__}: {exc}",
                     )
                     continue
-                events.update(fired)
+                state, fired = outcome
+                transitions.extend((entry, t) for t in fired)
+                if state is not None:
+                    changed.append((entry, state))
+        events: Counter[str] = Counter()
+        for entry, transition in transitions:
+            self.write_event(conn, entry, transition)
+            events[transition.kind] += 1
+        self.save_states(conn, changed)
         return HookResult(events=dict(events), late=len(late_keys))
 
     def _evaluate(
         self,
-        conn: psycopg.Connection,
         entry: RuleEntry,
         states: dict[tuple[int, int], tuple[str, Any]],
         readings: Sequence[StoredReading],
         late_keys: set[tuple[int, datetime]],
-    ) -> Counter[str]:
-        fired: Counter[str] = Counter()
+    ) -> tuple[evaluator.RuleState | None, list[evaluator.Transition]]:
+        """Feed the readings to one rule; returns its new state (None: unchanged) and the
+        transitions to write as events."""
+        fired: list[evaluator.Transition] = []
         state = self.state_for(entry, states)
         before: evaluator.RuleState | None = state
         stored = states.get((entry.rule.rule_id, entry.device_metric_id))
@@ -283,25 +291,18 @@ class RuleEngine:
             if isinstance(stored[1], dict) and stored[1].get("status") == "firing":
                 # An edited rule starts afresh; an alarm it had open is closed, not left hanging.
                 first = readings[0]
-                self.write_event(
-                    conn,
-                    entry,
+                fired.append(
                     evaluator.Transition(
                         "resolved", first.ts, first.value, "rule changed; its state starts afresh"
-                    ),
+                    )
                 )
-                fired["resolved"] += 1
         for r in readings:
             result = evaluator.step(entry.rule, state, evaluator.Reading(r.ts, r.value), self.tz)
             if result.late:
                 late_keys.add((r.device_metric_id, r.ts))
-            for transition in result.transitions:
-                self.write_event(conn, entry, transition)
-                fired[transition.kind] += 1
+            fired.extend(result.transitions)
             state = result.state
-        if state != before:
-            self.save_state(conn, entry, state)
-        return fired
+        return (state if state != before else None), fired
 
     # --- pieces the no-data worker shares
 
@@ -342,18 +343,33 @@ class RuleEngine:
             return evaluator.RuleState.initial()
 
     @staticmethod
-    def save_state(conn: psycopg.Connection, entry: RuleEntry, state: evaluator.RuleState) -> None:
-        conn.execute(
-            queries["save_state"],
-            {
-                "rule_id": entry.rule.rule_id,
-                "device_metric_id": entry.device_metric_id,
-                "fingerprint": entry.fingerprint,
-                "status": state.status,
-                "state": Jsonb(state.to_json()),
-                "last_ts": state.last_ts,
-            },
-        )
+    def save_states(
+        conn: psycopg.Connection, changed: Sequence[tuple[RuleEntry, evaluator.RuleState]]
+    ) -> None:
+        if not changed:
+            return
+        with conn.cursor() as cur:
+            # executemany runs in pipeline mode: one round trip for the whole batch.
+            cur.executemany(
+                queries["save_state"],
+                [
+                    {
+                        "rule_id": entry.rule.rule_id,
+                        "device_metric_id": entry.device_metric_id,
+                        "fingerprint": entry.fingerprint,
+                        "status": state.status,
+                        "state": Jsonb(state.to_json()),
+                        "last_ts": state.last_ts,
+                    }
+                    for entry, state in changed
+                ],
+            )
+
+    @classmethod
+    def save_state(
+        cls, conn: psycopg.Connection, entry: RuleEntry, state: evaluator.RuleState
+    ) -> None:
+        cls.save_states(conn, [(entry, state)])
 
     def write_event(
         self, conn: psycopg.Connection, entry: RuleEntry, transition: evaluator.Transition

@@ -364,36 +364,39 @@ def step(rule: CompiledRule, state: RuleState, reading: Reading, tz: ZoneInfo) -
     # duration and rate window are built from the same readings as the condition's.
     clear = rule.clear_condition
     cleared = evaluation.node(clear, CLEAR_PATH) if clear is not None else not holds
-    seen = dataclasses.replace(
-        state,
-        last_ts=reading.ts,
-        last_value=reading.value,
-        nodes=evaluation.node_states(),
-    )
+    nodes = evaluation.node_states()
+
+    def seen(
+        status: Status, pending_since: datetime | None, last_triggered: datetime | None
+    ) -> RuleState:
+        # Built directly: dataclasses.replace() was half the cost of a step, and step() runs
+        # for every reading of every rule inside the ingestion transaction.
+        return RuleState(status, pending_since, reading.ts, reading.value, last_triggered, nodes)
 
     if state.status == "firing":
         if not cleared:
-            return StepResult(seen, (), late=False)
+            return StepResult(
+                seen("firing", state.pending_since, state.last_triggered), (), late=False
+            )
         resolved = Transition(
             "resolved", reading.ts, reading.value, _resolved_reason(rule, reading.value)
         )
-        return StepResult(dataclasses.replace(seen, status="ok"), (resolved,), late=False)
+        return StepResult(
+            seen("ok", state.pending_since, state.last_triggered), (resolved,), late=False
+        )
 
     # OK or PENDING. Outside the time_restriction a rule cannot start or continue a PENDING
     # run, though a FIRING one still resolves (above) when its clear condition holds.
     if not (holds and _in_window(cond, reading.ts, tz)):
-        return StepResult(dataclasses.replace(seen, status="ok", pending_since=None), (), False)
+        return StepResult(seen("ok", None, state.last_triggered), (), False)
     since = state.pending_since if state.status == "pending" and state.pending_since else reading.ts
     held_long_enough = reading.ts - since >= _minutes(cond.hold_minutes)
     if held_long_enough and _cooled_down(cond, state, reading.ts):
         triggered = Transition(
             "triggered", reading.ts, reading.value, _triggered_reason(cond, reading.value)
         )
-        fired = dataclasses.replace(
-            seen, status="firing", pending_since=None, last_triggered=reading.ts
-        )
-        return StepResult(fired, (triggered,), late=False)
-    return StepResult(dataclasses.replace(seen, status="pending", pending_since=since), (), False)
+        return StepResult(seen("firing", None, reading.ts), (triggered,), late=False)
+    return StepResult(seen("pending", since, state.last_triggered), (), False)
 
 
 def _next_in_window(moment: datetime, cond: Condition, tz: ZoneInfo) -> datetime:

@@ -158,3 +158,34 @@ def test_second_signal_exits_at_once(
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(10) == 130
     assert time.monotonic() - started < 5
+
+
+def test_a_read_only_database_is_retried_not_fatal(
+    make_settings: Callable[..., Settings], db_url: str, broker_url: str, unique: str
+) -> None:
+    """A session that became read-only (as after a failover onto a standby) is an outage: the
+    batch is retried on a fresh connection, and stored once the database accepts writes."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    dbname = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    service = IngestService(make_settings())
+    with running(service):
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'iothub-ingest'"
+            )
+        pub = Publisher(broker_url, f"pub-{unique}")
+        try:
+            pub.publish(
+                f"t{unique}/devices/{fleet.serials[0]}/telemetry", {"metrics": {"temperature": 7}}
+            )
+        finally:
+            pub.close()
+        assert wait_for(lambda: not service.db_ok, timeout=20)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("SET default_transaction_read_only = off")
+            conn.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+        assert wait_for(lambda: service.totals["rows"] == 1, timeout=30)
+        assert service.fatal is None
+    assert count(db_url, "SELECT count(*) FROM telemetries") == 1
