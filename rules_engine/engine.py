@@ -296,12 +296,11 @@ class RuleEngine:
                         "resolved", first.ts, first.value, "rule changed; its state starts afresh"
                     )
                 )
-        for r in readings:
-            result = evaluator.step(entry.rule, state, evaluator.Reading(r.ts, r.value), self.tz)
-            if result.late:
-                late_keys.add((r.device_metric_id, r.ts))
-            fired.extend(result.transitions)
-            state = result.state
+        state, transitions, late = evaluator.step_many(
+            entry.rule, state, [evaluator.Reading(r.ts, r.value) for r in readings], self.tz
+        )
+        fired.extend(transitions)
+        late_keys.update((entry.device_metric_id, r.ts) for r in late)
         return (state if state != before else None), fired
 
     # --- pieces the no-data worker shares

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
@@ -235,6 +235,33 @@ def _minutes(amount: float) -> timedelta:
     return timedelta(minutes=amount)
 
 
+_STATELESS = (
+    conditions.Threshold,
+    conditions.Range,
+    conditions.BooleanCondition,
+    conditions.StringMatch,
+)
+
+
+def _stateless_predicate(cond: Condition, value: Value) -> bool:
+    """What a condition that needs no history says about one value."""
+    numeric = not isinstance(value, bool | str)
+    if isinstance(cond, conditions.Threshold):
+        return numeric and _COMPARE[cond.operator](value, cond.value)
+    if isinstance(cond, conditions.Range):
+        inside = numeric and cond.min <= value <= cond.max  # type: ignore[operator]
+        return inside if cond.operator == "inside" else not inside
+    if isinstance(cond, conditions.BooleanCondition):
+        return _COMPARE[cond.operator](value, cond.value)
+    if isinstance(cond, conditions.StringMatch):
+        if cond.operator == "in":
+            return value in cond.value
+        if cond.operator == "contains":
+            return isinstance(cond.value, str) and cond.value in str(value)
+        return _COMPARE[cond.operator](value, cond.value)
+    raise TypeError(f"{type(cond).__name__} is not a stateless condition")
+
+
 class _Evaluation:
     """One reading's pass over a condition tree. Mutable inside, never seen outside `step`."""
 
@@ -260,21 +287,8 @@ class _Evaluation:
 
     def predicate(self, cond: Condition, path: str) -> bool:
         """What the condition says about this reading, without its own modifiers."""
-        value = self.reading.value
-        numeric = not isinstance(value, bool | str)
-        if isinstance(cond, conditions.Threshold):
-            return numeric and _COMPARE[cond.operator](value, cond.value)
-        if isinstance(cond, conditions.Range):
-            inside = numeric and cond.min <= value <= cond.max  # type: ignore[operator]
-            return inside if cond.operator == "inside" else not inside
-        if isinstance(cond, conditions.BooleanCondition):
-            return _COMPARE[cond.operator](value, cond.value)
-        if isinstance(cond, conditions.StringMatch):
-            if cond.operator == "in":
-                return value in cond.value
-            if cond.operator == "contains":
-                return isinstance(cond.value, str) and cond.value in str(value)
-            return _COMPARE[cond.operator](value, cond.value)
+        if isinstance(cond, _STATELESS):
+            return _stateless_predicate(cond, self.reading.value)
         if isinstance(cond, conditions.Rate):
             return self._rate(cond, path)
         if isinstance(cond, conditions.Delta):
@@ -399,6 +413,62 @@ def step(rule: CompiledRule, state: RuleState, reading: Reading, tz: ZoneInfo) -
     return StepResult(seen("pending", since, state.last_triggered), (), False)
 
 
+def _flips_only(rule: CompiledRule, state: RuleState) -> bool:
+    """Whether only the readings where the predicate flips can change this rule's state: no
+    history (duration, rate, delta, window), no cooldown, no hysteresis, no pending run."""
+    cond = rule.condition
+    return (
+        isinstance(cond, _STATELESS)
+        and not cond.hold_minutes
+        and cond.time_restriction is None
+        and not cond.cooldown_minutes
+        and rule.clear_condition is None
+        and state.status != "pending"
+        and not state.nodes
+    )
+
+
+def step_many(
+    rule: CompiledRule, state: RuleState, readings: Sequence[Reading], tz: ZoneInfo
+) -> tuple[RuleState, list[Transition], list[Reading]]:
+    """step() over readings in device-time order: the new state, the transitions, and the late
+    readings. The same result as calling step() for each; for rules whose state can only change
+    where the bare predicate flips, step() runs only at those readings (the ingestion hot path
+    evaluates every reading of every rule)."""
+    transitions: list[Transition] = []
+    late: list[Reading] = []
+    if not _flips_only(rule, state):
+        for reading in readings:
+            result = step(rule, state, reading, tz)
+            if result.late:
+                late.append(reading)
+            transitions.extend(result.transitions)
+            state = result.state
+        return state, transitions, late
+    cond = rule.condition
+    status, pending_since, last_triggered = state.status, state.pending_since, state.last_triggered
+    last_ts, last_value = state.last_ts, state.last_value
+    for reading in readings:
+        _require_aware(reading.ts, "reading.ts")
+        _check_value(rule.data_type, reading.value)
+        if last_ts is not None and reading.ts <= last_ts:
+            late.append(reading)
+            continue
+        if _stateless_predicate(cond, reading.value) != (status == "firing"):
+            before = RuleState(status, pending_since, last_ts, last_value, last_triggered, ())
+            result = step(rule, before, reading, tz)
+            transitions.extend(result.transitions)
+            status = result.state.status
+            pending_since = result.state.pending_since
+            last_triggered = result.state.last_triggered
+        last_ts, last_value = reading.ts, reading.value
+    return (
+        RuleState(status, pending_since, last_ts, last_value, last_triggered, ()),
+        transitions,
+        late,
+    )
+
+
 def _next_in_window(moment: datetime, cond: Condition, tz: ZoneInfo) -> datetime:
     """The first moment at or after `moment` inside the condition's time_restriction."""
     window = cond.window
@@ -501,4 +571,5 @@ __all__ = [
     "compile_rule",
     "replay",
     "step",
+    "step_many",
 ]
