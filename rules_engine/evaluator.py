@@ -414,17 +414,12 @@ def step(rule: CompiledRule, state: RuleState, reading: Reading, tz: ZoneInfo) -
 
 
 def _flips_only(rule: CompiledRule, state: RuleState) -> bool:
-    """Whether only the readings where the predicate flips can change this rule's state: no
-    history (duration, rate, delta, window), no cooldown, no hysteresis, no pending run."""
-    cond = rule.condition
+    """Whether this rule's condition needs no history of its own (threshold, range, boolean,
+    string_match at the top, no hysteresis): then a reading where the predicate agrees with
+    the status (false while OK, true while FIRING) only moves last_ts, whatever the duration,
+    cooldown or time window say."""
     return (
-        isinstance(cond, _STATELESS)
-        and not cond.hold_minutes
-        and cond.time_restriction is None
-        and not cond.cooldown_minutes
-        and rule.clear_condition is None
-        and state.status != "pending"
-        and not state.nodes
+        isinstance(rule.condition, _STATELESS) and rule.clear_condition is None and not state.nodes
     )
 
 
@@ -432,8 +427,8 @@ def step_many(
     rule: CompiledRule, state: RuleState, readings: Sequence[Reading], tz: ZoneInfo
 ) -> tuple[RuleState, list[Transition], list[Reading]]:
     """step() over readings in device-time order: the new state, the transitions, and the late
-    readings. The same result as calling step() for each; for rules whose state can only change
-    where the bare predicate flips, step() runs only at those readings (the ingestion hot path
+    readings. The same result as calling step() for each; for conditions without history of
+    their own, step() runs only at readings that can change the state (the ingestion hot path
     evaluates every reading of every rule)."""
     transitions: list[Transition] = []
     late: list[Reading] = []
@@ -454,7 +449,7 @@ def step_many(
         if last_ts is not None and reading.ts <= last_ts:
             late.append(reading)
             continue
-        if _stateless_predicate(cond, reading.value) != (status == "firing"):
+        if status == "pending" or _stateless_predicate(cond, reading.value) != (status == "firing"):
             before = RuleState(status, pending_since, last_ts, last_value, last_triggered, ())
             result = step(rule, before, reading, tz)
             transitions.extend(result.transitions)

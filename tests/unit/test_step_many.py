@@ -55,7 +55,7 @@ def test_step_many_equals_step_by_step(data_type: str, condition: dict[str, obje
     step_many gives the same states, transitions and late readings as step() one by one."""
     rule = evaluator.compile_rule(1, "r", condition, NOTIFY, data_type)  # type: ignore[arg-type]
     rng = random.Random(hash(str(condition)) & 0xFFFF)
-    for _trial in range(30):
+    for _trial in range(200):
         readings = []
         moment = T0
         for _ in range(rng.randint(1, 40)):
