@@ -266,10 +266,8 @@ class RuleEngine:
                 transitions.extend((entry, t) for t in fired)
                 if state is not None:
                     changed.append((entry, state))
-        events: Counter[str] = Counter()
-        for entry, transition in transitions:
-            self.write_event(conn, entry, transition)
-            events[transition.kind] += 1
+        self.write_events(conn, transitions)
+        events: Counter[str] = Counter(t.kind for _entry, t in transitions)
         self.save_states(conn, changed)
         return HookResult(events=dict(events), late=len(late_keys))
 
@@ -372,52 +370,84 @@ class RuleEngine:
 
     def write_event(
         self, conn: psycopg.Connection, entry: RuleEntry, transition: evaluator.Transition
-    ) -> int:
-        template = actions_model.message_template(entry.rule.action)
-        message = templates.render(template, render_context(entry, transition.value, transition.ts))
-        context = {
-            "value": transition.value,
-            "ts": transition.ts.isoformat(),
-            "message": message,
-            "reason": transition.reason,
-            "serial_id": entry.serial_id,
-            "metric": entry.metric,
-        }
-        row = conn.execute(
-            queries["insert_event"],
-            {
-                "ts": transition.ts,
-                "rule_id": entry.rule.rule_id,
-                "kind": transition.kind,
-                "device_metric_id": entry.device_metric_id,
-                "context": Jsonb(context),
-            },
-        ).fetchone()
-        assert row is not None
-        event_id = int(row[0])
-        for kind, target in outbox_rows(
-            entry, event_id, transition.kind, transition, message, smtp_to=self.settings.smtp_to
-        ):
-            conn.execute(
-                queries["insert_outbox"],
+    ) -> None:
+        self.write_events(conn, [(entry, transition)])
+
+    def write_events(
+        self,
+        conn: psycopg.Connection,
+        transitions: Sequence[tuple[RuleEntry, evaluator.Transition]],
+    ) -> None:
+        """Insert the events and their outbox rows: two pipelined statements in all, however
+        many events (a storm of transitions must not cost a round trip each)."""
+        if not transitions:
+            return
+        messages = []
+        event_params = []
+        for entry, transition in transitions:
+            template = actions_model.message_template(entry.rule.action)
+            message = templates.render(
+                template, render_context(entry, transition.value, transition.ts)
+            )
+            messages.append(message)
+            context = {
+                "value": transition.value,
+                "ts": transition.ts.isoformat(),
+                "message": message,
+                "reason": transition.reason,
+                "serial_id": entry.serial_id,
+                "metric": entry.metric,
+            }
+            event_params.append(
+                {
+                    "ts": transition.ts,
+                    "rule_id": entry.rule.rule_id,
+                    "kind": transition.kind,
+                    "device_metric_id": entry.device_metric_id,
+                    "context": Jsonb(context),
+                }
+            )
+        with conn.cursor() as cur:
+            cur.executemany(queries["insert_event"], event_params, returning=True)
+            event_ids = []
+            while True:
+                row = cur.fetchone()
+                assert row is not None
+                event_ids.append(int(row[0]))
+                if not cur.nextset():
+                    break
+            outbox_params = [
                 {
                     "event_id": event_id,
                     "rule_id": entry.rule.rule_id,
                     "kind": kind,
                     "target": Jsonb(target),
-                },
+                }
+                for event_id, (entry, transition), message in zip(
+                    event_ids, transitions, messages, strict=True
+                )
+                for kind, target in outbox_rows(
+                    entry,
+                    event_id,
+                    transition.kind,
+                    transition,
+                    message,
+                    smtp_to=self.settings.smtp_to,
+                )
+            ]
+            if outbox_params:
+                cur.executemany(queries["insert_outbox"], outbox_params)
+        for entry, transition in transitions:
+            log.info(
+                "rule_" + transition.kind,
+                rule_id=entry.rule.rule_id,
+                rule_name=entry.rule.name,
+                serial_id=entry.serial_id,
+                metric=entry.metric,
+                value=transition.value,
+                ts=transition.ts.isoformat(),
+                reason=transition.reason,
             )
-        log.info(
-            "rule_" + transition.kind,
-            rule_id=entry.rule.rule_id,
-            rule_name=entry.rule.name,
-            serial_id=entry.serial_id,
-            metric=entry.metric,
-            value=transition.value,
-            ts=transition.ts.isoformat(),
-            reason=transition.reason,
-        )
-        return event_id
 
 
 class PoolKeeper:
