@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, exposition
 
+from ingestor.reasons import Reason
+
 # Every name here is a plain Prometheus name, so the body is the same in text format 0.0.4 and
 # 1.0.0; announcing 0.0.4 keeps older Prometheus servers and other scrapers happy.
 CONTENT_TYPE = exposition.CONTENT_TYPE_PLAIN_0_0_4
@@ -22,21 +24,7 @@ BATCH_SECONDS_BUCKETS = (  # seconds
 # Label values known in advance get a series at 0 from the start, so that `rate()` and alerts
 # see the first occurrence instead of a series appearing out of nowhere: the codes of DESIGN
 # section 3 plus the ingestor's storage_error (ingestor/reasons.py), and the event kinds.
-REJECTION_REASONS = (
-    "bad_json",
-    "bad_schema",
-    "payload_too_large",
-    "unknown_device",
-    "inactive_device",
-    "device_mismatch",
-    "unknown_metric",
-    "type_mismatch",
-    "bad_timestamp",
-    "ts_in_future",
-    "ts_too_old",
-    "value_too_large",
-    "storage_error",
-)
+REJECTION_REASONS = tuple(str(reason) for reason in Reason)
 EVENT_KINDS = ("triggered", "resolved")
 
 
