@@ -189,6 +189,27 @@ class MqttIntake:
             return 0.0
         return time.monotonic() - head.received_mono
 
+    def _forget_redelivered(self) -> None:
+        """Drop queued messages of earlier connections: with the session present the broker
+        sends them again, so keeping them would only block room for their own copies (and, at
+        the pending limit, this thread, and with it the keepalives)."""
+        with self._cond:
+            # QoS 0 messages are never sent again: those stay.
+            kept = collections.deque(
+                m for m in self._queue if m.generation == self._generation or m.qos == 0
+            )
+            dropped = len(self._queue) - len(kept)
+            if dropped:
+                self._queue = kept
+                self._pending -= dropped
+                self._cond.notify_all()
+        if dropped:
+            log.info(
+                "queued_redeliveries_dropped",
+                count=dropped,
+                why="the broker resends them on the resumed session",
+            )
+
     # --- paho callbacks: they hand work over and never raise
 
     def _on_connect(
@@ -206,6 +227,8 @@ class MqttIntake:
             with self._ack_lock:
                 self._generation += 1
                 self._connected = True
+            if flags.session_present:
+                self._forget_redelivered()
             if not flags.session_present and self._generation > 1:
                 # Messages queued for us while we were away are gone with that session.
                 self.session_lost += 1

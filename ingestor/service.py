@@ -461,7 +461,7 @@ def build(settings: Settings, notifier: SystemdNotifier | None = None) -> Ingest
     metrics = Metrics()
     pool = db.make_pool(settings, "ingest", configure=configure_connection)
     rules = engine.RuleEngine(settings, metrics)
-    return IngestService(
+    service = IngestService(
         settings,
         hook=rules,
         workers=rules.workers(pool),
@@ -470,6 +470,8 @@ def build(settings: Settings, notifier: SystemdNotifier | None = None) -> Ingest
         notifier=notifier,
         pool=pool,
     )
+    rules.backlog_age = service.oldest_unacked_age
+    return service
 
 
 # --- the CLI command

@@ -114,8 +114,8 @@ class BatchWriter:
             with conn.transaction():
                 return self._hook.on_inserted(conn, rows)
         except psycopg.Error as exc:
-            if isinstance(exc, psycopg.OperationalError) and not _is_data_error(exc):
-                raise
+            if not _is_data_error(exc):
+                raise  # an outage is retried; a schema or permission problem stops us loudly
             log.error(
                 "rules_failed",
                 rows=len(rows),

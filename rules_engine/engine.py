@@ -19,7 +19,7 @@ import hashlib
 import json
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -80,7 +80,11 @@ class RuleCache:
                 if self._stale:
                     # Cleared before loading: a change notified during the load marks it again.
                     self._stale = False
-                    self._by_dm = self._load(conn)
+                    try:
+                        self._by_dm = self._load(conn)
+                    except BaseException:
+                        self._stale = True  # a failed load must be tried again, not trusted
+                        raise
         return self._by_dm
 
     def _load(self, conn: psycopg.Connection) -> dict[int, tuple[RuleEntry, ...]]:
@@ -97,10 +101,14 @@ class RuleCache:
             dev_name,
             metric,
         ) in conn.execute(queries["load_rules"]):
-            fp = fingerprint(condition, data_type)
+            try:
+                fp = fingerprint(condition, data_type)
+            except (ValueError, RecursionError):
+                fp = f"unprintable-{rule_id}"
             try:
                 compiled = evaluator.compile_rule(rule_id, name, condition, action, data_type)
-            except InvalidRule as exc:
+            except (InvalidRule, ValueError, TypeError, OverflowError, RecursionError) as exc:
+                # Whatever a stored rule holds, it costs that rule only, never the batch.
                 invalid += 1
                 if (rule_id, fp) not in self._reported:
                     self._reported.add((rule_id, fp))
@@ -216,6 +224,9 @@ class RuleEngine:
         self.metrics = metrics
         self.tz = settings.tz
         self.cache = RuleCache()
+        # Seconds the ingestion is behind (the service sets it): the no-data timer must not take
+        # readings still waiting in the queue for a silence.
+        self.backlog_age: Callable[[], float] = lambda: 0.0
 
     def on_catalog_change(self, snapshot: Snapshot, tables: frozenset[str]) -> None:
         if tables & RELOAD_TABLES:
@@ -241,6 +252,7 @@ class RuleEngine:
             if r.device_metric_id in rules:
                 by_dm[r.device_metric_id].append(r)
         self.lock(conn, relevant)
+        rules = self.live_only(conn, rules, relevant)
         states = self.load_states(conn, relevant)
         late_keys: set[tuple[int, datetime]] = set()
         transitions: list[tuple[RuleEntry, evaluator.Transition]] = []
@@ -302,6 +314,23 @@ class RuleEngine:
         return (state if state != before else None), fired
 
     # --- pieces the no-data worker shares
+
+    def live_only(
+        self,
+        conn: psycopg.Connection,
+        rules: dict[int, tuple[RuleEntry, ...]],
+        device_metric_ids: Sequence[int],
+    ) -> dict[int, tuple[RuleEntry, ...]]:
+        """The cached rules of these device_metrics minus any deleted or deactivated since the
+        cache was loaded (the notification that reloads it may still be on its way)."""
+        ids = [e.rule.rule_id for dm in device_metric_ids for e in rules[dm]]
+        live = {row[0] for row in conn.execute(queries["live_rules"], {"ids": ids})}
+        if len(live) == len(ids):
+            return rules
+        self.cache.mark_stale()
+        return {
+            dm: tuple(e for e in rules[dm] if e.rule.rule_id in live) for dm in device_metric_ids
+        }
 
     @staticmethod
     def lock(conn: psycopg.Connection, device_metric_ids: Sequence[int]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -70,6 +70,9 @@ class NoDataWorker:
     def check(self, now: datetime) -> int:
         """One pass over every no_data rule; returns how many fired."""
         engine = self._engine
+        # Judge silence only up to what has been ingested: after an outage the queue holds
+        # readings that would otherwise count as silence and raise false alarms.
+        now -= timedelta(seconds=engine.backlog_age())
         fired = 0
         with self._pool.connection() as conn:
             rules = engine.cache.current(conn)

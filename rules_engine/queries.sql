@@ -35,3 +35,8 @@ RETURNING id
 -- name: insert_outbox
 INSERT INTO action_outbox (event_id, rule_id, kind, target)
 VALUES (%(event_id)s, %(rule_id)s, %(kind)s, %(target)s)
+
+-- name: live_rules
+-- The cached rules that are still there and active, locked against deletion until commit: a
+-- rule deleted after the cache was loaded must not fail the batch's inserts (foreign keys).
+SELECT id FROM rules WHERE id = ANY(%(ids)s) AND is_active FOR KEY SHARE
