@@ -425,6 +425,9 @@ class IngestService:
     def _update_gauges(self) -> None:
         m = self.metrics
         m.queue_depth.set(self.intake.queue_depth)
+        m.pending.set(self.intake.pending)
+        m.sessions_lost.set(self.intake.session_lost)
+        m.stale_acks.set(self.intake.stale_acks)
         m.oldest_unacked_seconds.set(self.oldest_unacked_age())
         m.mqtt_connected.set(1 if self.intake.connected else 0)
         m.db_connected.set(1 if self.readiness()["database"] else 0)

@@ -96,6 +96,23 @@ class Metrics:
         self.queue_depth = Gauge(
             "iothub_queue_depth", "Messages received and waiting to be written", registry=r
         )
+        self.pending = Gauge(
+            "iothub_pending_messages",
+            "Messages received and not yet acknowledged (bounded by max_pending_messages)",
+            registry=r,
+        )
+        self.sessions_lost = Gauge(
+            "iothub_mqtt_sessions_lost",
+            "Reconnects since start on which the broker had no session for us (queued "
+            "messages of that session are gone)",
+            registry=r,
+        )
+        self.stale_acks = Gauge(
+            "iothub_stale_acks",
+            "Acknowledgements skipped since start because their connection was gone "
+            "(the broker redelivers those messages)",
+            registry=r,
+        )
         self.oldest_unacked_seconds = Gauge(
             "iothub_oldest_unacked_seconds",
             "Age of the oldest message received but not yet acknowledged to the broker",

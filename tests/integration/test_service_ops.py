@@ -117,3 +117,18 @@ def test_healthz_follows_the_broker_and_metrics_count_readings(
         assert json.loads(body)["checks"]["mqtt"] is False
         local_mosquitto.start()
         assert wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=30)
+
+
+def test_pending_and_connection_counters_are_exported(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The intake's pending count, lost sessions and skipped acks are Prometheus gauges."""
+    service = IngestService(make_settings())
+    with running(service):
+        base = f"http://127.0.0.1:{service.http.port}"
+        assert wait_for(lambda: b"iothub_pending_messages" in get(base + "/metrics")[1])
+        status, body = get(base + "/metrics")
+        assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    for name in ("iothub_pending_messages", "iothub_mqtt_sessions_lost", "iothub_stale_acks"):
+        assert [s.value for s in families[name].samples] == [0.0]
