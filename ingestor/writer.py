@@ -64,6 +64,12 @@ def _is_data_error(exc: psycopg.Error) -> bool:
     return (exc.sqlstate or "").startswith(_DATA_ERROR_CLASSES)
 
 
+def _text(value: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL: a rejection record must never be refused for the very
+    thing that made its message bad (that would fail the batch again on every redelivery)."""
+    return value.replace("\x00", "\\x00") if value else value
+
+
 class BatchWriter:
     def __init__(self, pool: ConnectionPool, hook: BatchHook) -> None:
         self._pool = pool
@@ -186,11 +192,11 @@ class BatchWriter:
                 copy.write_row(
                     (
                         r.received_at,
-                        r.topic,
+                        _text(r.topic),
                         r.payload,
                         str(r.reason),
-                        r.detail,
-                        r.serial_id,
-                        r.metric,
+                        _text(r.detail),
+                        _text(r.serial_id),
+                        _text(r.metric),
                     )
                 )
