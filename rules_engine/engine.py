@@ -260,7 +260,10 @@ class RuleEngine:
         # Evaluation is pure Python; the database sees one statement per event and one batched
         # upsert for all states, not a round trip per rule and device_metric.
         for dm in relevant:
-            readings = sorted(by_dm[dm], key=lambda r: r.ts)
+            # Converted once per device_metric, shared by its rules.
+            readings = [
+                evaluator.Reading(r.ts, r.value) for r in sorted(by_dm[dm], key=lambda r: r.ts)
+            ]
             for entry in rules[dm]:
                 try:
                     outcome = self._evaluate(entry, states, readings, late_keys)
@@ -287,7 +290,7 @@ class RuleEngine:
         self,
         entry: RuleEntry,
         states: dict[tuple[int, int], tuple[str, Any]],
-        readings: Sequence[StoredReading],
+        readings: Sequence[evaluator.Reading],
         late_keys: set[tuple[int, datetime]],
     ) -> tuple[evaluator.RuleState | None, list[evaluator.Transition]]:
         """Feed the readings to one rule; returns its new state (None: unchanged) and the
@@ -306,8 +309,9 @@ class RuleEngine:
                         "resolved", first.ts, first.value, "rule changed; its state starts afresh"
                     )
                 )
+        # validated: the ingestor checked each value against its metric's data_type.
         state, transitions, late = evaluator.step_many(
-            entry.rule, state, [evaluator.Reading(r.ts, r.value) for r in readings], self.tz
+            entry.rule, state, readings, self.tz, validated=True
         )
         fired.extend(transitions)
         late_keys.update((entry.device_metric_id, r.ts) for r in late)

@@ -262,6 +262,27 @@ def _stateless_predicate(cond: Condition, value: Value) -> bool:
     raise TypeError(f"{type(cond).__name__} is not a stateless condition")
 
 
+def _delta_predicate(
+    cond: conditions.Delta,
+    previous_ts: datetime | None,
+    previous_value: Value | None,
+    reading: Reading,
+) -> bool:
+    """Change per minute since the previous evaluated reading, against the bound."""
+    value = reading.value
+    if previous_ts is None or isinstance(previous_value, bool | str) or previous_value is None:
+        return False
+    if isinstance(value, bool | str):
+        return False
+    elapsed = (reading.ts - previous_ts).total_seconds() / 60
+    if elapsed <= 0:
+        return False
+    per_minute = (value - previous_value) / elapsed
+    if cond.absolute:
+        per_minute = abs(per_minute)
+    return _COMPARE[cond.operator](per_minute, cond.value)
+
+
 class _Evaluation:
     """One reading's pass over a condition tree. Mutable inside, never seen outside `step`."""
 
@@ -314,18 +335,7 @@ class _Evaluation:
 
     def _delta(self, cond: conditions.Delta) -> bool:
         previous_ts, previous_value = self.previous
-        value = self.reading.value
-        if previous_ts is None or isinstance(previous_value, bool | str) or previous_value is None:
-            return False
-        if isinstance(value, bool | str):
-            return False
-        elapsed = (self.reading.ts - previous_ts).total_seconds() / 60
-        if elapsed <= 0:
-            return False
-        per_minute = (value - previous_value) / elapsed
-        if cond.absolute:
-            per_minute = abs(per_minute)
-        return _COMPARE[cond.operator](per_minute, cond.value)
+        return _delta_predicate(cond, previous_ts, previous_value, self.reading)
 
     def node_states(self) -> tuple[tuple[str, NodeState], ...]:
         kept = ((path, node) for path, node in self.new.items() if not node.empty)
@@ -414,22 +424,30 @@ def step(rule: CompiledRule, state: RuleState, reading: Reading, tz: ZoneInfo) -
 
 
 def _flips_only(rule: CompiledRule, state: RuleState) -> bool:
-    """Whether this rule's condition needs no history of its own (threshold, range, boolean,
-    string_match at the top, no hysteresis): then a reading where the predicate agrees with
-    the status (false while OK, true while FIRING) only moves last_ts, whatever the duration,
-    cooldown or time window say."""
+    """Whether this rule's condition needs no history of its own beyond the last reading
+    (threshold, range, boolean, string_match, delta at the top, no hysteresis): then a reading
+    where the predicate agrees with the status (false while OK, true while FIRING) only moves
+    last_ts, whatever the duration, cooldown or time window say."""
     return (
-        isinstance(rule.condition, _STATELESS) and rule.clear_condition is None and not state.nodes
+        isinstance(rule.condition, (*_STATELESS, conditions.Delta))
+        and rule.clear_condition is None
+        and not state.nodes
     )
 
 
 def step_many(
-    rule: CompiledRule, state: RuleState, readings: Sequence[Reading], tz: ZoneInfo
+    rule: CompiledRule,
+    state: RuleState,
+    readings: Sequence[Reading],
+    tz: ZoneInfo,
+    *,
+    validated: bool = False,
 ) -> tuple[RuleState, list[Transition], list[Reading]]:
     """step() over readings in device-time order: the new state, the transitions, and the late
     readings. The same result as calling step() for each; for conditions without history of
     their own, step() runs only at readings that can change the state (the ingestion hot path
-    evaluates every reading of every rule)."""
+    evaluates every reading of every rule). `validated`: the caller has checked every reading's
+    time zone and value type once, for all rules (the ingestor has)."""
     transitions: list[Transition] = []
     late: list[Reading] = []
     if not _flips_only(rule, state):
@@ -443,13 +461,20 @@ def step_many(
     cond = rule.condition
     status, pending_since, last_triggered = state.status, state.pending_since, state.last_triggered
     last_ts, last_value = state.last_ts, state.last_value
+    delta = cond if isinstance(cond, conditions.Delta) else None
     for reading in readings:
-        _require_aware(reading.ts, "reading.ts")
-        _check_value(rule.data_type, reading.value)
+        if not validated:
+            _require_aware(reading.ts, "reading.ts")
+            _check_value(rule.data_type, reading.value)
         if last_ts is not None and reading.ts <= last_ts:
             late.append(reading)
             continue
-        if status == "pending" or _stateless_predicate(cond, reading.value) != (status == "firing"):
+        holds = (
+            _delta_predicate(delta, last_ts, last_value, reading)
+            if delta is not None
+            else _stateless_predicate(cond, reading.value)
+        )
+        if status == "pending" or holds != (status == "firing"):
             before = RuleState(status, pending_since, last_ts, last_value, last_triggered, ())
             result = step(rule, before, reading, tz)
             transitions.extend(result.transitions)

@@ -25,6 +25,17 @@ RULES = [
         {"type": "threshold", "operator": ">", "value": 24, "time_restriction": "22:00-06:00"},
     ),
     ("numeric", {"type": "rate", "count": 3, "duration_minutes": 2}),
+    ("numeric", {"type": "delta", "operator": ">", "value": 2, "absolute": True}),
+    (
+        "numeric",
+        {
+            "type": "delta",
+            "operator": ">",
+            "value": 1,
+            "duration_minutes": 2,
+            "cooldown_minutes": 3,
+        },
+    ),
     (
         "numeric",
         {
@@ -76,7 +87,9 @@ def test_step_many_equals_step_by_step(data_type: str, condition: dict[str, obje
         got_late = []
         cut = rng.randint(0, len(readings))
         for part in (readings[:cut], readings[cut:]):
-            state, transitions, late = evaluator.step_many(rule, state, part, TZ)
+            state, transitions, late = evaluator.step_many(
+                rule, state, part, TZ, validated=bool(cut % 2)
+            )
             got.extend(transitions)
             got_late.extend(late)
         assert (state, got, got_late) == (expected_state, expected, expected_late)
