@@ -376,24 +376,27 @@ class RuleEngine:
     def save_states(
         conn: psycopg.Connection, changed: Sequence[tuple[RuleEntry, evaluator.RuleState]]
     ) -> None:
+        """One COPY and one upsert for all states of a batch (every state changes each batch:
+        it holds last_ts, so this is thousands of rows with rules on every device_metric)."""
         if not changed:
             return
         with conn.cursor() as cur:
-            # executemany runs in pipeline mode: one round trip for the whole batch.
-            cur.executemany(
-                queries["save_state"],
-                [
-                    {
-                        "rule_id": entry.rule.rule_id,
-                        "device_metric_id": entry.device_metric_id,
-                        "fingerprint": entry.fingerprint,
-                        "status": state.status,
-                        "state": Jsonb(state.to_json()),
-                        "last_ts": state.last_ts,
-                    }
-                    for entry, state in changed
-                ],
-            )
+            cur.execute(queries["create_states_staging"])
+            with cur.copy(queries["copy_states"]) as copy:
+                for entry, state in changed:
+                    copy.write_row(
+                        (
+                            entry.rule.rule_id,
+                            entry.device_metric_id,
+                            entry.fingerprint,
+                            state.status,
+                            json.dumps(state.to_json(), separators=(",", ":")),
+                            state.last_ts,
+                        )
+                    )
+            cur.execute(queries["upsert_states"])
+            # Emptied at commit anyway; the no-data pass may save again in this transaction.
+            cur.execute(queries["truncate_states_staging"])
 
     @classmethod
     def save_state(

@@ -20,13 +20,6 @@ SELECT rule_id, device_metric_id, fingerprint, state
 FROM rule_states
 WHERE device_metric_id = ANY(%(ids)s)
 
--- name: save_state
-INSERT INTO rule_states (rule_id, device_metric_id, fingerprint, status, state, last_ts, updated_at)
-VALUES (%(rule_id)s, %(device_metric_id)s, %(fingerprint)s, %(status)s, %(state)s, %(last_ts)s, now())
-ON CONFLICT (rule_id, device_metric_id) DO UPDATE
-SET fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status, state = EXCLUDED.state,
-    last_ts = EXCLUDED.last_ts, updated_at = now()
-
 -- name: insert_event
 INSERT INTO events ("timestamp", rule_id, kind, device_metric_id, context)
 VALUES (%(ts)s, %(rule_id)s, %(kind)s, %(device_metric_id)s, %(context)s)
@@ -40,3 +33,29 @@ VALUES (%(event_id)s, %(rule_id)s, %(kind)s, %(target)s)
 -- The cached rules that are still there and active, locked against deletion until commit: a
 -- rule deleted after the cache was loaded must not fail the batch's inserts (foreign keys).
 SELECT id FROM rules WHERE id = ANY(%(ids)s) AND is_active FOR KEY SHARE
+
+-- name: create_states_staging
+-- Per session and transaction-scoped: states of a batch go in with one COPY and one upsert.
+CREATE TEMP TABLE IF NOT EXISTS iothub_rule_states_staging (
+    rule_id          integer NOT NULL,
+    device_metric_id integer NOT NULL,
+    fingerprint      text NOT NULL,
+    status           text NOT NULL,
+    state            jsonb NOT NULL,
+    last_ts          timestamptz
+) ON COMMIT DELETE ROWS
+
+-- name: copy_states
+COPY iothub_rule_states_staging (rule_id, device_metric_id, fingerprint, status, state, last_ts)
+FROM STDIN
+
+-- name: upsert_states
+INSERT INTO rule_states (rule_id, device_metric_id, fingerprint, status, state, last_ts, updated_at)
+SELECT rule_id, device_metric_id, fingerprint, status, state, last_ts, now()
+FROM iothub_rule_states_staging
+ON CONFLICT (rule_id, device_metric_id) DO UPDATE
+SET fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status, state = EXCLUDED.state,
+    last_ts = EXCLUDED.last_ts, updated_at = now()
+
+-- name: truncate_states_staging
+TRUNCATE iothub_rule_states_staging
