@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from bisect import bisect_right
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import psycopg
@@ -70,6 +72,7 @@ class RuleCache:
         self._stale = True
         self._by_dm: dict[int, tuple[RuleEntry, ...]] = {}
         self._reported: set[tuple[int, str]] = set()
+        self.generation = 0  # counts loads: what depends on the rule set can tell it changed
 
     def mark_stale(self) -> None:
         self._stale = True
@@ -82,6 +85,7 @@ class RuleCache:
                     self._stale = False
                     try:
                         self._by_dm = self._load(conn)
+                        self.generation += 1
                     except BaseException:
                         self._stale = True  # a failed load must be tried again, not trusted
                         raise
@@ -122,6 +126,95 @@ class RuleCache:
             device_metrics=len(by_dm),
         )
         return {dm: tuple(entries) for dm, entries in by_dm.items()}
+
+
+_TS = attrgetter("ts")
+_INITIAL = evaluator.RuleState.initial()
+
+
+def _own_part(state: evaluator.RuleState) -> evaluator.RuleState:
+    """A rule's state without the newest reading, which its device_metric's cursor holds."""
+    if state.last_ts is None and state.last_value is None:
+        return state
+    return evaluator.RuleState(
+        state.status, state.pending_since, None, None, state.last_triggered, state.nodes
+    )
+
+
+def _parse_state(rule_id: int, dm: int, raw: Any) -> evaluator.RuleState | None:
+    try:
+        return _own_part(evaluator.RuleState.from_json(raw))
+    except ValueError as exc:
+        log.warning("rule_state_reset", rule_id=rule_id, device_metric_id=dm, why=str(exc))
+        return None
+
+
+@dataclass
+class DmStates:
+    """What the rules of one device_metric remember: the newest evaluated reading (its
+    rule_cursors row, as of `version`) and each rule's own state (rule_states rows), by rule id,
+    with the fingerprint it was made under. A rule without an entry is in the initial state."""
+
+    version: int | None = None  # None: no cursor row, nothing evaluated yet
+    last_ts: datetime | None = None
+    last_value: evaluator.Value | None = None
+    rules: dict[int, tuple[str, evaluator.RuleState]] = field(default_factory=dict)
+
+    def state_for(self, entry: RuleEntry) -> evaluator.RuleState:
+        stored = self.rules.get(entry.rule.rule_id)
+        own = stored[1] if stored is not None and stored[0] == entry.fingerprint else _INITIAL
+        # Built directly, not with dataclasses.replace: this runs per rule on every batch.
+        return evaluator.RuleState(
+            own.status,
+            own.pending_since,
+            self.last_ts,
+            self.last_value,
+            own.last_triggered,
+            own.nodes,
+        )
+
+    def advanced(self, newest: evaluator.Observation) -> DmStates:
+        """A copy moved to a newer reading, for the rules to update (this one stays as it was,
+        in case the batch's writes fail)."""
+        return DmStates(self.version, newest.ts, newest.value, dict(self.rules))
+
+
+class StateCache:
+    """Rule states kept in memory between batches, so that a batch reads them from the database
+    only when someone else may have changed them: another instance, the no-data timer, an
+    operator. Each of those writes bumps the device_metric's cursor version (see migration
+    0004); a version other than the one this process wrote last means "read again".
+
+    Used by the writer thread only (the batch hook); the no-data timer reads the database."""
+
+    def __init__(self) -> None:
+        self._by_dm: dict[int, DmStates] = {}
+
+    def get(self, dm: int) -> DmStates:
+        return self._by_dm[dm]
+
+    def refresh(self, conn: psycopg.Connection, device_metric_ids: Sequence[int]) -> None:
+        """Under the device_metrics' advisory locks: make the kept states current."""
+        versions: dict[int, int] = dict(
+            conn.execute(queries["cursor_versions"], {"ids": list(device_metric_ids)}).fetchall()
+        )
+        stale = []
+        for dm in device_metric_ids:
+            known = self._by_dm.get(dm)
+            if known is None or known.version is None or known.version != versions.get(dm):
+                stale.append(dm)
+        if stale:
+            self._by_dm.update(RuleEngine.load_states(conn, stale))
+
+    def update(self, after: dict[int, DmStates], version: int | None) -> None:
+        for dm, known in after.items():
+            known.version = version
+            self._by_dm[dm] = known
+
+    def prune(self, keep: Collection[int]) -> None:
+        """Forget device_metrics that have no rules any more."""
+        for dm in [dm for dm in self._by_dm if dm not in keep]:
+            del self._by_dm[dm]
 
 
 def render_context(entry: RuleEntry, value: object, ts: datetime) -> dict[str, object]:
@@ -224,6 +317,8 @@ class RuleEngine:
         self.metrics = metrics
         self.tz = settings.tz
         self.cache = RuleCache()
+        self.states = StateCache()
+        self._states_generation = -1
         # Seconds the ingestion is behind (the service sets it): the no-data timer must not take
         # readings still waiting in the queue for a silence.
         self.backlog_age: Callable[[], float] = lambda: 0.0
@@ -244,29 +339,37 @@ class RuleEngine:
 
     def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
         rules = self.cache.current(conn)
-        relevant = sorted({r.device_metric_id for r in rows} & rules.keys())
-        if not relevant:
-            return HookResult()
+        if self.cache.generation != self._states_generation:
+            self.states.prune(rules.keys())
+            self._states_generation = self.cache.generation
         by_dm: dict[int, list[StoredReading]] = defaultdict(list)
         for r in rows:
             if r.device_metric_id in rules:
                 by_dm[r.device_metric_id].append(r)
+        if not by_dm:
+            return HookResult()
+        relevant = sorted(by_dm)
         self.lock(conn, relevant)
-        rules = self.live_only(conn, rules, relevant)
-        states = self.load_states(conn, relevant)
-        late_keys: set[tuple[int, datetime]] = set()
+        self.states.refresh(conn, relevant)
+        late = 0
         transitions: list[tuple[RuleEntry, evaluator.Transition]] = []
         changed: list[tuple[RuleEntry, evaluator.RuleState]] = []
-        # Evaluation is pure Python; the database sees one statement per event and one batched
-        # upsert for all states, not a round trip per rule and device_metric.
+        after: dict[int, DmStates] = {}
+        # Evaluation is pure Python; the database sees one statement per kind of write for the
+        # whole batch, and rule_states rows only where a state machine moved.
         for dm in relevant:
-            # Converted once per device_metric, shared by its rules.
-            readings = [
-                evaluator.Reading(r.ts, r.value) for r in sorted(by_dm[dm], key=lambda r: r.ts)
-            ]
+            dm_rows = by_dm[dm]
+            dm_rows.sort(key=_TS)  # the writer sorts already: then this costs one pass
+            known = self.states.get(dm)
+            cut = 0 if known.last_ts is None else bisect_right(dm_rows, known.last_ts, key=_TS)
+            late += cut  # not newer than the last evaluated reading: stored, state unmoved
+            if cut == len(dm_rows):
+                continue
+            fresh = evaluator.Series(dm_rows[cut:], dm_rows[0].data_type)
+            moved = known.advanced(fresh[-1])
             for entry in rules[dm]:
                 try:
-                    outcome = self._evaluate(entry, states, readings, late_keys)
+                    outcome = self._evaluate(entry, known, fresh)
                 except Exception as exc:
                     # A rule that fails (a bug, or a value it cannot take) loses its own effects
                     # for this batch, never the telemetry or the other rules'.
@@ -281,60 +384,78 @@ class RuleEngine:
                 transitions.extend((entry, t) for t in fired)
                 if state is not None:
                     changed.append((entry, state))
+                    moved.rules[entry.rule.rule_id] = (entry.fingerprint, state)
+            after[dm] = moved
+        transitions, changed = self.live_only(conn, transitions, changed, after)
         self.write_events(conn, transitions)
-        events: Counter[str] = Counter(t.kind for _entry, t in transitions)
+        # States before cursors: a write to rule_states bumps its cursors' versions (trigger),
+        # and the cursor write below must be the last word on them in this transaction.
         self.save_states(conn, changed)
-        return HookResult(events=dict(events), late=len(late_keys))
+        version = self.save_cursors(conn, after)
+        # Kept for the next batch; if this transaction does not commit, the database still
+        # holds the old versions, and the next batch reads these device_metrics again.
+        self.states.update(after, version)
+        events: Counter[str] = Counter(t.kind for _entry, t in transitions)
+        return HookResult(events=dict(events), late=late)
 
     def _evaluate(
-        self,
-        entry: RuleEntry,
-        states: dict[tuple[int, int], tuple[str, Any]],
-        readings: Sequence[evaluator.Reading],
-        late_keys: set[tuple[int, datetime]],
+        self, entry: RuleEntry, known: DmStates, readings: evaluator.Series
     ) -> tuple[evaluator.RuleState | None, list[evaluator.Transition]]:
-        """Feed the readings to one rule; returns its new state (None: unchanged) and the
-        transitions to write as events."""
+        """Feed the new readings to one rule; returns its new state to store (None: unchanged)
+        and the transitions to write as events."""
         fired: list[evaluator.Transition] = []
-        state = self.state_for(entry, states)
-        before: evaluator.RuleState | None = state
-        stored = states.get((entry.rule.rule_id, entry.device_metric_id))
-        if stored is not None and stored[0] != entry.fingerprint and readings:
-            before = None  # the new fingerprint must be saved even if nothing else changes
-            if isinstance(stored[1], dict) and stored[1].get("status") == "firing":
-                # An edited rule starts afresh; an alarm it had open is closed, not left hanging.
-                first = readings[0]
-                fired.append(
-                    evaluator.Transition(
-                        "resolved", first.ts, first.value, "rule changed; its state starts afresh"
-                    )
+        stored = known.rules.get(entry.rule.rule_id)
+        state = known.state_for(entry)
+        if stored is not None and stored[0] != entry.fingerprint and stored[1].status == "firing":
+            # An edited rule starts afresh; an alarm it had open is closed, not left hanging.
+            first = readings[0]
+            fired.append(
+                evaluator.Transition(
+                    "resolved", first.ts, first.value, "rule changed; its state starts afresh"
                 )
+            )
         # validated: the ingestor checked each value against its metric's data_type.
-        state, transitions, late = evaluator.step_many(
+        after, transitions, _late = evaluator.step_many(
             entry.rule, state, readings, self.tz, validated=True
         )
         fired.extend(transitions)
-        late_keys.update((entry.device_metric_id, r.ts) for r in late)
-        return (state if state != before else None), fired
+        own = _own_part(after)
+        if stored is None:
+            unchanged = own == _INITIAL
+        else:
+            unchanged = stored[0] == entry.fingerprint and stored[1] == own
+        return (None if unchanged else own), fired
 
     # --- pieces the no-data worker shares
 
     def live_only(
         self,
         conn: psycopg.Connection,
-        rules: dict[int, tuple[RuleEntry, ...]],
-        device_metric_ids: Sequence[int],
-    ) -> dict[int, tuple[RuleEntry, ...]]:
-        """The cached rules of these device_metrics minus any deleted or deactivated since the
-        cache was loaded (the notification that reloads it may still be on its way)."""
-        ids = [e.rule.rule_id for dm in device_metric_ids for e in rules[dm]]
+        transitions: list[tuple[RuleEntry, evaluator.Transition]],
+        changed: list[tuple[RuleEntry, evaluator.RuleState]],
+        after: dict[int, DmStates],
+    ) -> tuple[
+        list[tuple[RuleEntry, evaluator.Transition]], list[tuple[RuleEntry, evaluator.RuleState]]
+    ]:
+        """Drop what would be written for rules deleted or deactivated since the cache was
+        loaded (the notification that reloads it may still be on its way), and lock the others
+        against deletion until commit, so that their foreign keys cannot fail the batch."""
+        ids = sorted(
+            {e.rule.rule_id for e, _t in transitions} | {e.rule.rule_id for e, _ in changed}
+        )
+        if not ids:
+            return transitions, changed
         live = {row[0] for row in conn.execute(queries["live_rules"], {"ids": ids})}
         if len(live) == len(ids):
-            return rules
+            return transitions, changed
         self.cache.mark_stale()
-        return {
-            dm: tuple(e for e in rules[dm] if e.rule.rule_id in live) for dm in device_metric_ids
-        }
+        for entry, _state in changed:
+            if entry.rule.rule_id not in live:
+                after[entry.device_metric_id].rules.pop(entry.rule.rule_id, None)
+        return (
+            [(e, t) for e, t in transitions if e.rule.rule_id in live],
+            [(e, s) for e, s in changed if e.rule.rule_id in live],
+        )
 
     @staticmethod
     def lock(conn: psycopg.Connection, device_metric_ids: Sequence[int]) -> None:
@@ -346,52 +467,58 @@ class RuleEngine:
     @staticmethod
     def load_states(
         conn: psycopg.Connection, device_metric_ids: Sequence[int]
-    ) -> dict[tuple[int, int], tuple[str, Any]]:
-        return {
-            (rule_id, dm): (fp, state)
-            for rule_id, dm, fp, state in conn.execute(
-                queries["load_states"], {"ids": list(device_metric_ids)}
-            )
-        }
+    ) -> dict[int, DmStates]:
+        """What the rules of these device_metrics remember, read from the database."""
+        ids = list(device_metric_ids)
+        found = {dm: DmStates() for dm in ids}
+        for dm, version, last_ts, last_value in conn.execute(queries["load_cursors"], {"ids": ids}):
+            found[dm] = DmStates(version, last_ts, last_value)
+        for rule_id, dm, fp, raw in conn.execute(queries["load_states"], {"ids": ids}):
+            state = _parse_state(rule_id, dm, raw)
+            if state is not None:
+                found[dm].rules[rule_id] = (fp, state)
+        return found
 
     @staticmethod
-    def state_for(
-        entry: RuleEntry, states: dict[tuple[int, int], tuple[str, Any]]
-    ) -> evaluator.RuleState:
-        stored = states.get((entry.rule.rule_id, entry.device_metric_id))
-        if stored is None or stored[0] != entry.fingerprint:
-            return evaluator.RuleState.initial()
-        try:
-            return evaluator.RuleState.from_json(stored[1])
-        except ValueError as exc:
-            log.warning(
-                "rule_state_reset",
-                rule_id=entry.rule.rule_id,
-                device_metric_id=entry.device_metric_id,
-                why=str(exc),
-            )
-            return evaluator.RuleState.initial()
+    def save_cursors(conn: psycopg.Connection, after: dict[int, DmStates]) -> int | None:
+        """Move the cursors of these device_metrics to their newest evaluated readings, all
+        with one new version; returns it (None: nothing to write)."""
+        if not after:
+            return None
+        row = conn.execute(queries["next_cursor_version"]).fetchone()
+        assert row is not None
+        version = int(row[0])
+        ids, stamps, values = [], [], []
+        for dm, known in after.items():
+            ids.append(dm)
+            stamps.append(known.last_ts)
+            values.append(json.dumps(known.last_value))
+        conn.execute(
+            queries["save_cursors"],
+            {"version": version, "ids": ids, "ts": stamps, "values": values},
+        )
+        return version
 
     @staticmethod
     def save_states(
         conn: psycopg.Connection, changed: Sequence[tuple[RuleEntry, evaluator.RuleState]]
     ) -> None:
-        """One COPY and one upsert for all states of a batch (every state changes each batch:
-        it holds last_ts, so this is thousands of rows with rules on every device_metric)."""
+        """One COPY and one upsert for the states that moved in a batch (all of them, when
+        every rule holds a rate window or a pending run)."""
         if not changed:
             return
         with conn.cursor() as cur:
             cur.execute(queries["create_states_staging"])
             with cur.copy(queries["copy_states"]) as copy:
                 for entry, state in changed:
+                    own = _own_part(state)
                     copy.write_row(
                         (
                             entry.rule.rule_id,
                             entry.device_metric_id,
                             entry.fingerprint,
-                            state.status,
-                            json.dumps(state.to_json(), separators=(",", ":")),
-                            state.last_ts,
+                            own.status,
+                            json.dumps(own.to_json(), separators=(",", ":")),
                         )
                     )
             cur.execute(queries["upsert_states"])

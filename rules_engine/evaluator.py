@@ -6,12 +6,13 @@ twice. docs/rules.md describes the semantics; this module is their single implem
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 from pydantic import (
@@ -51,6 +52,17 @@ _COMPARE: Final[Mapping[str, Callable[[Any, Any], bool]]] = {
 class Reading:
     ts: datetime  # timezone-aware device time
     value: Value
+
+
+class Observation(Protocol):
+    """What evaluation reads of a reading: a `Reading`, or the ingestor's stored row as it is
+    (building a `Reading` per row and rule was a measurable part of the ingestion hot path)."""
+
+    @property
+    def ts(self) -> datetime: ...
+
+    @property
+    def value(self) -> Value: ...
 
 
 @dataclass(frozen=True)
@@ -266,7 +278,7 @@ def _delta_predicate(
     cond: conditions.Delta,
     previous_ts: datetime | None,
     previous_value: Value | None,
-    reading: Reading,
+    reading: Observation,
 ) -> bool:
     """Change per minute since the previous evaluated reading, against the bound."""
     value = reading.value
@@ -286,7 +298,7 @@ def _delta_predicate(
 class _Evaluation:
     """One reading's pass over a condition tree. Mutable inside, never seen outside `step`."""
 
-    def __init__(self, reading: Reading, state: RuleState, tz: ZoneInfo) -> None:
+    def __init__(self, reading: Observation, state: RuleState, tz: ZoneInfo) -> None:
         self.reading = reading
         self.tz = tz
         self.previous = (state.last_ts, state.last_value)
@@ -372,7 +384,7 @@ def _cooled_down(cond: Condition, state: RuleState, moment: datetime) -> bool:
     return moment - state.last_triggered >= _minutes(cond.cooldown_minutes)
 
 
-def step(rule: CompiledRule, state: RuleState, reading: Reading, tz: ZoneInfo) -> StepResult:
+def step(rule: CompiledRule, state: RuleState, reading: Observation, tz: ZoneInfo) -> StepResult:
     """Advance the state by one reading (the next one in device-time order)."""
     _require_aware(reading.ts, "reading.ts")
     _check_value(rule.data_type, reading.value)
@@ -435,21 +447,132 @@ def _flips_only(rule: CompiledRule, state: RuleState) -> bool:
     )
 
 
+class Series(Sequence[Observation]):
+    """One device_metric's readings of a batch, in device-time order, with what all its rules
+    can share: the range of the values and of the changes per minute, each computed once.
+
+    With them step_many() can tell in O(1) per rule that no reading of the batch can move a
+    state (an OK threshold whose bound the batch never reaches), which is the common case."""
+
+    def __init__(self, readings: Sequence[Observation], data_type: DataType) -> None:
+        self._readings = readings
+        self._numeric = data_type == "numeric"
+        self._values: tuple[float, float] | None = None
+        self._values_known = False
+        self._rates: dict[bool, tuple[float, float] | None] = {}
+        self._increasing: bool | None = None
+
+    def __len__(self) -> int:
+        return len(self._readings)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._readings[index]
+
+    def __iter__(self) -> Iterator[Observation]:
+        return iter(self._readings)
+
+    def increasing(self) -> bool:
+        """Whether device times strictly increase (then no reading is late to another)."""
+        if self._increasing is None:
+            stamps = [r.ts for r in self._readings]
+            self._increasing = all(map(operator.lt, stamps, stamps[1:]))
+        return self._increasing
+
+    def value_range(self) -> tuple[float, float] | None:
+        """(min, max) of the values; None when they are not all numbers."""
+        if not self._values_known:
+            self._values_known = True
+            values = [r.value for r in self._readings]
+            # A set of types, not a test per value: this runs for every batch of every binding.
+            if self._numeric and values and set(map(type, values)) <= _NUMBER_TYPES:
+                numbers: list[float] = values  # type: ignore[assignment]  # checked just above
+                self._values = (min(numbers), max(numbers))
+        return self._values
+
+    def rate_range(self, absolute: bool) -> tuple[float, float] | None:
+        """(min, max) of the change per minute between consecutive readings, computed exactly
+        as _delta_predicate does; None when a pair has no rate (not numbers, not increasing)."""
+        if absolute not in self._rates:
+            self._rates[absolute] = self._compute_rates(absolute)
+        return self._rates[absolute]
+
+    def _compute_rates(self, absolute: bool) -> tuple[float, float] | None:
+        readings = self._readings
+        if len(readings) < 2 or self.value_range() is None or not self.increasing():
+            return None
+        # Increasing times: every elapsed is positive, as _delta_predicate requires.
+        rates = [
+            (b.value - a.value) / ((b.ts - a.ts).total_seconds() / 60)  # type: ignore[operator]
+            for a, b in itertools.pairwise(readings)
+        ]
+        if absolute:
+            rates = [abs(rate) for rate in rates]
+        return min(rates), max(rates)
+
+
+_NUMBER_TYPES: Final = frozenset({int, float})  # not bool: a boolean is no number here
+
+
+_ORDERED: Final = frozenset({">", ">=", "<", "<="})
+
+
+def _agree_all(op: str, bound: float, low: float, high: float, want: bool) -> bool:
+    """Whether `x op bound` is `want` for every x in [low, high] (x taking both ends)."""
+    compare = _COMPARE[op]
+    upward = op in (">", ">=")
+    if want:  # every value satisfies: the least favourable end does
+        return bool(compare(low if upward else high, bound))
+    return not compare(high if upward else low, bound)  # none does: the most favourable fails
+
+
+def _settled(cond: Condition, state: RuleState, series: Series, first: Observation) -> bool | None:
+    """Whether every reading of the series agrees with the state (the predicate false while OK,
+    true while FIRING), so that none can move it; None when the series' ranges cannot tell."""
+    want = state.status == "firing"
+    if isinstance(cond, conditions.Threshold | conditions.Range):
+        bounds = series.value_range()
+        if bounds is None:
+            return None
+        low, high = bounds
+        if isinstance(cond, conditions.Threshold):
+            if cond.operator not in _ORDERED:
+                return None
+            return _agree_all(cond.operator, cond.value, low, high, want)
+        all_inside = cond.min <= low and high <= cond.max
+        none_inside = high < cond.min or low > cond.max
+        if cond.operator == "inside":
+            return all_inside if want else none_inside
+        return none_inside if want else all_inside
+    if isinstance(cond, conditions.Delta) and cond.operator in _ORDERED:
+        # The first reading's change is from the state's last reading; the others' are between
+        # readings of the series, the same for every delta rule of this device_metric.
+        if _delta_predicate(cond, state.last_ts, state.last_value, first) != want:
+            return False
+        if len(series) == 1:
+            return True
+        rates = series.rate_range(cond.absolute)
+        if rates is None:
+            return None
+        return _agree_all(cond.operator, cond.value, rates[0], rates[1], want)
+    return None
+
+
 def step_many(
     rule: CompiledRule,
     state: RuleState,
-    readings: Sequence[Reading],
+    readings: Sequence[Observation],
     tz: ZoneInfo,
     *,
     validated: bool = False,
-) -> tuple[RuleState, list[Transition], list[Reading]]:
+) -> tuple[RuleState, list[Transition], list[Observation]]:
     """step() over readings in device-time order: the new state, the transitions, and the late
     readings. The same result as calling step() for each; for conditions without history of
     their own, step() runs only at readings that can change the state (the ingestion hot path
-    evaluates every reading of every rule). `validated`: the caller has checked every reading's
+    evaluates every reading of every rule), and given a `Series` none runs at all when its
+    ranges show that no reading can. `validated`: the caller has checked every reading's
     time zone and value type once, for all rules (the ingestor has)."""
     transitions: list[Transition] = []
-    late: list[Reading] = []
+    late: list[Observation] = []
     if not _flips_only(rule, state):
         for reading in readings:
             result = step(rule, state, reading, tz)
@@ -461,6 +584,24 @@ def step_many(
     cond = rule.condition
     status, pending_since, last_triggered = state.status, state.pending_since, state.last_triggered
     last_ts, last_value = state.last_ts, state.last_value
+    if (
+        isinstance(readings, Series)
+        and readings
+        and status != "pending"  # a PENDING run may reach its duration at any reading
+        and (last_ts is None or readings[0].ts > last_ts)
+        and readings.increasing()  # so no reading is late
+    ):
+        if not validated:
+            for reading in readings:
+                _require_aware(reading.ts, "reading.ts")
+                _check_value(rule.data_type, reading.value)
+        if _settled(cond, state, readings, readings[0]):
+            last = readings[-1]
+            return (
+                RuleState(status, pending_since, last.ts, last.value, last_triggered, ()),
+                transitions,
+                late,
+            )
     delta = cond if isinstance(cond, conditions.Delta) else None
     for reading in readings:
         if not validated:
@@ -519,7 +660,7 @@ def _no_data_triggered(cond: conditions.NoData, state: RuleState, moment: dateti
 
 
 def _step_no_data(
-    cond: conditions.NoData, state: RuleState, reading: Reading, tz: ZoneInfo
+    cond: conditions.NoData, state: RuleState, reading: Observation, tz: ZoneInfo
 ) -> StepResult:
     transitions: list[Transition] = []
     limit = _silence_limit(cond, state, tz)
@@ -560,7 +701,7 @@ def check_no_data(rule: CompiledRule, state: RuleState, now: datetime, tz: ZoneI
 
 def replay(
     rule: CompiledRule,
-    readings: Iterable[Reading],
+    readings: Iterable[Observation],
     tz: ZoneInfo,
     state: RuleState | None = None,
 ) -> tuple[RuleState, list[Transition]]:
@@ -583,8 +724,10 @@ def replay(
 __all__ = [
     "CompiledRule",
     "NodeState",
+    "Observation",
     "Reading",
     "RuleState",
+    "Series",
     "StepResult",
     "Transition",
     "check_no_data",

@@ -89,7 +89,7 @@ class NoDataWorker:
                 states = engine.load_states(conn, dms)
                 for dm in dms:
                     for entry in watched[dm]:
-                        state = engine.state_for(entry, states)
+                        state = states[dm].state_for(entry)
                         result = evaluator.check_no_data(entry.rule, state, now, engine.tz)
                         for transition in result.transitions:
                             engine.write_event(conn, entry, transition)

@@ -15,10 +15,32 @@ ORDER BY r.id
 SELECT count(pg_advisory_xact_lock(%(lock_class)s, s.dm))
 FROM (SELECT DISTINCT dm FROM unnest(%(ids)s::int[]) AS dm ORDER BY dm) AS s
 
+-- name: cursor_versions
+-- Run under the advisory locks, in a statement of its own (READ COMMITTED takes a snapshot per
+-- statement): a version written after the lock was granted is seen.
+SELECT device_metric_id, version FROM rule_cursors WHERE device_metric_id = ANY(%(ids)s)
+
+-- name: load_cursors
+SELECT device_metric_id, version, last_ts, last_value
+FROM rule_cursors
+WHERE device_metric_id = ANY(%(ids)s)
+
 -- name: load_states
 SELECT rule_id, device_metric_id, fingerprint, state
 FROM rule_states
 WHERE device_metric_id = ANY(%(ids)s)
+
+-- name: next_cursor_version
+SELECT nextval('rule_cursor_version')
+
+-- name: save_cursors
+-- One statement for all device_metrics of a batch, all with the same new version.
+INSERT INTO rule_cursors (device_metric_id, last_ts, last_value, version, updated_at)
+SELECT c.dm, c.ts, c.value::jsonb, %(version)s, now()
+FROM unnest(%(ids)s::int[], %(ts)s::timestamptz[], %(values)s::text[]) AS c (dm, ts, value)
+ON CONFLICT (device_metric_id) DO UPDATE
+SET last_ts = EXCLUDED.last_ts, last_value = EXCLUDED.last_value, version = EXCLUDED.version,
+    updated_at = EXCLUDED.updated_at
 
 -- name: insert_event
 INSERT INTO events ("timestamp", rule_id, kind, device_metric_id, context)
@@ -41,21 +63,20 @@ CREATE TEMP TABLE IF NOT EXISTS iothub_rule_states_staging (
     device_metric_id integer NOT NULL,
     fingerprint      text NOT NULL,
     status           text NOT NULL,
-    state            jsonb NOT NULL,
-    last_ts          timestamptz
+    state            jsonb NOT NULL
 ) ON COMMIT DELETE ROWS
 
 -- name: copy_states
-COPY iothub_rule_states_staging (rule_id, device_metric_id, fingerprint, status, state, last_ts)
+COPY iothub_rule_states_staging (rule_id, device_metric_id, fingerprint, status, state)
 FROM STDIN
 
 -- name: upsert_states
-INSERT INTO rule_states (rule_id, device_metric_id, fingerprint, status, state, last_ts, updated_at)
-SELECT rule_id, device_metric_id, fingerprint, status, state, last_ts, now()
+INSERT INTO rule_states (rule_id, device_metric_id, fingerprint, status, state, updated_at)
+SELECT rule_id, device_metric_id, fingerprint, status, state, now()
 FROM iothub_rule_states_staging
 ON CONFLICT (rule_id, device_metric_id) DO UPDATE
 SET fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status, state = EXCLUDED.state,
-    last_ts = EXCLUDED.last_ts, updated_at = now()
+    updated_at = now()
 
 -- name: truncate_states_staging
 TRUNCATE iothub_rule_states_staging

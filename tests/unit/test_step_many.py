@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -52,8 +53,10 @@ RULES = [
 ]
 
 
-def values(data_type: str, rng: random.Random) -> object:
+def values(data_type: str, rng: random.Random, calm: bool = False) -> object:
     if data_type == "numeric":
+        if calm:  # long runs on one side of most bounds: where step_many skips whole batches
+            return rng.choice([22.5, 23, 23.5, 24])
         return rng.choice([18, 20.5, 22, 24, 25, 25.5, 26, 27.5, 30])
     if data_type == "boolean":
         return rng.random() < 0.4
@@ -63,16 +66,19 @@ def values(data_type: str, rng: random.Random) -> object:
 @pytest.mark.parametrize(("data_type", "condition"), RULES)
 def test_step_many_equals_step_by_step(data_type: str, condition: dict[str, object]) -> None:
     """For random sequences with late readings mixed in, and batches split at random points,
-    step_many gives the same states, transitions and late readings as step() one by one."""
+    step_many gives the same states, transitions and late readings as step() one by one,
+    whether it is given a plain list or a Series (whose ranges let it skip whole batches)."""
     rule = evaluator.compile_rule(1, "r", condition, NOTIFY, data_type)  # type: ignore[arg-type]
     rng = random.Random(hash(str(condition)) & 0xFFFF)
-    for _trial in range(200):
+    for trial in range(300):
         readings = []
         moment = T0
+        calm = trial % 2 == 1
         for _ in range(rng.randint(1, 40)):
             moment += timedelta(minutes=rng.choice([0.5, 1, 1, 2, 7]))
-            ts = moment - timedelta(minutes=3) if rng.random() < 0.1 else moment
-            readings.append(evaluator.Reading(ts, values(data_type, rng)))  # type: ignore[arg-type]
+            ts = moment - timedelta(minutes=3) if rng.random() < (0.02 if calm else 0.1) else moment
+            value = values(data_type, rng, calm)
+            readings.append(evaluator.Reading(ts, value))  # type: ignore[arg-type]
         expected_state = evaluator.RuleState.initial()
         expected: list[evaluator.Transition] = []
         expected_late = []
@@ -87,9 +93,62 @@ def test_step_many_equals_step_by_step(data_type: str, condition: dict[str, obje
         got_late = []
         cut = rng.randint(0, len(readings))
         for part in (readings[:cut], readings[cut:]):
+            given: Sequence[evaluator.Observation] = (
+                evaluator.Series(part, data_type)  # type: ignore[arg-type]
+                if trial % 3
+                else part
+            )
             state, transitions, late = evaluator.step_many(
-                rule, state, part, TZ, validated=bool(cut % 2)
+                rule, state, given, TZ, validated=bool(cut % 2)
             )
             got.extend(transitions)
             got_late.extend(late)
         assert (state, got, got_late) == (expected_state, expected, expected_late)
+
+
+# Conditions that can settle a batch: no hysteresis (a clear condition goes reading by reading).
+SETTLING = [
+    rule
+    for rule in RULES
+    if rule[1]["type"] in ("threshold", "range", "delta") and "clear_value" not in rule[1]
+]
+
+
+@pytest.mark.parametrize(("data_type", "condition"), SETTLING)
+def test_series_ranges_skip_batches(
+    data_type: str, condition: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shortcut is taken (on calm batches, where no reading can move the state), and where
+    it is taken the result is still step()'s: the equivalence test above covers those runs."""
+    rule = evaluator.compile_rule(1, "r", condition, NOTIFY, data_type)  # type: ignore[arg-type]
+    assert evaluator._flips_only(rule, evaluator.RuleState.initial())
+    verdicts: list[bool | None] = []
+    settled = evaluator._settled
+
+    def spy(*args: object) -> bool | None:
+        verdict = settled(*args)  # type: ignore[arg-type]
+        verdicts.append(verdict)
+        return verdict
+
+    monkeypatch.setattr(evaluator, "_settled", spy)
+    rng = random.Random(7)
+    state = evaluator.RuleState.initial()
+    moment = T0
+    expected_state = state
+    for _batch in range(50):
+        batch = []
+        for _ in range(rng.randint(1, 20)):
+            moment += timedelta(minutes=rng.choice([1, 2]))
+            batch.append(evaluator.Reading(moment, rng.choice([23, 23.25, 23.5])))
+        for reading in batch:
+            expected_state = evaluator.step(rule, expected_state, reading, TZ).state
+        state, _transitions, late = evaluator.step_many(
+            rule,
+            state,
+            evaluator.Series(batch, data_type),
+            TZ,
+            validated=True,  # type: ignore[arg-type]
+        )
+        assert late == []
+        assert state == expected_state
+    assert verdicts.count(True) >= 40
