@@ -406,6 +406,9 @@ class RuleEngine:
         fired: list[evaluator.Transition] = []
         stored = known.rules.get(entry.rule.rule_id)
         state = known.state_for(entry)
+        same_rule = stored is None or stored[0] == entry.fingerprint
+        if same_rule and evaluator.settles(entry.rule, state, readings):
+            return None, fired  # the common case: nothing to evaluate reading by reading
         if stored is not None and stored[0] != entry.fingerprint and stored[1].status == "firing":
             # An edited rule starts afresh; an alarm it had open is closed, not left hanging.
             first = readings[0]

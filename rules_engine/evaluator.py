@@ -557,6 +557,20 @@ def _settled(cond: Condition, state: RuleState, series: Series, first: Observati
     return None
 
 
+def settles(rule: CompiledRule, state: RuleState, series: Series) -> bool:
+    """Whether no reading of the series can move this state: step_many would only advance
+    last_ts and last_value to the series' last reading, with no transitions and nothing late.
+    O(1) per rule once the series' ranges are known; False when they cannot tell."""
+    return bool(
+        series
+        and _flips_only(rule, state)
+        and state.status != "pending"  # a PENDING run may reach its duration at any reading
+        and (state.last_ts is None or series[0].ts > state.last_ts)
+        and series.increasing()  # so no reading is late
+        and _settled(rule.condition, state, series, series[0])
+    )
+
+
 def step_many(
     rule: CompiledRule,
     state: RuleState,
@@ -584,18 +598,12 @@ def step_many(
     cond = rule.condition
     status, pending_since, last_triggered = state.status, state.pending_since, state.last_triggered
     last_ts, last_value = state.last_ts, state.last_value
-    if (
-        isinstance(readings, Series)
-        and readings
-        and status != "pending"  # a PENDING run may reach its duration at any reading
-        and (last_ts is None or readings[0].ts > last_ts)
-        and readings.increasing()  # so no reading is late
-    ):
+    if isinstance(readings, Series):
         if not validated:
             for reading in readings:
                 _require_aware(reading.ts, "reading.ts")
                 _check_value(rule.data_type, reading.value)
-        if _settled(cond, state, readings, readings[0]):
+        if settles(rule, state, readings):
             last = readings[-1]
             return (
                 RuleState(status, pending_since, last.ts, last.value, last_triggered, ()),
@@ -733,6 +741,7 @@ __all__ = [
     "check_no_data",
     "compile_rule",
     "replay",
+    "settles",
     "step",
     "step_many",
 ]
