@@ -156,12 +156,18 @@ def topic_for(prefix: str, device: int) -> bytes:
 
 
 def backlog_items(
-    prefix: str, devices: int, readings: int, *, start: int, stop: int, base: float
+    prefix: str, devices: int, readings: int, *, n: int, part: int, parts: int, base: float
 ) -> Iterator[tuple[bytes, bytes]]:
-    """Messages start..stop-1: device i % devices, its (i // devices)-th message, 10 ms apart."""
+    """This publisher's share of messages 0..n-1: message i is device i % devices' (i //
+    devices)-th, 10 ms of device time after its previous one. A device belongs to one publisher
+    (device % parts == part), so its messages reach the broker in device-time order, as a real
+    device's do; splitting by message ranges instead made half of a device's readings arrive
+    after newer ones (late, for the rule engine)."""
     topics = [topic_for(prefix, d) for d in range(devices)]
-    for i in range(start, stop):
+    for i in range(n):
         device, seq = i % devices, i // devices
+        if device % parts != part:
+            continue
         ts = datetime.fromtimestamp(base + seq * 0.01, UTC).isoformat(timespec="milliseconds")
         value = 20 + (i % 1000) / 100
         metrics = ",".join(f'"m{k}":{value + k}' for k in range(readings))
@@ -170,27 +176,35 @@ def backlog_items(
 
 
 def _publish_part(
-    port: int, prefix: str, devices: int, readings: int, *, start: int, stop: int, base: float
+    port: int,
+    prefix: str,
+    devices: int,
+    readings: int,
+    *,
+    n: int,
+    part: int,
+    parts: int,
+    base: float,
 ) -> None:
-    pub = WirePublisher("127.0.0.1", port, f"bench-pub-{prefix}-{start}")
-    items = backlog_items(prefix, devices, readings, start=start, stop=stop, base=base)
+    pub = WirePublisher("127.0.0.1", port, f"bench-pub-{prefix}-{part}")
+    items = backlog_items(prefix, devices, readings, n=n, part=part, parts=parts, base=base)
     acked = pub.publish_all(items)
     pub.close()
-    if acked != stop - start:
-        raise SystemExit(f"publisher {start}: {acked} of {stop - start} acknowledged")
+    expected = sum(1 for i in range(n) if (i % devices) % parts == part)
+    if acked != expected:
+        raise SystemExit(f"publisher {part}: {acked} of {expected} acknowledged")
 
 
 def publish_backlog(port: int, prefix: str, devices: int, readings: int, n: int) -> float:
     """Load n messages into the broker from two processes; returns the seconds it took."""
     base = time.time() - 3600 - n / devices * 0.01  # all in the past, none older than 7 days
     parts = 2
-    bounds = [n * k // parts for k in range(parts + 1)]
     started = time.monotonic()
     procs = [
         mp.Process(
             target=_publish_part,
             args=(port, prefix, devices, readings),
-            kwargs={"start": bounds[k], "stop": bounds[k + 1], "base": base},
+            kwargs={"n": n, "part": k, "parts": parts, "base": base},
         )
         for k in range(parts)
     ]

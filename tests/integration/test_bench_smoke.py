@@ -1,4 +1,4 @@
-"""The ingestion benchmark still runs end to end (its figures are not judged here)."""
+"""The benchmarks still run end to end (their figures are not judged here)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,20 @@ def test_quick_benchmark_prints_every_figure() -> None:
         assert any(line.startswith(tag) for line in lines), f"no {tag!r} line in:\n{done.stdout}"
     assert "msg/s" in next(line for line in lines if line.startswith("(c1) "))
     assert "redelivered after stop: 0" in next(line for line in lines if line.startswith("(c1) "))
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_rule_hook_benchmark_prints_every_mode() -> None:
+    """`bench/rules_hook_bench.py` on small batches exits 0 and prints a timing per mode."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "rules_hook_bench.py"), "--batches", "2"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for mode in ("cached", "re-read", "stepwise"):
+        line = next((x for x in done.stdout.splitlines() if x.strip().startswith(mode)), "")
+        assert " ms " in line and "us per reading" in line, done.stdout
