@@ -434,8 +434,8 @@ class Bench:
     def reset_tables(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(
-                "TRUNCATE telemetries, events, rule_states, action_outbox, rejected_messages "
-                "CASCADE"
+                "TRUNCATE telemetries, events, rule_states, rule_cursors, action_outbox, "
+                "rejected_messages CASCADE"
             )
             conn.execute("CHECKPOINT")  # so that no checkpoint of the previous run lands in this
 

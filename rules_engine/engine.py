@@ -47,6 +47,8 @@ queries = queries_mod.load("rules_engine")
 
 LOCK_CLASS = 0x1074  # first key of pg_advisory_xact_lock(int, int): "iothub rule state"
 RELOAD_TABLES = frozenset({"*", "rules", "devices", "metrics", "device_metrics"})
+PRELOAD_TIMEOUT = 30.0  # seconds to get a connection for loading the rules at start
+CATALOG_POLL = 0.1  # seconds between checks for a stop while the preloader awaits the catalogue
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,7 @@ class RuleEngine:
         self.cache = RuleCache()
         self.states = StateCache()
         self._states_generation = -1
+        self.catalog_seen = threading.Event()  # the catalogue listener has loaded once
         # Seconds the ingestion is behind (the service sets it): the no-data timer must not take
         # readings still waiting in the queue for a silence.
         self.backlog_age: Callable[[], float] = lambda: 0.0
@@ -326,11 +329,13 @@ class RuleEngine:
     def on_catalog_change(self, snapshot: Snapshot, tables: frozenset[str]) -> None:
         if tables & RELOAD_TABLES:
             self.cache.mark_stale()
+        self.catalog_seen.set()
 
     def workers(self, pool: ConnectionPool) -> list[Any]:
         actions_pool = db.make_pool(self.settings, "actions", size=3)
         return [
             PoolKeeper(actions_pool),
+            RulePreloader(self, actions_pool),
             NoDataWorker(self, actions_pool),
             OutboxWorker(self.settings, actions_pool, self.metrics),
         ]
@@ -614,6 +619,43 @@ class RuleEngine:
                 ts=transition.ts.isoformat(),
                 reason=transition.reason,
             )
+
+
+class RulePreloader:
+    """Loads the rule cache while the service starts (the broker connection, the rest of the
+    start-up), so that compiling thousands of rules is not the first batch's work, and an
+    invalid rule is reported at start. It waits for the catalogue listener's first load: that
+    marks the cache stale (changes before LISTEN could be missed), and a load after it is kept
+    until a notification says otherwise. One attempt: on failure the first batch loads them."""
+
+    name = "iothub-rules-preload"
+
+    def __init__(self, engine: RuleEngine, pool: ConnectionPool) -> None:
+        self._engine = engine
+        self._pool = pool
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return True  # done after one attempt, by design
+
+    def _run(self) -> None:
+        while not self._engine.catalog_seen.wait(CATALOG_POLL):
+            if self._stop.is_set():
+                return
+        try:
+            with self._pool.connection(timeout=PRELOAD_TIMEOUT) as conn:
+                self._engine.cache.current(conn)
+        except Exception as exc:
+            log.warning("rules_preload_failed", error=" ".join(str(exc).split())[:300])
 
 
 class PoolKeeper:

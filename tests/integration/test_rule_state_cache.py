@@ -7,6 +7,7 @@ operator's statement changing the states in between.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -14,12 +15,13 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
+from ingestor import catalog
 from iothub.metrics import Metrics
-from rules_engine.engine import RuleEngine
+from rules_engine.engine import RuleEngine, RulePreloader
 from rules_engine.no_data import NoDataWorker
 from tests.integration.test_rule_engine_robustness import HOT, reading
 from tests.integration.test_rules_in_pipeline import add_rule, events
-from tests.support.fleet import make_fleet
+from tests.support.fleet import make_fleet, wait_for
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -137,3 +139,23 @@ def test_steady_batches_write_one_cursor_row_and_no_rule_rows(db_url: str, uniqu
         after = conn.execute("SELECT count(*) FROM rule_states").fetchone()
     assert before == after == (0,)
     assert cursor == (at(2), 22.0)
+
+
+def test_rules_are_compiled_at_start_not_in_the_first_batch(db_url: str, unique: str) -> None:
+    """The preloader waits for the catalogue's first load (which marks the rule cache stale),
+    then loads the rules; the first batch finds them loaded and does not load them again."""
+    dm = binding(db_url, unique)
+    add_rule(db_url, dm, HOT, "Hot")
+    engine = new_engine(db_url)
+    with ConnectionPool(db_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
+        preloader = RulePreloader(engine, pool)
+        preloader.start()
+        time.sleep(0.3)
+        assert engine.cache.generation == 0  # the catalogue has not loaded yet: nothing done
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            engine.on_catalog_change(catalog.load(conn), frozenset({"*"}))
+        assert wait_for(lambda: engine.cache.generation == 1)
+        preloader.stop(5.0)
+    feed(db_url, engine, dm, (0, 30.0))
+    assert engine.cache.generation == 1
+    assert events(db_url) == [("triggered", at(0))]
