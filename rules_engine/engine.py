@@ -40,6 +40,7 @@ from rules_engine import actions_model, evaluator, templates
 from rules_engine.conditions import InvalidRule
 from rules_engine.no_data import NoDataWorker
 from rules_engine.outbox import OutboxWorker
+from rules_engine.threads import EngineThread
 from schema import queries as queries_mod
 
 log = structlog.get_logger(__name__)
@@ -621,7 +622,7 @@ class RuleEngine:
             )
 
 
-class RulePreloader:
+class RulePreloader(EngineThread):
     """Loads the rule cache while the service starts (the broker connection, the rest of the
     start-up), so that compiling thousands of rules is not the first batch's work, and an
     invalid rule is reported at start. It waits for the catalogue listener's first load: that
@@ -629,19 +630,6 @@ class RulePreloader:
     until a notification says otherwise. One attempt: on failure the first batch loads them."""
 
     name = "iothub-rules-preload"
-
-    def __init__(self, engine: RuleEngine, pool: ConnectionPool) -> None:
-        self._engine = engine
-        self._pool = pool
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:

@@ -7,44 +7,26 @@ event and state in one transaction. The next reading resolves it (in the batch p
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import psycopg
 import structlog
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from ingestor.backoff import Backoff
 from rules_engine import conditions, evaluator
+from rules_engine.threads import EngineThread
 
 if TYPE_CHECKING:
-    from rules_engine.engine import RuleEngine, RuleEntry
+    from rules_engine.engine import RuleEntry
 
 log = structlog.get_logger(__name__)
 
 
-class NoDataWorker:
+class NoDataWorker(EngineThread):
     name = "iothub-no-data"
-
-    def __init__(self, engine: RuleEngine, pool: ConnectionPool) -> None:
-        self._engine = engine
-        self._pool = pool
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() or self._stop.is_set()
 
     def _run(self) -> None:
         backoff = Backoff()

@@ -14,12 +14,9 @@ FIGURES = ("(a) ", "(b) ", "(c1) ", "(rss) ", "(c10) ", "(rules) ", "(latency) "
 TIMEOUT = 300  # seconds; the quick run takes well under a minute on two cores
 
 
-@pytest.mark.timeout(TIMEOUT + 30)
-def test_quick_benchmark_prints_every_figure() -> None:
-    """`bench/ingest_bench.py --quick` exits 0 and prints one line per figure, each with a
-    target verdict or rate, so the script cannot rot unnoticed between full runs."""
+def run_script(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -27,6 +24,14 @@ def test_quick_benchmark_prints_every_figure() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_quick_benchmark_prints_every_figure() -> None:
+    """`bench/ingest_bench.py --quick` exits 0 and prints one line per figure, each with a
+    target verdict or rate, so the script cannot rot unnoticed between full runs."""
+    done = run_script(BENCH, "--quick")
     lines = done.stdout.splitlines()
     for tag in FIGURES:
         assert any(line.startswith(tag) for line in lines), f"no {tag!r} line in:\n{done.stdout}"
@@ -37,15 +42,7 @@ def test_quick_benchmark_prints_every_figure() -> None:
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_rule_hook_benchmark_prints_every_mode() -> None:
     """`bench/rules_hook_bench.py` on small batches exits 0 and prints a timing per mode."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "rules_hook_bench.py"), "--batches", "2"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        cwd=REPO,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_script(REPO / "bench" / "rules_hook_bench.py", "--batches", "2")
     for mode in ("cached", "re-read", "stepwise"):
         line = next((x for x in done.stdout.splitlines() if x.strip().startswith(mode)), "")
         assert " ms " in line and "us per reading" in line, done.stdout
