@@ -30,11 +30,16 @@ class HookResult:
 
 
 class BatchHook(Protocol):
-    """Called inside the batch transaction, after the insert, before the commit."""
+    """Called inside the batch transaction, after the insert, before the commit; rows come
+    sorted by (device_metric_id, ts)."""
 
     def on_inserted(
         self, conn: psycopg.Connection, rows: Sequence[StoredReading]
     ) -> HookResult: ...
+
+    def on_failed(self) -> None:
+        """The batch transaction failed, or its commit may not have happened: whatever the
+        hook keeps in memory about what it wrote must not be trusted."""
 
 
 class NoHook:
@@ -42,3 +47,6 @@ class NoHook:
 
     def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
         return HookResult()
+
+    def on_failed(self) -> None:
+        pass

@@ -76,6 +76,14 @@ class BatchWriter:
         self._hook = hook
 
     def write(self, batch: Batch) -> WriteResult:
+        try:
+            return self._write(batch)
+        except BaseException:
+            # Not committed, or not known to be: the hook must not trust what it remembers.
+            self._hook.on_failed()
+            raise
+
+    def _write(self, batch: Batch) -> WriteResult:
         started = time.perf_counter()
         try:
             with self._pool.connection() as conn:
@@ -122,6 +130,7 @@ class BatchWriter:
         except psycopg.Error as exc:
             if not _is_data_error(exc):
                 raise  # an outage is retried; a schema or permission problem stops us loudly
+            self._hook.on_failed()  # its writes were rolled back with the savepoint
             log.error(
                 "rules_failed",
                 rows=len(rows),

@@ -209,6 +209,9 @@ class StateCache:
         if stale:
             self._by_dm.update(RuleEngine.load_states(conn, stale))
 
+    def clear(self) -> None:
+        self._by_dm.clear()
+
     def update(self, after: dict[int, DmStates], version: int | None) -> None:
         for dm, known in after.items():
             known.version = version
@@ -404,6 +407,12 @@ class RuleEngine:
         events: Counter[str] = Counter(t.kind for _entry, t in transitions)
         return HookResult(events=dict(events), late=late)
 
+    def on_failed(self) -> None:
+        """The batch transaction did not commit, or may not have: forget the states kept in
+        memory. Versions alone do not cover it: after a crash or a failover the database may
+        hand out again a version this process wrote in a transaction that was lost."""
+        self.states.clear()
+
     def _evaluate(
         self, entry: RuleEntry, known: DmStates, readings: evaluator.Series
     ) -> tuple[evaluator.RuleState | None, list[evaluator.Transition]]:
@@ -459,8 +468,15 @@ class RuleEngine:
             return transitions, changed
         self.cache.mark_stale()
         for entry, _state in changed:
-            if entry.rule.rule_id not in live:
-                after[entry.device_metric_id].rules.pop(entry.rule.rule_id, None)
+            rule_id, dm = entry.rule.rule_id, entry.device_metric_id
+            if rule_id not in live:
+                # Its state is not written: remember what the database still holds (a rule
+                # deactivated now may be activated again, and finds its state as it left it).
+                before = self.states.get(dm).rules.get(rule_id)
+                if before is None:
+                    after[dm].rules.pop(rule_id, None)
+                else:
+                    after[dm].rules[rule_id] = before
         return (
             [(e, t) for e, t in transitions if e.rule.rule_id in live],
             [(e, s) for e, s in changed if e.rule.rule_id in live],

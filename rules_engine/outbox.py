@@ -500,7 +500,7 @@ class OutboxWorker:
     def run_once(self) -> bool:
         """Claim due rows, deliver, record; True when more rows may be due right away."""
         started = time.monotonic()
-        done: list[tuple[OutboxRow, datetime, Outcome]] = []
+        done: list[tuple[OutboxRow, datetime, Outcome, datetime]] = []
         with self._pool.connection() as conn:
             with conn.transaction():
                 rows = [
@@ -510,7 +510,9 @@ class OutboxWorker:
                 for row in rows:
                     if self._stopping.is_set() or time.monotonic() - started > BATCH_BUDGET:
                         break  # the rows left are released at commit, still pending
-                    done.append((row, datetime.now(UTC), self._attempt(conn, row)))
+                    attempted_at = datetime.now(UTC)
+                    outcome = self._attempt(conn, row)
+                    done.append((row, attempted_at, outcome, datetime.now(UTC)))
                 self._record(conn, done)
             pending = conn.execute(queries["count_pending"]).fetchone()
         self._metrics.outbox_backlog.set(pending[0] if pending else 0)
@@ -531,7 +533,9 @@ class OutboxWorker:
             return Outcome(ok=False, detail=f"internal error: {type(exc).__name__}: {exc}")
 
     def _record(
-        self, conn: psycopg.Connection, done: Sequence[tuple[OutboxRow, datetime, Outcome]]
+        self,
+        conn: psycopg.Connection,
+        done: Sequence[tuple[OutboxRow, datetime, Outcome, datetime]],
     ) -> None:
         """The outcomes of a pass, in the claim's transaction: one pipelined statement per kind
         of write, not two round trips per row (a storm of events means thousands of rows)."""
@@ -539,7 +543,7 @@ class OutboxWorker:
         delivered: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         retries: list[dict[str, Any]] = []
-        for row, attempted_at, outcome in done:
+        for row, attempted_at, outcome, finished_at in done:
             detail = _clip(outcome.detail)
             attempts_rows.append(
                 {
@@ -558,7 +562,7 @@ class OutboxWorker:
                 "attempts": attempts,
             }
             if outcome.ok:
-                delivered.append({"outbox_id": row.id})
+                delivered.append({"outbox_id": row.id, "finished_at": finished_at})
                 self._count(row.kind, "delivered")
                 log.info("action_delivered", detail=detail, **facts)
             elif outcome.permanent or attempts >= self._max_attempts:
@@ -568,7 +572,14 @@ class OutboxWorker:
                 log.error("action_failed", error=detail, why=why, **facts)
             else:
                 delay = retry_delay(attempts, self._retry_base, self._retry_max)
-                retries.append({"outbox_id": row.id, "error": detail, "delay": delay})
+                retries.append(
+                    {
+                        "outbox_id": row.id,
+                        "error": detail,
+                        "delay": delay,
+                        "finished_at": finished_at,
+                    }
+                )
                 self._count(row.kind, "retry")
                 log.warning("action_retry", error=detail, retry_in=round(delay, 2), **facts)
         with conn.cursor() as cur:

@@ -13,15 +13,15 @@ INSERT INTO action_attempts (outbox_id, attempted_at, ok, detail)
 VALUES (%(outbox_id)s, %(attempted_at)s, %(ok)s, %(detail)s)
 
 -- name: mark_delivered
+-- The times are the attempt's own: a pass records its outcomes at its end, seconds later.
 UPDATE action_outbox
-SET status = 'delivered', attempts = attempts + 1, delivered_at = clock_timestamp()
+SET status = 'delivered', attempts = attempts + 1, delivered_at = %(finished_at)s
 WHERE id = %(outbox_id)s
 
 -- name: schedule_retry
--- clock_timestamp(), not now(): a batch may run for seconds after its transaction began.
 UPDATE action_outbox
 SET attempts = attempts + 1, last_error = %(error)s,
-    next_attempt_at = clock_timestamp() + make_interval(secs => %(delay)s)
+    next_attempt_at = %(finished_at)s::timestamptz + make_interval(secs => %(delay)s)
 WHERE id = %(outbox_id)s
 
 -- name: mark_failed

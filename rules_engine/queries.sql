@@ -17,8 +17,15 @@ FROM (SELECT DISTINCT dm FROM unnest(%(ids)s::int[]) AS dm ORDER BY dm) AS s
 
 -- name: cursor_versions
 -- Run under the advisory locks, in a statement of its own (READ COMMITTED takes a snapshot per
--- statement): a version written after the lock was granted is seen.
-SELECT device_metric_id, version FROM rule_cursors WHERE device_metric_id = ANY(%(ids)s)
+-- statement): a version written after the lock was granted is seen. The row locks make a
+-- write to rule_states that does not take the advisory lock (an operator's DELETE or TRUNCATE)
+-- bump the version after this batch commits instead of under it, where the batch's own
+-- cursor write would overwrite the bump. Sorted, so that two batches lock in the same order.
+SELECT device_metric_id, version
+FROM rule_cursors
+WHERE device_metric_id = ANY(%(ids)s)
+ORDER BY device_metric_id
+FOR NO KEY UPDATE
 
 -- name: load_cursors
 SELECT device_metric_id, version, last_ts, last_value

@@ -27,6 +27,8 @@ SELECT DISTINCT ON (device_metric_id)
        device_metric_id, last_ts, COALESCE(state -> 'last_value', 'null'::jsonb)
 FROM rule_states
 WHERE last_ts IS NOT NULL
+  AND EXISTS (SELECT 1 FROM rules r WHERE r.device_metric_id = rule_states.device_metric_id
+              AND r.is_active)
 ORDER BY device_metric_id, last_ts DESC;
 
 -- The newest reading now lives in rule_cursors only: a stale copy here would mislead.
@@ -37,6 +39,10 @@ CREATE FUNCTION iothub_rule_states_touched() RETURNS trigger LANGUAGE plpgsql AS
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         UPDATE rule_cursors SET version = nextval('rule_cursor_version');
+    ELSIF TG_OP = 'UPDATE' THEN  -- a row moved to another device_metric touches both
+        UPDATE rule_cursors SET version = nextval('rule_cursor_version')
+        WHERE device_metric_id IN (SELECT device_metric_id FROM touched
+                                   UNION SELECT device_metric_id FROM touched_before);
     ELSE
         UPDATE rule_cursors SET version = nextval('rule_cursor_version')
         WHERE device_metric_id IN (SELECT device_metric_id FROM touched);
@@ -49,10 +55,42 @@ CREATE TRIGGER rule_states_inserted AFTER INSERT ON rule_states
     REFERENCING NEW TABLE AS touched
     FOR EACH STATEMENT EXECUTE FUNCTION iothub_rule_states_touched();
 CREATE TRIGGER rule_states_updated AFTER UPDATE ON rule_states
-    REFERENCING NEW TABLE AS touched
+    REFERENCING OLD TABLE AS touched_before NEW TABLE AS touched
     FOR EACH STATEMENT EXECUTE FUNCTION iothub_rule_states_touched();
 CREATE TRIGGER rule_states_deleted AFTER DELETE ON rule_states
     REFERENCING OLD TABLE AS touched
     FOR EACH STATEMENT EXECUTE FUNCTION iothub_rule_states_touched();
 CREATE TRIGGER rule_states_truncated AFTER TRUNCATE ON rule_states
     FOR EACH STATEMENT EXECUTE FUNCTION iothub_rule_states_touched();
+
+-- A cursor edited by hand (say, rewound) without a new version would be overwritten by a
+-- service that trusts its memory: any update that keeps the version gets a new one.
+CREATE FUNCTION iothub_rule_cursor_edited() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.version := nextval('rule_cursor_version');
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER rule_cursors_edited BEFORE UPDATE ON rule_cursors
+    FOR EACH ROW WHEN (NEW.version = OLD.version)
+    EXECUTE FUNCTION iothub_rule_cursor_edited();
+
+-- The cursor says where the rules of a device_metric stopped reading. Without an active rule
+-- nothing moves it, so a rule added later would take a reading of long ago as the last one (a
+-- no_data rule would see a silence that never was): the cursor goes with the last active rule.
+CREATE FUNCTION iothub_rules_left() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM rule_cursors c
+    WHERE c.device_metric_id IN (SELECT device_metric_id FROM gone)
+      AND NOT EXISTS (
+          SELECT 1 FROM rules r WHERE r.device_metric_id = c.device_metric_id AND r.is_active
+      );
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER rules_deactivated AFTER UPDATE ON rules
+    REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION iothub_rules_left();
+CREATE TRIGGER rules_deleted AFTER DELETE ON rules
+    REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION iothub_rules_left();

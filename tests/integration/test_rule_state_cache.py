@@ -7,8 +7,10 @@ operator's statement changing the states in between.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -159,3 +161,96 @@ def test_rules_are_compiled_at_start_not_in_the_first_batch(db_url: str, unique:
     feed(db_url, engine, dm, (0, 30.0))
     assert engine.cache.generation == 1
     assert events(db_url) == [("triggered", at(0))]
+
+
+def test_an_operator_reset_during_a_batch_is_not_overwritten(
+    db_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`TRUNCATE rule_states` issued while a batch holds the binding, between its version check
+    and its cursor write: the reset must wait for the batch (the cursor rows are locked at the
+    check), or the batch's cursor write would bury the reset's version bump."""
+    dm = binding(db_url, unique)
+    add_rule(db_url, dm, {**HOT, "duration_minutes": 10}, "Hot for 10 min")
+    engine = new_engine(db_url)
+    feed(db_url, engine, dm, (0, 30.0))  # PENDING since minute 0
+    reset_done = threading.Event()
+
+    def operator() -> None:
+        with psycopg.connect(db_url, autocommit=True) as op:
+            op.execute("TRUNCATE rule_states")
+        reset_done.set()
+
+    reset = threading.Thread(target=operator)
+    save_cursors = engine.save_cursors
+
+    def reset_first(conn: psycopg.Connection, after: Any) -> int | None:
+        reset.start()
+        assert not reset_done.wait(1.0), "the reset went through under the batch"
+        return save_cursors(conn, after)
+
+    monkeypatch.setattr(engine, "save_cursors", reset_first)
+    feed(db_url, engine, dm, (5, 30.0))  # still PENDING; the reset waits for this commit
+    monkeypatch.undo()
+    reset.join(10)
+    assert reset_done.is_set()
+    feed(db_url, engine, dm, (10, 30.0))  # the reset started a fresh run: no event yet
+    assert events(db_url) == []
+    feed(db_url, engine, dm, (20, 30.0))
+    assert events(db_url) == [("triggered", at(20))]
+
+
+def test_a_rule_deactivated_mid_flight_keeps_its_stored_state(db_url: str, unique: str) -> None:
+    """A rule deactivated before the reload notification arrives loses the batch's writes, and
+    the memory keeps what the database holds: reactivated, it is still FIRING."""
+    dm = binding(db_url, unique)
+    rule = add_rule(db_url, dm, HOT, "Hot")
+    add_rule(db_url, dm, {"type": "threshold", "operator": ">", "value": 1000}, "Other")
+    engine = new_engine(db_url)
+    feed(db_url, engine, dm, (0, 30.0))  # Hot fires
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE rules SET is_active = false WHERE id = %s", (rule,))
+    feed(db_url, engine, dm, (1, 20.0))  # would resolve: dropped, the rule is inactive
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE rules SET is_active = true WHERE id = %s", (rule,))
+    engine.cache.mark_stale()  # what the catalogue notification does
+    feed(db_url, engine, dm, (2, 31.0))  # still FIRING as stored: no second trigger
+    feed(db_url, engine, dm, (3, 20.0))
+    assert events(db_url) == [("triggered", at(0)), ("resolved", at(3))]
+
+
+def test_a_binding_without_rules_for_a_while_has_no_stale_silence(db_url: str, unique: str) -> None:
+    """The cursor goes with the binding's last active rule: a no_data rule added later does not
+    measure a silence from a reading of long ago (the device kept reporting meanwhile)."""
+    dm = binding(db_url, unique)
+    rule = add_rule(db_url, dm, HOT, "Hot")
+    engine = new_engine(db_url)
+    feed(db_url, engine, dm, (0, 20.0))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM rules WHERE id = %s", (rule,))
+        cursors = conn.execute(
+            "SELECT count(*) FROM rule_cursors WHERE device_metric_id = %s", (dm,)
+        ).fetchone()
+    assert cursors == (0,)
+    add_rule(db_url, dm, {"type": "no_data", "minutes": 10}, "Silent")
+    engine.cache.mark_stale()
+    with ConnectionPool(db_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
+        assert NoDataWorker(engine, pool).check(at(120)) == 0  # nothing to measure from yet
+    feed(db_url, engine, dm, (121, 20.0))  # the first reading the new rule sees
+    assert events(db_url) == []
+
+
+def test_a_cursor_edited_by_hand_is_read_again(db_url: str, unique: str) -> None:
+    """An UPDATE of rule_cursors that leaves the version alone still gets a new one, so the
+    service reads the rewound cursor instead of overwriting it."""
+    dm = binding(db_url, unique)
+    add_rule(db_url, dm, HOT, "Hot")
+    engine = new_engine(db_url)
+    feed(db_url, engine, dm, (10, 20.0))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE rule_cursors SET last_ts = %s WHERE device_metric_id = %s", (at(0), dm)
+        )
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        result = engine.on_inserted(conn, [reading(dm, at(5), 30.0)])
+    assert result.late == 0  # minute 5 is after the rewound cursor: evaluated, and fires
+    assert events(db_url) == [("triggered", at(5))]
