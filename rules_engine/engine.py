@@ -444,7 +444,8 @@ class RuleEngine:
             unchanged = stored[0] == entry.fingerprint and stored[1] == own
         return (None if unchanged else own), fired
 
-    # --- pieces the no-data worker shares
+    # --- reads and writes of the batch (lock, load_states, save_state and write_event are
+    # shared with the no-data worker)
 
     def live_only(
         self,
