@@ -6,6 +6,7 @@ capitals, and the TOML file uses the same names as keys. Defaults are named cons
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -49,7 +50,8 @@ DEFAULT_STATS_INTERVAL = 10.0  # seconds
 DEFAULT_NO_DATA_CHECK = 10.0  # seconds
 DEFAULT_OUTBOX_POLL = 0.5  # seconds
 DEFAULT_OUTBOX_MAX_ATTEMPTS = 8
-DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds
+DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds: the whole delivery, first byte to last, on the wall clock
+DEFAULT_OUTBOX_STUCK_AFTER = 30.0  # seconds past a step's deadline before the worker is "stuck"
 
 
 class ConfigError(Exception):
@@ -107,7 +109,22 @@ class Settings(BaseSettings):
     no_data_check_interval: float = Field(default=DEFAULT_NO_DATA_CHECK, gt=0)
     outbox_poll_interval: float = Field(default=DEFAULT_OUTBOX_POLL, gt=0)
     outbox_max_attempts: int = Field(default=DEFAULT_OUTBOX_MAX_ATTEMPTS, ge=1)
-    webhook_timeout: float = Field(default=DEFAULT_WEBHOOK_TIMEOUT, gt=0)
+    webhook_timeout: float = Field(
+        default=DEFAULT_WEBHOOK_TIMEOUT,
+        gt=0,
+        le=300,
+        description="seconds for one webhook delivery: resolve, connect, send, read",
+    )
+    # NoDecode: the variable may be a JSON list or plain comma-separated text (_split_networks).
+    action_allow_networks: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="CIDRs that webhooks may reach although not public (loopback, private, ...)",
+    )
+    outbox_stuck_after: float = Field(
+        default=DEFAULT_OUTBOX_STUCK_AFTER,
+        gt=0,
+        description="seconds an outbox step may overrun its deadline before it is reported stuck",
+    )
     smtp_url: str | None = Field(default=None, description="smtp://user:pass@host:port; unset logs")
     smtp_from: str = "iothub@localhost"
     smtp_to: str | None = Field(
@@ -164,6 +181,29 @@ class Settings(BaseSettings):
                 )
         # The router's own checks, so that a pattern it would refuse stops start-up here.
         topics.TopicRouter.from_strings(value)
+        return value
+
+    @field_validator("action_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return tuple(json.loads(text))
+                except (ValueError, TypeError):
+                    raise ValueError("not a JSON list of networks") from None
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
+    @field_validator("action_allow_networks")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{network!r} is not a network in CIDR form: {exc}") from None
         return value
 
     @field_validator("mqtt_shared_group")

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import FrameType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import structlog
 from psycopg_pool import ConnectionPool
@@ -67,6 +67,13 @@ class Worker(Protocol):
 
     @property
     def alive(self) -> bool: ...
+
+
+@runtime_checkable
+class HealthReporter(Protocol):
+    """A worker that can tell it is alive but not making progress."""
+
+    def health(self) -> dict[str, bool]: ...
 
 
 @dataclass
@@ -168,7 +175,13 @@ class IngestService:
         return self.intake.ever_connected.wait(remaining)
 
     def readiness(self) -> dict[str, bool]:
-        return {"mqtt": self.intake.connected, "database": self.db_ok and self.catalog.connected}
+        checks = {"mqtt": self.intake.connected, "database": self.db_ok and self.catalog.connected}
+        # Workers that watch themselves (the outbox reports a stuck delivery) add their checks;
+        # the main loop calls this every tick, so their reports do not wait for a /healthz poll.
+        for worker in self.workers:
+            if isinstance(worker, HealthReporter):
+                checks.update(worker.health())
+        return checks
 
     def request_stop(self, why: str = "requested") -> None:
         if not self.stop_event.is_set():

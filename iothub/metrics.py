@@ -121,6 +121,12 @@ class Metrics:
         self.outbox_backlog = Gauge(
             "iothub_outbox_backlog", "Rule actions waiting in the outbox for delivery", registry=r
         )
+        self.outbox_worker_stuck = Gauge(
+            "iothub_outbox_worker_stuck",
+            "1 while the outbox worker's current step has overrun its deadline by more than "
+            "outbox_stuck_after, else 0",
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "iothub_mqtt_connected", "1 while connected to the MQTT broker, else 0", registry=r
         )

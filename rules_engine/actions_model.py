@@ -20,11 +20,41 @@ from pydantic import (
     model_validator,
 )
 
+from rules_engine import templates
 from rules_engine.conditions import InvalidRule, show, validation_problems
 
 DEFAULT_MESSAGE: Final = "{rule_name}: {metric} = {value} on {device_name} ({serial_id}) at {ts}"
 MAX_TEMPLATE_CHARS: Final = 4000  # characters; a message or topic template longer is a mistake
 MAX_TOPIC_BYTES: Final = 65535  # the MQTT limit for a topic name, UTF-8 encoded
+MAX_HEADERS: Final = 32  # headers a webhook may add; more is a mistake, not a use
+MAX_HEADER_CHARS: Final = 4096  # of one header value
+# Headers a rule may not set. Host and the delivery id are the service's word about where the
+# request goes and which action it is; the framing and hop-by-hop headers decide where one
+# request ends on a kept-alive connection, so a rule setting them could smuggle a second one.
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "host",
+        "x-iothub-delivery",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)
+# What a value substituted into an mqtt topic may not hold: a level separator or a wildcard
+# would let a device choose where an alert is published (`alerts/{value}` -> `alerts/x/#`).
+TOPIC_SPECIAL: Final = frozenset("/+#")
+
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+_HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# MQTT topic names are UTF-8 without NUL; the broker also refuses the C0 and C1 controls
+# (Mosquitto drops the connection over one), so they are refused here first.
+_TOPIC_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 _CHANNEL_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
@@ -57,14 +87,85 @@ def _url(value: object) -> object:
     return value
 
 
+def topic_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to, or None. Shared by the rule check (the template) and
+    the outbox (the rendered topic), so both refuse the same things."""
+    if not topic:
+        return "mqtt topic is empty"
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        return f"mqtt topic must not contain wildcards (+, #) or NUL, got {show(topic)}"
+    if _TOPIC_CONTROL_RE.search(topic):
+        return f"mqtt topic must not contain control characters, got {show(topic)}"
+    if topic.startswith("$"):
+        return f"mqtt topics starting with '$' belong to the broker, got {show(topic)}"
+    try:
+        size = len(topic.encode())
+    except UnicodeEncodeError:
+        return f"mqtt topic is not valid UTF-8, got {show(topic)}"
+    if size > MAX_TOPIC_BYTES:
+        return f"mqtt topic is longer than {MAX_TOPIC_BYTES} bytes"
+    return None
+
+
 def _topic(value: object) -> object:
     if not isinstance(value, str) or not value:
         raise ValueError(f"mqtt topic needs a non-empty string, got {show(value)}")
-    if "+" in value or "#" in value or "\x00" in value:
-        raise ValueError(f"mqtt topic must not contain wildcards (+, #) or NUL, got {show(value)}")
-    if len(value.encode()) > MAX_TOPIC_BYTES:
-        raise ValueError(f"mqtt topic is longer than {MAX_TOPIC_BYTES} bytes")
+    problem = topic_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
+
+
+def header_problem(headers: Mapping[str, str]) -> str | None:
+    """Why a webhook's extra headers cannot be sent, or None (rule check and outbox alike)."""
+    if len(headers) > MAX_HEADERS:
+        return f"webhook headers: at most {MAX_HEADERS}, got {len(headers)}"
+    for name, value in headers.items():
+        if not _HEADER_NAME_RE.fullmatch(name):
+            return f"webhook header name {show(name)} is not an HTTP token"
+        if name.lower() in RESERVED_HEADERS:
+            return f"webhook header {name!r} is set by the service and cannot be overridden"
+        if len(value) > MAX_HEADER_CHARS:
+            return f"webhook header {name!r} is longer than {MAX_HEADER_CHARS} characters"
+        if _HEADER_VALUE_BAD_RE.search(value) or not value.isascii():
+            return f"webhook header {name!r} holds a line break, control or non-ASCII character"
+    return None
+
+
+def _headers(value: object) -> object:
+    if value is None:
+        return value
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"webhook headers need an object of strings, got {show(value)}")
+    problem = header_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def mqtt_topic(template: str, context: Mapping[str, object]) -> dict[str, str]:
+    """The rendered topic of an mqtt action for the outbox row: `{"topic": ...}`, plus a
+    `topic_error` when it cannot be published to. The engine writes the row either way, so the
+    refusal is recorded (the outbox fails it at once, without retries) and never lost; raising
+    here would fail the ingestion transaction."""
+    topic = templates.render(template, context)
+    for name in templates.placeholders(template):
+        if name not in context:
+            continue
+        text = templates.render("{" + name + "}", context)
+        found = sorted(TOPIC_SPECIAL.intersection(text))
+        if found:
+            return {
+                "topic": topic,
+                "topic_error": (
+                    f"the value of {{{name}}} ({show(text)}) holds {' '.join(found)}: a "
+                    "substituted value may not add topic levels or wildcards"
+                ),
+            }
+    problem = topic_problem(topic)
+    return {"topic": topic} if problem is None else {"topic": topic, "topic_error": problem}
 
 
 def _flag(what: str) -> Callable[[object], object]:
@@ -93,7 +194,7 @@ class Webhook(BaseModel):
 
     url: Annotated[str, BeforeValidator(_url)]
     enabled: Annotated[bool, BeforeValidator(_flag("webhook enabled"))] = True
-    headers: dict[str, str] | None = None
+    headers: Annotated[dict[str, str] | None, BeforeValidator(_headers)] = None
 
 
 class Notification(BaseModel):
@@ -208,6 +309,9 @@ __all__ = [
     "NotifyAction",
     "Webhook",
     "WebhookAction",
+    "header_problem",
     "message_template",
+    "mqtt_topic",
     "parse_action",
+    "topic_problem",
 ]

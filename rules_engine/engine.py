@@ -264,7 +264,7 @@ def outbox_rows(
             (
                 "mqtt",
                 {
-                    "topic": templates.render(action.topic, ctx),
+                    **actions_model.mqtt_topic(action.topic, ctx),
                     "payload": templates.render_json(action.payload, ctx),
                     "qos": action.qos,
                     "retain": action.retain,

@@ -1,39 +1,79 @@
 -- name: claim_due
--- Rows are locked until the transaction that records their outcome commits. SKIP LOCKED lets
--- several service instances share the outbox: each takes rows no other instance holds.
-SELECT id, event_id, rule_id, kind, target, attempts
-FROM action_outbox
-WHERE status = 'pending' AND next_attempt_at <= now()
-ORDER BY id
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
+-- A short transaction of its own: the rows get a lease and a claim token, and the transaction
+-- commits before any delivery starts, so a slow receiver holds no lock and no transaction.
+-- SKIP LOCKED lets several service instances claim at once, each taking rows no other is
+-- claiming; the lease keeps the rows theirs after the commit. An expired lease (a worker that
+-- crashed or hung) makes the row due again.
+WITH due AS (
+    SELECT id
+    FROM action_outbox
+    WHERE status = 'pending' AND next_attempt_at <= now()
+      AND (lease_until IS NULL OR lease_until <= now())
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE action_outbox o
+SET lease_until = now() + make_interval(secs => %(lease)s), claimed_by = %(token)s
+FROM due
+WHERE o.id = due.id
+RETURNING o.id, o.event_id, o.rule_id, o.kind, o.target, o.attempts
 
--- name: record_attempt
+-- name: record_delivered
+-- Each outcome is recorded only while the claim is still the row's (same token, still pending):
+-- a worker whose lease ran out and was taken over by another changes nothing, and recording the
+-- same outcome twice (a commit whose acknowledgement was lost, then retried) is a no-op.
+-- The attempt row is written only with the outcome, so action_attempts never shows an attempt
+-- whose outcome was dropped. The times are the attempt's own.
+WITH recorded AS (
+    UPDATE action_outbox
+    SET status = 'delivered', attempts = attempts + 1, delivered_at = %(finished_at)s,
+        lease_until = NULL, claimed_by = NULL
+    WHERE id = %(outbox_id)s AND claimed_by = %(token)s AND status = 'pending'
+    RETURNING id
+)
 INSERT INTO action_attempts (outbox_id, attempted_at, ok, detail)
-VALUES (%(outbox_id)s, %(attempted_at)s, %(ok)s, %(detail)s)
+SELECT id, %(attempted_at)s, true, %(detail)s FROM recorded
+RETURNING outbox_id
 
--- name: mark_delivered
--- The times are the attempt's own: a pass records its outcomes at its end, seconds later.
-UPDATE action_outbox
-SET status = 'delivered', attempts = attempts + 1, delivered_at = %(finished_at)s
-WHERE id = %(outbox_id)s
+-- name: record_retry
+WITH recorded AS (
+    UPDATE action_outbox
+    SET attempts = attempts + 1, last_error = %(detail)s,
+        next_attempt_at = %(finished_at)s::timestamptz + make_interval(secs => %(delay)s),
+        lease_until = NULL, claimed_by = NULL
+    WHERE id = %(outbox_id)s AND claimed_by = %(token)s AND status = 'pending'
+    RETURNING id
+)
+INSERT INTO action_attempts (outbox_id, attempted_at, ok, detail)
+SELECT id, %(attempted_at)s, false, %(detail)s FROM recorded
+RETURNING outbox_id
 
--- name: schedule_retry
-UPDATE action_outbox
-SET attempts = attempts + 1, last_error = %(error)s,
-    next_attempt_at = %(finished_at)s::timestamptz + make_interval(secs => %(delay)s)
-WHERE id = %(outbox_id)s
+-- name: record_failed
+WITH recorded AS (
+    UPDATE action_outbox
+    SET status = 'failed', attempts = attempts + 1, last_error = %(detail)s,
+        lease_until = NULL, claimed_by = NULL
+    WHERE id = %(outbox_id)s AND claimed_by = %(token)s AND status = 'pending'
+    RETURNING id
+)
+INSERT INTO action_attempts (outbox_id, attempted_at, ok, detail)
+SELECT id, %(attempted_at)s, false, %(detail)s FROM recorded
+RETURNING outbox_id
 
--- name: mark_failed
+-- name: release_claim
+-- The rows of a claim that were not attempted (a stop, or the pass ran out of time) are due
+-- again at once, not only when their lease runs out.
 UPDATE action_outbox
-SET status = 'failed', attempts = attempts + 1, last_error = %(error)s
-WHERE id = %(outbox_id)s
+SET lease_until = NULL, claimed_by = NULL
+WHERE claimed_by = %(token)s AND status = 'pending'
 
 -- name: count_pending
 SELECT count(*) FROM action_outbox WHERE status = 'pending'
 
--- name: event_document
+-- name: event_documents
 -- What an mqtt action without a payload of its own publishes: the same facts a webhook gets.
+-- Read in the claim's transaction, so that the delivery itself needs no database.
 SELECT e.id, e.kind::text, e.rule_id, r.name, d.serial_id, d.name, m.metric_type::text,
        e.context -> 'value', e."timestamp", e.context ->> 'message'
 FROM events e
@@ -41,4 +81,4 @@ JOIN rules r ON r.id = e.rule_id
 LEFT JOIN device_metrics dm ON dm.id = e.device_metric_id
 LEFT JOIN devices d ON d.id = dm.device_id
 LEFT JOIN metrics m ON m.id = dm.metric_id
-WHERE e.id = %(event_id)s
+WHERE e.id = ANY(%(event_ids)s)
