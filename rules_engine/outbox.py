@@ -102,6 +102,15 @@ class DeliveryFailed(Exception):
 class BadTarget(DeliveryFailed):
     """The outbox row's target is malformed; retrying cannot help."""
 
+    why = "malformed target"
+
+
+class RefusedTarget(BadTarget):
+    """The action's destination is not allowed (egress policy, reserved header); retrying
+    cannot help."""
+
+    why = "target refused"
+
 
 # ---------------------------------------------------------------------------------------------
 # What the rule engine writes into `action_outbox.target`, one model per kind. Unknown keys are
@@ -171,7 +180,7 @@ class OutboxRow:
 class Outcome:
     ok: bool
     detail: str
-    permanent: bool = False  # a failure that no retry can fix
+    permanent: str | None = None  # why no retry can fix this failure
 
 
 def retry_delay(attempts: int, base: float = RETRY_BASE, maximum: float = RETRY_MAX) -> float:
@@ -232,7 +241,7 @@ class WebhookSender:
                 if not self._drain(response):
                     cut = "; rest of the body discarded"
         except egress.DestinationRefused as exc:
-            raise BadTarget(f"refused {where}: {exc}") from None
+            raise RefusedTarget(f"refused {where}: {exc}") from None
         except httpcore.TimeoutException:
             raise DeliveryFailed(
                 f"no complete answer from {where} within {self._timeout:g} s"
@@ -261,7 +270,7 @@ class WebhookSender:
         given = target.headers or {}
         problem = actions_model.header_problem(given)
         if problem is not None:  # a row written before the rule check knew, or by hand
-            raise BadTarget(problem)
+            raise RefusedTarget(problem)
         named: dict[str, tuple[str, str]] = {
             "user-agent": ("User-Agent", USER_AGENT),
             "content-type": ("Content-Type", "application/json"),
@@ -764,7 +773,7 @@ class OutboxWorker:
         try:
             return Outcome(ok=True, detail=self._deliver(row, documents))
         except BadTarget as exc:
-            return Outcome(ok=False, detail=str(exc), permanent=True)
+            return Outcome(ok=False, detail=str(exc), permanent=exc.why)
         except DeliveryFailed as exc:
             return Outcome(ok=False, detail=str(exc))
         except Exception as exc:
@@ -815,7 +824,7 @@ class OutboxWorker:
         if result == "delivered":
             log.info("action_delivered", detail=detail, **facts)
         elif result == "failed":
-            why = "malformed target" if outcome.permanent else "max attempts reached"
+            why = outcome.permanent or "max attempts reached"
             log.error("action_failed", error=detail, why=why, **facts)
         else:
             delay = params["delay"]
@@ -918,6 +927,7 @@ __all__ = [
     "NotifyTarget",
     "OutboxWorker",
     "PublishTarget",
+    "RefusedTarget",
     "Step",
     "WebhookSender",
     "WebhookTarget",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import email
 import json
 import socket
@@ -10,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -23,7 +25,9 @@ from psycopg.types.json import Jsonb
 from config.settings import Settings
 from iothub import db, mqttclient
 from iothub.metrics import Metrics
-from rules_engine.outbox import OutboxWorker, retry_delay
+from rules_engine import evaluator, outbox
+from rules_engine.engine import RuleEntry, outbox_rows
+from rules_engine.outbox import DeliveryFailed, Mailer, OutboxWorker, retry_delay
 from tests.support.fleet import make_fleet, wait_for
 
 FAST_RETRY = 0.05  # seconds: the first retry delay in these tests
@@ -94,10 +98,13 @@ class WebhookServer:
 
 
 class SmtpSink:
-    """A minimal SMTP server on a free port that keeps every message it accepts."""
+    """A minimal SMTP server on a free port that keeps every message it accepts and every
+    command verb it was sent; `extensions` are announced in its EHLO answer (none: a bare 250).
+    It never offers STARTTLS."""
 
-    def __init__(self) -> None:
+    def __init__(self, extensions: tuple[str, ...] = ()) -> None:
         self.messages: list[tuple[list[str], Message]] = []
+        self.commands: list[str] = []
         sink = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -109,6 +116,13 @@ class SmtpSink:
                 recipients: list[str] = []
                 while line := self.rfile.readline():
                     verb = line[:4].decode().upper()
+                    sink.commands.append(verb)
+                    if verb == "EHLO" and extensions:
+                        for extension in extensions:
+                            self.reply(f"250-{extension}")
+                    if verb == "AUTH":
+                        self.reply("235 ok")
+                        continue
                     if verb == "RCPT":
                         recipients.append(line.decode().split(":", 1)[1].strip().strip("<>"))
                     if verb == "DATA":
@@ -617,3 +631,515 @@ def test_retry_delay_doubles_from_the_base_up_to_the_cap() -> None:
     for attempt, expected in ((1, 1.0), (2, 2.0), (3, 4.0), (10, 300.0), (5000, 300.0)):
         delay = retry_delay(attempt)
         assert expected * 0.8 <= delay <= expected * 1.2
+
+
+# --- hostile endpoints
+
+
+class HostileServer:
+    """A real HTTP server on a free port whose answer depends on the path: it drips its head
+    or its body a byte at a time, sends a huge body, redirects, or fails with a body. It records
+    every request and how many body bytes it managed to send."""
+
+    DRIP_EVERY = 0.2  # seconds between two dripped bytes
+    HUGE = 200 * 1024 * 1024  # bytes of the huge body
+    REDIRECT_TO = "http://169.254.169.254/latest/meta-data/"
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.sent: dict[str, int] = {}
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length) or b"null")
+                with server.lock:
+                    server.requests.append(Request(self.path, dict(self.headers), body))
+                # The client may hang up mid-answer: what the worker is meant to do.
+                with contextlib.suppress(OSError):
+                    self.answer()
+
+            def answer(self) -> None:
+                path = self.path
+                if path == "/drip-head":
+                    self.drip(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", path)
+                elif path == "/drip-body":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                    self.drip(b"x" * 1000, path)
+                elif path == "/huge":
+                    self.wfile.write(
+                        f"HTTP/1.1 200 OK\r\nContent-Length: {server.HUGE}\r\n\r\n".encode()
+                    )
+                    block = b"y" * (1024 * 1024)
+                    for _ in range(server.HUGE // len(block)):
+                        self.wfile.write(block)
+                        server.count(path, len(block))
+                elif path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", server.REDIRECT_TO)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    reply = b"secret-body-text " * 40
+                    self.send_response(500)
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+
+            def drip(self, data: bytes, path: str) -> None:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    server.count(path, 1)
+                    time.sleep(server.DRIP_EVERY)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="test-hostile")
+        self.thread.start()
+
+    def count(self, path: str, n: int) -> None:
+        with self.lock:
+            self.sent[path] = self.sent.get(path, 0) + n
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileServer]:
+    server = HostileServer()
+    yield server
+    server.close()
+
+
+def idle_in_transaction(conn: psycopg.Connection) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+    ).fetchone()
+    assert row
+    return int(row[0])
+
+
+def settle_time(conn: psycopg.Connection, outbox_id: int) -> float:
+    started = time.monotonic()
+    assert wait_for(settled(conn, outbox_id), timeout=30)
+    return time.monotonic() - started
+
+
+def test_a_webhook_that_drips_its_body_is_held_no_longer_than_the_deadline(
+    hostile: HostileServer,
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    event: tuple[int, int],
+) -> None:
+    """A 200 whose body comes a byte every 0.2 s is delivered once the deadline (1 s) ends it,
+    with no transaction open meanwhile, and the next action is not held up behind it."""
+    dripping = enqueue(conn, event, "webhook", webhook_target(hostile.url("/drip-body")))
+    behind = enqueue(conn, event, "notify", {"channel": "sms", "message": "next"})
+    start_worker(webhook_timeout=1.0)
+    assert wait_for(lambda: hostile.sent.get("/drip-body", 0) >= 2)
+    # The delivery is under way: the claim committed, nothing waits idle in a transaction.
+    assert idle_in_transaction(conn) == 0
+    assert settle_time(conn, dripping) < 3.0
+    assert attempts(conn, dripping) == [
+        (True, f"HTTP 200 from {hostile.origin}; rest of the body discarded")
+    ]
+    assert hostile.sent["/drip-body"] < 20
+    assert wait_for(settled(conn, behind))
+    assert outbox_row(conn, behind)[0] == "delivered"
+
+
+def test_a_webhook_that_drips_its_head_fails_at_the_deadline(
+    hostile: HostileServer,
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    event: tuple[int, int],
+) -> None:
+    """A status line sent a byte every 0.2 s (each read well within any per-read timeout) is a
+    failed attempt when the wall-clock deadline passes, not a minute later."""
+    outbox_id = enqueue(conn, event, "webhook", webhook_target(hostile.url("/drip-head")))
+    start_worker(webhook_timeout=1.0, outbox_max_attempts=1)
+    assert settle_time(conn, outbox_id) < 3.0
+    assert outbox_row(conn, outbox_id) == (
+        "failed",
+        1,
+        f"no complete answer from {hostile.origin} within 1 s",
+    )
+
+
+def _clear_peak_rss() -> None:
+    # Writing 5 to clear_refs resets the peak resident set size (VmHWM) of this process.
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def test_a_huge_success_body_is_not_read_into_memory(
+    hostile: HostileServer,
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    event: tuple[int, int],
+) -> None:
+    """A 200 with a 200 MB body is delivered after a few KiB are read: the connection is closed,
+    the body never sent in full, and the process's peak memory grows by far less than it."""
+    start_worker(webhook_timeout=5.0)
+    _clear_peak_rss()
+    before = _peak_rss()
+    outbox_id = enqueue(conn, event, "webhook", webhook_target(hostile.url("/huge")))
+    assert wait_for(settled(conn, outbox_id), timeout=30)
+    grown = _peak_rss() - before
+    assert attempts(conn, outbox_id) == [
+        (True, f"HTTP 200 from {hostile.origin}; rest of the body discarded")
+    ]
+    assert grown < 50 * 1024 * 1024, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+    assert hostile.sent.get("/huge", 0) < HostileServer.HUGE
+
+
+def test_a_failed_webhook_stores_its_status_not_its_body(
+    hostile: HostileServer,
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    event: tuple[int, int],
+) -> None:
+    """An error answer is recorded as status and reason; its body is neither stored nor logged."""
+    outbox_id = enqueue(conn, event, "webhook", webhook_target(hostile.url("/error")))
+    with structlog.testing.capture_logs() as logs:
+        start_worker(outbox_max_attempts=1)
+        assert wait_for(settled(conn, outbox_id))
+    error = f"HTTP 500 Internal Server Error from {hostile.origin}"
+    assert outbox_row(conn, outbox_id) == ("failed", 1, error)
+    assert attempts(conn, outbox_id) == [(False, error)]
+    assert not any("secret-body-text" in json.dumps(e, default=str) for e in logs)
+
+
+def test_a_redirect_is_not_followed(
+    hostile: HostileServer,
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    event: tuple[int, int],
+) -> None:
+    """A 302 to the metadata address is a failed attempt; nothing is sent where it points."""
+    outbox_id = enqueue(conn, event, "webhook", webhook_target(hostile.url("/redirect")))
+    start_worker(outbox_max_attempts=1)
+    assert wait_for(settled(conn, outbox_id))
+    assert outbox_row(conn, outbox_id) == (
+        "failed",
+        1,
+        f"HTTP 302 Found from {hostile.origin} (redirects are not followed)",
+    )
+    assert [r.path for r in hostile.requests] == ["/redirect"]
+
+
+# --- where webhooks may go
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("127.0.0.1", "127.0.0.1 (loopback)"),
+        ("localhost", "(loopback)"),
+        ("[::ffff:127.0.0.1]", "::ffff:7f00:1 (loopback)"),
+    ],
+)
+def test_a_webhook_to_loopback_is_refused_unless_allowed(
+    webhook: Callable[..., WebhookServer],
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    event: tuple[int, int],
+    case: tuple[str, str],
+) -> None:
+    """Without an allow-list a loopback receiver gets nothing: the row fails at once, naming the
+    address and the setting; with its network allowed the same row is delivered."""
+    host, shown = case
+    server = webhook()
+    url = f"http://{host}:{server.httpd.server_port}/hooks/secret-token"
+    refused = enqueue(conn, event, "webhook", webhook_target(url))
+    with structlog.testing.capture_logs() as logs:
+        first = start_worker(outbox_max_attempts=5, action_allow_networks=[])
+        assert wait_for(settled(conn, refused))
+    first.worker.stop(10)
+    failed = [e for e in logs if e["event"] == "action_failed"]
+    assert [e["why"] for e in failed] == ["target refused"]
+    status, tries, error = outbox_row(conn, refused)
+    assert (status, tries) == ("failed", 1)
+    assert error is not None
+    assert error.startswith(f"refused http://{host}:{server.httpd.server_port}: ")
+    assert shown in error and "action_allow_networks" in error
+    assert server.requests == []
+
+    allowed = enqueue(conn, event, "webhook", webhook_target(url))
+    start_worker(action_allow_networks=["127.0.0.0/8", "::1/128"])
+    assert wait_for(settled(conn, allowed))
+    assert outbox_row(conn, allowed)[0] == "delivered"
+    assert len(server.requests) == 1
+
+
+def test_the_metadata_address_is_refused_before_any_connection(
+    start_worker: Callable[..., Started], conn: psycopg.Connection, event: tuple[int, int]
+) -> None:
+    """169.254.169.254 (link-local, the cloud metadata service) is refused as a bad target."""
+    outbox_id = enqueue(
+        conn, event, "webhook", webhook_target("http://169.254.169.254/latest/meta-data/")
+    )
+    start_worker(outbox_max_attempts=5)
+    assert wait_for(settled(conn, outbox_id))
+    status, tries, error = outbox_row(conn, outbox_id)
+    assert (status, tries) == ("failed", 1)
+    assert error is not None and "169.254.169.254 (link-local)" in error
+
+
+@pytest.mark.parametrize("name", ["Host", "X-Iothub-Delivery", "Transfer-Encoding"])
+def test_an_outbox_row_cannot_override_the_services_headers(
+    webhook: Callable[..., WebhookServer],
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    event: tuple[int, int],
+    name: str,
+) -> None:
+    """A row whose headers set Host, the delivery id or the framing (written before the rule
+    check refused them, or by hand) fails at once and sends nothing."""
+    server = webhook()
+    target = webhook_target(server.url)
+    target["headers"] = {name: "chunked" if name == "Transfer-Encoding" else "evil.example"}
+    outbox_id = enqueue(conn, event, "webhook", target)
+    start_worker(outbox_max_attempts=5)
+    assert wait_for(settled(conn, outbox_id))
+    assert outbox_row(conn, outbox_id) == (
+        "failed",
+        1,
+        f"webhook header {name!r} is set by the service and cannot be overridden",
+    )
+    assert server.requests == []
+
+
+# --- mqtt targets a device's value chose
+
+
+def test_a_wildcard_topic_fails_at_once_as_a_bad_target(
+    start_worker: Callable[..., Started], conn: psycopg.Connection, event: tuple[int, int]
+) -> None:
+    """A rendered topic holding a wildcard is refused before paho sees it: one attempt, a
+    precise reason, no 'internal error' and no retries."""
+    outbox_id = enqueue(
+        conn, event, "mqtt", {"topic": "alerts/bad/#/level", "payload": 1, "qos": 1}
+    )
+    with structlog.testing.capture_logs() as logs:
+        start_worker(outbox_max_attempts=5)
+        assert wait_for(settled(conn, outbox_id))
+    assert outbox_row(conn, outbox_id) == (
+        "failed",
+        1,
+        "mqtt topic must not contain wildcards (+, #) or NUL, got 'alerts/bad/#/level'",
+    )
+    assert not any(e["event"] == "action_delivery_crashed" for e in logs)
+
+
+def test_a_value_that_adds_topic_levels_is_never_published(
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    event: tuple[int, int],
+    broker_url: str,
+    unique: str,
+) -> None:
+    """`alerts/{value}` with the value 'x/y' (no wildcard, a valid topic) is refused as the
+    engine wrote it: nothing arrives, and the row fails once naming the placeholder."""
+    action = {"type": "mqtt", "topic": f"t{unique}/alerts/{{value}}", "payload": "hot"}
+    rule = evaluator.compile_rule(
+        7, "Status", {"type": "string_match", "operator": "!=", "value": "OK"}, action, "str"
+    )
+    entry = RuleEntry(rule, 3, "fp", "SN-1", "Boiler", "status")
+    ts = datetime(2026, 1, 27, 12, 0, tzinfo=UTC)
+    ((kind, target),) = outbox_rows(
+        entry, 1, "triggered", evaluator.Transition("triggered", ts, "x/y", "changed"), "m"
+    )
+    subscriber = Subscriber(broker_url, f"sub-{unique}", f"t{unique}/alerts/#")
+    try:
+        outbox_id = enqueue(conn, event, kind, target)
+        start_worker(outbox_max_attempts=5, mqtt_actions_client_id=f"actions-{unique}")
+        assert wait_for(settled(conn, outbox_id))
+        time.sleep(0.3)  # anything published would have arrived by now
+    finally:
+        subscriber.close()
+    assert subscriber.messages == []
+    status, tries, error = outbox_row(conn, outbox_id)
+    assert (status, tries) == ("failed", 1)
+    assert error == (
+        "the value of {value} ('x/y') holds /: a substituted value may not add topic "
+        "levels or wildcards"
+    )
+
+
+# --- smtp
+
+
+def test_no_login_in_clear_to_a_server_without_starttls(
+    start_worker: Callable[..., Started], conn: psycopg.Connection, event: tuple[int, int]
+) -> None:
+    """With credentials on smtp:// and a server that offers AUTH but not STARTTLS, the password
+    is never sent: the attempt fails saying why, and the password is in no log line."""
+    sink = SmtpSink(extensions=("AUTH PLAIN LOGIN", "8BITMIME"))
+    host, port = sink.server.server_address[:2]
+    try:
+        outbox_id = enqueue(
+            conn,
+            event,
+            "notify",
+            {"channel": "email", "message": "hot", "to": "ops@example.com"},
+        )
+        with structlog.testing.capture_logs() as logs:
+            start_worker(smtp_url=f"smtp://hub:s3cr3t-pw@{host}:{port}", outbox_max_attempts=1)
+            assert wait_for(settled(conn, outbox_id))
+    finally:
+        sink.close()
+    assert outbox_row(conn, outbox_id) == (
+        "failed",
+        1,
+        f"smtp {host}:{port} does not offer STARTTLS: refusing to send the password in clear "
+        "(use smtps:// or a server that offers STARTTLS)",
+    )
+    assert "AUTH" not in sink.commands
+    assert sink.messages == []
+    assert not any("s3cr3t-pw" in json.dumps(e, default=str) for e in logs)
+    assert any(e["event"] == "smtp_starttls_missing" for e in logs)
+
+
+def test_an_smtp_server_that_drips_is_cut_off_at_the_deadline() -> None:
+    """A greeting sent a byte every 0.2 s holds one email no longer than the mailer's deadline."""
+    stop = threading.Event()
+
+    class Drip(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            for byte in b"220 " + b"x" * 1000:
+                if stop.is_set():
+                    return
+                try:
+                    self.wfile.write(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="test-smtp-drip")
+    thread.start()
+    try:
+        mailer = Mailer(
+            f"smtp://127.0.0.1:{server.server_address[1]}", "hub@example.com", deadline=1.0
+        )
+        started = time.monotonic()
+        with pytest.raises(DeliveryFailed, match="no complete conversation within 1 s"):
+            mailer.send(["ops@example.com"], "subject", "body")
+        assert time.monotonic() - started < 2.5
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+# --- leases and the worker's heartbeat
+
+
+def test_a_row_leased_by_a_worker_that_died_is_delivered_once_the_lease_runs_out(
+    start_worker: Callable[..., Started], conn: psycopg.Connection, event: tuple[int, int]
+) -> None:
+    """A row another worker claimed is left alone while its lease lasts, and delivered by this
+    one when it has run out (the claimer crashed mid-delivery)."""
+    outbox_id = enqueue(conn, event, "notify", {"channel": "sms", "message": "hi"})
+    conn.execute(
+        "UPDATE action_outbox SET claimed_by = 'gone:1:abc', "
+        "lease_until = now() + interval '1.5 seconds' WHERE id = %s",
+        (outbox_id,),
+    )
+    start_worker()
+    time.sleep(1.0)
+    assert outbox_row(conn, outbox_id)[0] == "pending"  # still leased
+    assert wait_for(settled(conn, outbox_id), timeout=5)
+    assert outbox_row(conn, outbox_id)[:2] == ("delivered", 1)
+    lease = conn.execute(
+        "SELECT lease_until, claimed_by FROM action_outbox WHERE id = %s", (outbox_id,)
+    ).fetchone()
+    assert lease == (None, None)
+
+
+def test_an_outcome_is_recorded_only_by_the_claim_that_holds_the_row(
+    conn: psycopg.Connection, event: tuple[int, int]
+) -> None:
+    """A worker whose lease was taken over records nothing, and a repeated recording is a no-op:
+    one outcome and one attempt row per claim."""
+    outbox_id = enqueue(conn, event, "notify", {"channel": "sms", "message": "hi"})
+    claimed = conn.execute(
+        outbox.queries["claim_due"], {"limit": 10, "lease": 60.0, "token": "new:1:b"}
+    ).fetchall()
+    assert [row[0] for row in claimed] == [outbox_id]
+    now = datetime.now(UTC)
+    params = {
+        "outbox_id": outbox_id,
+        "attempted_at": now,
+        "finished_at": now,
+        "detail": "late",
+        "delay": 1.0,
+    }
+    for query in ("record_delivered", "record_retry", "record_failed"):
+        stale = conn.execute(outbox.queries[query], {**params, "token": "old:1:a"}).fetchone()
+        assert stale is None
+    assert outbox_row(conn, outbox_id) == ("pending", 0, None)
+    assert attempts(conn, outbox_id) == []
+    held = {**params, "token": "new:1:b", "detail": "delivered"}
+    assert conn.execute(outbox.queries["record_delivered"], held).fetchone() == (outbox_id,)
+    assert conn.execute(outbox.queries["record_delivered"], held).fetchone() is None
+    assert outbox_row(conn, outbox_id) == ("delivered", 1, None)
+    assert attempts(conn, outbox_id) == [(True, "delivered")]
+
+
+def test_a_worker_held_up_past_its_deadline_reports_itself_stuck(
+    start_worker: Callable[..., Started],
+    conn: psycopg.Connection,
+    db_url: str,
+    event: tuple[int, int],
+) -> None:
+    """While a lock on the outbox holds the worker's claim beyond outbox_stuck_after, health()
+    says so (log line, gauge); once the lock goes, it delivers and reports itself well again."""
+    outbox_id = enqueue(conn, event, "notify", {"channel": "sms", "message": "hi"})
+    with structlog.testing.capture_logs() as logs:
+        with psycopg.connect(db_url) as locker:
+            locker.execute("LOCK TABLE action_outbox IN ACCESS EXCLUSIVE MODE")
+            started = start_worker(outbox_stuck_after=0.3)
+            worker, metrics = started.worker, started.metrics
+            assert worker.health() == {"outbox": True}
+            assert wait_for(lambda: worker.health() == {"outbox": False}, timeout=5)
+            assert sample(metrics, "iothub_outbox_worker_stuck") == 1
+            assert worker.alive
+            locker.rollback()
+        assert wait_for(settled(conn, outbox_id))
+        assert wait_for(lambda: worker.health() == {"outbox": True})
+    stuck = [e for e in logs if e["event"] == "outbox_worker_stuck"]
+    assert len(stuck) == 1
+    assert stuck[0]["log_level"] == "error" and stuck[0]["step"] == "claim"
+    assert any(e["event"] == "outbox_worker_unstuck" for e in logs)
+    assert sample(metrics, "iothub_outbox_worker_stuck") == 0
