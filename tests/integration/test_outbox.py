@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import email
+import ipaddress
 import json
 import socket
 import socketserver
@@ -16,6 +17,7 @@ from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
@@ -23,11 +25,20 @@ import structlog
 from psycopg.types.json import Jsonb
 
 from config.settings import Settings
+from ingestor.service import IngestService
 from iothub import db, mqttclient
 from iothub.metrics import Metrics
-from rules_engine import evaluator, outbox
+from rules_engine import egress, evaluator, outbox
 from rules_engine.engine import RuleEntry, outbox_rows
-from rules_engine.outbox import DeliveryFailed, Mailer, OutboxWorker, retry_delay
+from rules_engine.outbox import (
+    DeliveryFailed,
+    Mailer,
+    OutboxWorker,
+    WebhookSender,
+    WebhookTarget,
+    retry_delay,
+)
+from tests.support.daemon import running
 from tests.support.fleet import make_fleet, wait_for
 
 FAST_RETRY = 0.05  # seconds: the first retry delay in these tests
@@ -1144,3 +1155,86 @@ def test_a_worker_held_up_past_its_deadline_reports_itself_stuck(
     assert stuck[0]["log_level"] == "error" and stuck[0]["step"] == "claim"
     assert any(e["event"] == "outbox_worker_unstuck" for e in logs)
     assert sample(metrics, "iothub_outbox_worker_stuck") == 0
+
+
+def test_the_daemons_healthz_says_when_the_outbox_worker_is_stuck(
+    make_settings: Callable[..., Settings], conn: psycopg.Connection, db_url: str
+) -> None:
+    """In a running service, a stuck outbox worker turns /healthz into 503 naming `outbox`, and
+    /metrics shows it; when it moves again, /healthz is 200."""
+    settings = make_settings(outbox_stuck_after=0.3, outbox_poll_interval=0.05)
+    metrics = Metrics()
+    pool = db.make_pool(settings, "outbox-test", size=2)
+    pool.open(wait=True)
+    worker = OutboxWorker(settings, pool, metrics)
+    service = IngestService(settings, workers=[worker], metrics=metrics)
+    try:
+        with running(service):
+            healthz = f"{service.http.url}/healthz"
+            assert httpx.get(healthz, timeout=5).status_code == 200
+            with psycopg.connect(db_url) as locker:
+                locker.execute("LOCK TABLE action_outbox IN ACCESS EXCLUSIVE MODE")
+                assert wait_for(lambda: httpx.get(healthz, timeout=5).status_code == 503)
+                answer = httpx.get(healthz, timeout=5).json()
+                assert answer["down"] == ["outbox"]
+                text = httpx.get(f"{service.http.url}/metrics", timeout=5).text
+                assert "iothub_outbox_worker_stuck 1.0" in text
+                locker.rollback()
+            assert wait_for(lambda: httpx.get(healthz, timeout=5).status_code == 200)
+    finally:
+        pool.close()
+
+
+# --- name resolution (no DNS server can run here: getaddrinfo answers as a resolver would)
+
+
+def _resolving(answers: list[list[str]], port: int) -> Callable[..., list[tuple[Any, ...]]]:
+    """A getaddrinfo that gives `answers` for a name in turn, as a rebinding DNS server would;
+    an address literal resolves to itself, as with the real one (no DNS is asked)."""
+    calls = iter(answers)
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        try:
+            found = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            found = next(calls)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in found]
+
+    return getaddrinfo
+
+
+def test_a_name_with_one_private_address_among_public_ones_is_refused(
+    webhook: Callable[..., WebhookServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every resolved address is checked: a public one first does not let a private one pass."""
+    server = webhook()
+    port = server.httpd.server_port
+    monkeypatch.setattr(socket, "getaddrinfo", _resolving([["8.8.8.8", "127.0.0.1"]], port))
+    sender = WebhookSender(2.0, egress.AddressPolicy())
+    try:
+        with pytest.raises(outbox.RefusedTarget, match=r"127\.0\.0\.1 \(loopback\)"):
+            sender.send(1, WebhookTarget(url=f"http://hooks.example:{port}/x", body={}))
+    finally:
+        sender.close()
+    assert server.requests == []
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(
+    webhook: Callable[..., WebhookServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name is resolved once per connection and the checked address is the one connected to:
+    a second answer pointing elsewhere (DNS rebinding) is never asked for."""
+    server = webhook()
+    port = server.httpd.server_port
+    monkeypatch.setattr(
+        socket, "getaddrinfo", _resolving([["127.0.0.1"], ["10.9.9.9"], ["10.9.9.9"]], port)
+    )
+    policy = egress.AddressPolicy(egress.parse_networks(["127.0.0.1/32"]))
+    sender = WebhookSender(2.0, policy)
+    try:
+        detail = sender.send(1, WebhookTarget(url=f"http://hooks.example:{port}/x", body={}))
+    finally:
+        sender.close()
+    assert detail == f"HTTP 200 from http://hooks.example:{port}"
+    assert len(server.requests) == 1
+    assert server.requests[0].headers["Host"] == f"hooks.example:{port}"
