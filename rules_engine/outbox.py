@@ -174,6 +174,7 @@ class OutboxRow:
     kind: str
     target: Any
     attempts: int  # before this attempt
+    lost: bool = False  # a previous claim ran out without an outcome (counted in attempts)
 
 
 @dataclass(frozen=True)
@@ -742,10 +743,24 @@ class OutboxWorker:
                 ).fetchall()
                 rows = sorted((OutboxRow(*values) for values in found), key=lambda r: r.id)
                 documents = self._event_documents(conn, rows)
+            for row in rows:
+                if row.lost:
+                    log.warning(
+                        "action_lease_expired",
+                        why="claimed before and no outcome recorded: counted as a failed attempt",
+                        outbox_id=row.id,
+                        kind=row.kind,
+                        attempts=row.attempts,
+                    )
             try:
                 for row in rows:
                     if self._stopping.is_set() or time.monotonic() - started > BATCH_BUDGET:
                         break
+                    if row.lost and row.attempts >= self._max_attempts:
+                        with self._doing("record", row), conn.transaction():
+                            self._give_up(conn, token, row)
+                        attempted += 1
+                        continue
                     attempted_at = datetime.now(UTC)
                     with self._doing("deliver", row):
                         outcome = self._attempt(row, documents)
@@ -829,6 +844,22 @@ class OutboxWorker:
         else:
             delay = params["delay"]
             log.warning("action_retry", error=detail, retry_in=round(delay, 2), **facts)
+
+    def _give_up(self, conn: psycopg.Connection, token: str, row: OutboxRow) -> None:
+        found = conn.execute(queries["give_up"], {"outbox_id": row.id, "token": token}).fetchone()
+        if found is None:
+            return  # another claim holds it now: its outcome counts
+        self._count(row.kind, "failed")
+        log.error(
+            "action_failed",
+            error=found[0],
+            why="max attempts reached",
+            outbox_id=row.id,
+            kind=row.kind,
+            rule_id=row.rule_id,
+            event_id=row.event_id,
+            attempts=row.attempts,
+        )
 
     def _count(self, kind: str, outcome: str) -> None:
         self._metrics.actions_delivered.labels(kind=kind, outcome=outcome).inc()

@@ -3,21 +3,45 @@
 -- commits before any delivery starts, so a slow receiver holds no lock and no transaction.
 -- SKIP LOCKED lets several service instances claim at once, each taking rows no other is
 -- claiming; the lease keeps the rows theirs after the commit. An expired lease (a worker that
--- crashed or hung) makes the row due again.
+-- crashed, was killed or hung) makes the row due again.
+-- A row that still carries a claim token was claimed and never recorded nor released: that
+-- delivery may well have happened, so it counts as a failed attempt (with its row in
+-- action_attempts). Otherwise a row that brings its worker down would be delivered for ever.
 WITH due AS (
-    SELECT id
+    SELECT id, claimed_by AS lost_claim
     FROM action_outbox
     WHERE status = 'pending' AND next_attempt_at <= now()
       AND (lease_until IS NULL OR lease_until <= now())
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE action_outbox o
+    SET lease_until = now() + make_interval(secs => %(lease)s), claimed_by = %(token)s,
+        attempts = o.attempts + (due.lost_claim IS NOT NULL)::int,
+        last_error = CASE WHEN due.lost_claim IS NULL THEN o.last_error
+                          ELSE 'no outcome recorded by ' || due.lost_claim || ' before its lease ran out'
+                     END
+    FROM due
+    WHERE o.id = due.id
+    RETURNING o.id, o.event_id, o.rule_id, o.kind, o.target, o.attempts, o.last_error,
+              due.lost_claim
+),
+lost AS (
+    INSERT INTO action_attempts (outbox_id, attempted_at, ok, detail)
+    SELECT id, now(), false, last_error FROM claimed WHERE lost_claim IS NOT NULL
 )
-UPDATE action_outbox o
-SET lease_until = now() + make_interval(secs => %(lease)s), claimed_by = %(token)s
-FROM due
-WHERE o.id = due.id
-RETURNING o.id, o.event_id, o.rule_id, o.kind, o.target, o.attempts
+SELECT id, event_id, rule_id, kind, target, attempts, lost_claim IS NOT NULL AS lost
+FROM claimed
+
+-- name: give_up
+-- A row whose lost claims used up its attempts: failed without another delivery (the attempt
+-- was counted and recorded by the claim).
+UPDATE action_outbox
+SET status = 'failed', lease_until = NULL, claimed_by = NULL
+WHERE id = %(outbox_id)s AND claimed_by = %(token)s AND status = 'pending'
+RETURNING last_error
 
 -- name: record_delivered
 -- Each outcome is recorded only while the claim is still the row's (same token, still pending):

@@ -1088,15 +1088,44 @@ def test_a_row_leased_by_a_worker_that_died_is_delivered_once_the_lease_runs_out
         "lease_until = now() + interval '1.5 seconds' WHERE id = %s",
         (outbox_id,),
     )
-    start_worker()
-    time.sleep(1.0)
-    assert outbox_row(conn, outbox_id)[0] == "pending"  # still leased
-    assert wait_for(settled(conn, outbox_id), timeout=5)
-    assert outbox_row(conn, outbox_id)[:2] == ("delivered", 1)
+    with structlog.testing.capture_logs() as logs:
+        start_worker()
+        time.sleep(1.0)
+        assert outbox_row(conn, outbox_id)[0] == "pending"  # still leased
+        assert wait_for(settled(conn, outbox_id), timeout=5)
+    # The lost claim may have delivered: it counts as an attempt, recorded with the new one.
+    lost = "no outcome recorded by gone:1:abc before its lease ran out"
+    assert outbox_row(conn, outbox_id) == ("delivered", 2, lost)
+    assert attempts(conn, outbox_id) == [(False, lost), (True, "logged (sms channel)")]
+    assert [e["outbox_id"] for e in logs if e["event"] == "action_lease_expired"] == [outbox_id]
     lease = conn.execute(
         "SELECT lease_until, claimed_by FROM action_outbox WHERE id = %s", (outbox_id,)
     ).fetchone()
     assert lease == (None, None)
+
+
+def test_a_row_whose_claims_keep_getting_lost_is_failed_not_delivered_for_ever(
+    start_worker: Callable[..., Started], conn: psycopg.Connection, event: tuple[int, int]
+) -> None:
+    """A row that brought down the worker holding it (claimed, then nothing recorded) as often
+    as outbox_max_attempts allows is failed, not delivered yet again."""
+    outbox_id = enqueue(conn, event, "notify", {"channel": "sms", "message": "hi"})
+    conn.execute(
+        "UPDATE action_outbox SET claimed_by = 'gone:2:def', attempts = 2, "
+        "lease_until = now() - interval '1 second' WHERE id = %s",
+        (outbox_id,),
+    )
+    with structlog.testing.capture_logs() as logs:
+        started = start_worker(outbox_max_attempts=3)
+        assert wait_for(settled(conn, outbox_id))
+    lost = "no outcome recorded by gone:2:def before its lease ran out"
+    assert outbox_row(conn, outbox_id) == ("failed", 3, lost)
+    assert attempts(conn, outbox_id) == [(False, lost)]
+    assert not any(e["event"] == "notification" for e in logs)
+    failed = [e for e in logs if e["event"] == "action_failed"]
+    assert [(e["why"], e["attempts"]) for e in failed] == [("max attempts reached", 3)]
+    m = started.metrics
+    assert sample(m, "iothub_actions_delivered_total", kind="notify", outcome="failed") == 1
 
 
 def test_an_outcome_is_recorded_only_by_the_claim_that_holds_the_row(
