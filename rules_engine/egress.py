@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import ipaddress
-import math
 import socket
 import ssl
 import threading
@@ -227,8 +226,11 @@ class GuardedBackend(httpcore.NetworkBackend):
         wait = self.clamp(timeout, httpcore.ConnectTimeout)
         future = self._resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
         try:
-            infos = future.result(timeout=math.inf if wait is None else wait)
+            infos = future.result(timeout=wait)
         except concurrent.futures.TimeoutError:
+            # Not yet started (both threads busy with a hung resolver): it never will be. Once
+            # started it cannot be stopped, and ends with the resolver's own timeouts.
+            future.cancel()
             raise httpcore.ConnectTimeout(f"cannot resolve {host} in time") from None
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None

@@ -1267,3 +1267,24 @@ def test_the_connection_goes_to_the_address_that_was_checked(
     assert detail == f"HTTP 200 from http://hooks.example:{port}"
     assert len(server.requests) == 1
     assert server.requests[0].headers["Host"] == f"hooks.example:{port}"
+
+
+def test_a_resolver_that_hangs_costs_no_more_than_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """getaddrinfo has no timeout of its own: a name whose resolution hangs fails the delivery
+    at the deadline."""
+
+    def hanging(*args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        time.sleep(3)
+        return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    sender = WebhookSender(0.5, egress.AddressPolicy())
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeliveryFailed, match=r"no complete answer from http://slow\.example"):
+            sender.send(1, WebhookTarget(url="http://slow.example/x", body={}))
+        assert time.monotonic() - started < 1.5
+    finally:
+        sender.close()
