@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from config.settings import ConfigError, load_settings
 from rules_engine import actions_model, egress, evaluator
 from rules_engine.conditions import InvalidRule
 from rules_engine.engine import RuleEntry, outbox_rows
@@ -158,3 +159,18 @@ def test_broker_topics_are_refused_in_the_rule() -> None:
     """A topic template under `$` (the broker's own, like $SYS) is an invalid rule."""
     with pytest.raises(InvalidRule, match="belong to the broker"):
         actions_model.parse_action({"type": "mqtt", "topic": "$SYS/x"}, rule_id=4)
+
+
+# --- the allow-list setting
+
+
+def test_allow_list_setting_takes_json_or_commas_and_refuses_typos() -> None:
+    """IOTHUB_ACTION_ALLOW_NETWORKS is a JSON list or comma-separated CIDRs; a bad entry stops
+    start-up with one line naming the setting and the entry; the default allows nothing."""
+    assert load_settings(None, {}).action_allow_networks == ()
+    given = {"IOTHUB_ACTION_ALLOW_NETWORKS": "10.20.0.0/16, 127.0.0.1/32"}
+    assert load_settings(None, given).action_allow_networks == ("10.20.0.0/16", "127.0.0.1/32")
+    given = {"IOTHUB_ACTION_ALLOW_NETWORKS": '["fd00::/8"]'}
+    assert load_settings(None, given).action_allow_networks == ("fd00::/8",)
+    with pytest.raises(ConfigError, match=r"IOTHUB_ACTION_ALLOW_NETWORKS: '10\.0\.0\.1/8'"):
+        load_settings(None, {"IOTHUB_ACTION_ALLOW_NETWORKS": "10.0.0.1/8"})
