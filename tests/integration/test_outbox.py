@@ -1288,3 +1288,22 @@ def test_a_resolver_that_hangs_costs_no_more_than_the_deadline(
         assert time.monotonic() - started < 1.5
     finally:
         sender.close()
+
+
+def test_an_https_receiver_that_never_finishes_the_handshake_fails_at_the_deadline(
+    start_worker: Callable[..., Started], conn: psycopg.Connection, event: tuple[int, int]
+) -> None:
+    """The TLS handshake is held to the same deadline: a server that accepts and then says
+    nothing costs one delivery its deadline, and the attempt says so."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        outbox_id = enqueue(conn, event, "webhook", webhook_target(f"https://127.0.0.1:{port}/x"))
+        start_worker(webhook_timeout=1.0, outbox_max_attempts=1)
+        assert settle_time(conn, outbox_id) < 3.0
+    assert outbox_row(conn, outbox_id) == (
+        "failed",
+        1,
+        f"no complete answer from https://127.0.0.1:{port} within 1 s",
+    )
