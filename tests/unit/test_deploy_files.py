@@ -237,7 +237,48 @@ def test_passwd_example_is_mosquitto_passwd_input() -> None:
 
     assert lines
     assert all(re.fullmatch(r"[^:#\s]+:\S+", line) for line in lines), lines
-    assert {line.split(":")[0] for line in lines} >= {"iothub", "simulator"}
+    assert {line.split(":")[0] for line in lines} >= {"iothub", "iothub-actions", "simulator"}
+
+
+def _mosquitto_settings(name: str) -> dict[str, str]:
+    text = (MOSQUITTO_DIR / name).read_text()
+    return dict(
+        line.split(None, 1) for line in text.splitlines() if line.strip() and line[0] != "#"
+    )
+
+
+# Fixed header (5) + topic length (2) + the longest topic (65535) + packet id (2): what a
+# publish may add to its payload before any property.
+MQTT_PUBLISH_OVERHEAD = 5 + 2 + 65_535 + 2
+
+
+@pytest.mark.parametrize("name", ["mosquitto.conf", "mosquitto-dev.conf"])
+def test_broker_packet_limit_leaves_room_for_the_services_max_payload(name: str) -> None:
+    """max_packet_size lets a max_payload_bytes payload on any topic through, not much more."""
+    limit = int(_mosquitto_settings(name)["max_packet_size"])
+    max_payload = Settings().max_payload_bytes
+
+    assert limit >= max_payload + MQTT_PUBLISH_OVERHEAD
+    assert limit <= 2 * max_payload
+
+
+def test_production_broker_binds_client_ids_to_logins() -> None:
+    """mosquitto.conf replaces each client id by the login: no login reaches another session."""
+    settings = _mosquitto_settings("mosquitto.conf")
+
+    assert settings["use_username_as_clientid"] == "true"
+    assert settings["allow_anonymous"] == "false"
+
+
+def test_every_example_login_has_an_acl_block() -> None:
+    """Each login of passwd.example but the device is a `user` block of the acl, and back."""
+    logins = {
+        line.split(":")[0] for line in (MOSQUITTO_DIR / "passwd.example").read_text().splitlines()
+    }
+    acl_users = set(re.findall(r"^user (\S+)$", (MOSQUITTO_DIR / "acl").read_text(), re.M))
+
+    assert acl_users == {"iothub", "iothub-actions", "alerts-consumer", "simulator"}
+    assert logins - acl_users == {"SN-A1-TEMP-0001"}
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
