@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     mqtt_actions_client_id: str | None = Field(
         default=None, description="client id of the action publisher; default <client_id>-actions"
     )
+    mqtt_actions_url: str | None = Field(
+        default=None,
+        description="broker URL of the action publisher, with a login of its own; default "
+        "mqtt_url, which is refused for actions when it carries a login",
+    )
 
     # --- ingestion
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=1_000_000)
@@ -198,6 +203,13 @@ class Settings(BaseSettings):
         _parse_mqtt_url(value)
         return value
 
+    @field_validator("mqtt_actions_url")
+    @classmethod
+    def _check_mqtt_actions_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_mqtt_url(value)
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _check_tz(cls, value: str) -> str:
@@ -212,13 +224,18 @@ class Settings(BaseSettings):
         return _parse_mqtt_url(self.mqtt_url)
 
     @property
+    def mqtt_actions(self) -> MqttTarget:
+        """Where the action publisher connects: mqtt_actions_url, else mqtt_url."""
+        return _parse_mqtt_url(self.mqtt_actions_url or self.mqtt_url)
+
+    @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with passwords masked, for the start-up log line."""
         values = self.model_dump()
-        for key in ("database_url", "mqtt_url", "smtp_url"):
+        for key in ("database_url", "mqtt_url", "mqtt_actions_url", "smtp_url"):
             if values.get(key):
                 values[key] = _mask_password(str(values[key]))
         return values

@@ -27,8 +27,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from config.settings import DEFAULT_CLIENT_ID, DEFAULT_MAX_PAYLOAD
+from config.settings import DEFAULT_CLIENT_ID, DEFAULT_MAX_PAYLOAD, Settings
 from iothub import mqttclient
+from rules_engine import outbox
 
 MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "mosquitto"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -583,6 +584,42 @@ def test_intake_and_action_publisher_logins_stay_connected_together(
     assert intake.expect() == (f"devices/{DEVICE_1[0]}/telemetry", payload)
     assert intake.disconnects == 0
     assert actions.disconnects == 0
+
+
+def _login_url(port: int, login: tuple[str, str]) -> str:
+    return f"mqtt://{login[0]}:{login[1]}@127.0.0.1:{port}"
+
+
+def test_action_publisher_never_uses_the_intakes_login(
+    broker: Broker, clients: list[Client]
+) -> None:
+    """Without a login of its own the action publisher fails its deliveries instead of taking
+    the intake's session over; with mqtt_actions_url it publishes and the intake stays on."""
+    intake = _persistent(clients, broker, SERVICE, SERVICE_CLIENT_ID)
+    intake.subscribe("devices/+/telemetry")
+    consumer = _connected(clients, broker, CONSUMER)
+    consumer.subscribe("alerts/#")
+    target = outbox.PublishTarget(topic=f"alerts/{DEVICE_1[0]}")
+    shared = outbox.MqttPublisher(Settings(mqtt_url=_login_url(broker.port, SERVICE)), WAIT)
+    own = outbox.MqttPublisher(
+        Settings(
+            mqtt_url=_login_url(broker.port, SERVICE),
+            mqtt_actions_url=_login_url(broker.port, ACTIONS),
+        ),
+        WAIT,
+    )
+    payload = _marker()
+    try:
+        with pytest.raises(outbox.DeliveryFailed, match="mqtt_actions_url"):
+            shared.publish(target, b"{}")
+        outcome = own.publish(target, payload)
+    finally:
+        shared.close()
+        own.close()
+
+    assert "acknowledged" in outcome
+    assert consumer.expect() == (f"alerts/{DEVICE_1[0]}", payload)
+    assert intake.disconnects == 0
 
 
 # --- message size -------------------------------------------------------------------------------
