@@ -164,8 +164,11 @@ class IngestService:
         deadline = time.monotonic() + timeout
         if not self.catalog.wait_ready(timeout):
             return False
-        remaining = max(0.0, deadline - time.monotonic())
-        return self.intake.ever_connected.wait(remaining)
+        # In slices: a subscription the broker refused or downgraded ends the wait at once.
+        while not self.intake.ever_connected.wait(min(MAIN_TICK, timeout)):
+            if self.intake.fatal is not None or time.monotonic() >= deadline:
+                return False
+        return True
 
     def readiness(self) -> dict[str, bool]:
         return {"mqtt": self.intake.connected, "database": self.db_ok and self.catalog.connected}
@@ -202,6 +205,8 @@ class IngestService:
         """Start, serve until stopped, stop. Returns the exit code."""
         self.start()
         if not self.wait_ready(STARTUP_TIMEOUT):
+            if self.intake.fatal is not None:
+                return self._refuse_broker()
             missing = [name for name, ok in self.readiness().items() if not ok]
             log.error("startup_failed", waiting_for=missing, timeout_s=STARTUP_TIMEOUT)
             self.request_stop("startup failed")
@@ -226,11 +231,24 @@ class IngestService:
                 next_pet = now + watchdog
         flushed = self.shutdown()
         self._log_stats()
+        if self.intake.fatal is not None:
+            return exitcodes.CONFIG_ERROR
         if self.fatal:
             return exitcodes.CRASH
         return exitcodes.OK if flushed else exitcodes.FAILURE
 
+    def _refuse_broker(self) -> int:
+        """The broker will not give us QoS 1 subscriptions: stop, as a configuration error."""
+        log.error("mqtt_qos_refused", why=self.intake.fatal, fix="let the broker grant QoS 1")
+        self.request_stop("broker subscription not at QoS 1")
+        self.shutdown()
+        return exitcodes.CONFIG_ERROR
+
     def _check_threads(self) -> None:
+        if self.intake.fatal is not None and not self.stop_event.is_set():
+            # A later connection's SUBACK: same refusal, after draining what was received.
+            log.error("mqtt_qos_refused", why=self.intake.fatal, fix="let the broker grant QoS 1")
+            self.request_stop("broker subscription not at QoS 1")
         dead = []
         if not self.intake.thread_alive and self.intake.ever_connected.is_set():
             dead.append("mqtt")

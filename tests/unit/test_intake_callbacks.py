@@ -65,3 +65,15 @@ def test_closed_intake_leaves_new_messages_to_the_broker() -> None:
     intake._on_message(intake._client, None, message)
     assert intake.take(10, 0.0) == []
     assert intake.pending == 0
+
+
+def test_on_message_keeps_the_retain_flag() -> None:
+    """A retained message stays marked as such, so the batch can reject it as `retained`."""
+    intake = make_intake()
+    message = mqtt.MQTTMessage(mid=4, topic=b"devices/SN-1/telemetry")
+    message.payload = b'{"metrics": {"status": "FAULT"}}'
+    message.qos = 1
+    message.retain = True
+    intake._on_message(intake._client, None, message)
+    (taken,) = intake.take(10, 0.0)
+    assert taken.retain is True
