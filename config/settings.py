@@ -50,6 +50,9 @@ DEFAULT_NO_DATA_CHECK = 10.0  # seconds
 DEFAULT_OUTBOX_POLL = 0.5  # seconds
 DEFAULT_OUTBOX_MAX_ATTEMPTS = 8
 DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds
+DEFAULT_INGEST_LOCK_TIMEOUT = 10.0  # seconds a batch statement may wait for a lock
+DEFAULT_INGEST_STATEMENT_TIMEOUT = 30.0  # seconds a batch statement may run
+DEFAULT_WRITER_STALL_TIMEOUT = 60.0  # seconds without a commit, work pending: /healthz fails
 
 
 class ConfigError(Exception):
@@ -106,6 +109,27 @@ class Settings(BaseSettings):
     max_str_len: int = Field(default=DEFAULT_MAX_STR_LEN, ge=1)
     future_tolerance: float = Field(default=DEFAULT_FUTURE_TOLERANCE, ge=0)
     max_age: float = Field(default=DEFAULT_MAX_AGE, gt=0)
+    ingest_lock_timeout: float = Field(
+        default=DEFAULT_INGEST_LOCK_TIMEOUT,
+        ge=0,
+        le=3600,
+        description="seconds a statement of a batch may wait for a lock, then the batch is "
+        "retried (PostgreSQL lock_timeout of ingestion connections; 0: no limit)",
+    )
+    ingest_statement_timeout: float = Field(
+        default=DEFAULT_INGEST_STATEMENT_TIMEOUT,
+        ge=0,
+        le=3600,
+        description="seconds a statement of a batch may run, then the batch is retried "
+        "(PostgreSQL statement_timeout of ingestion connections; 0: no limit)",
+    )
+    writer_stall_timeout: float = Field(
+        default=DEFAULT_WRITER_STALL_TIMEOUT,
+        gt=0,
+        le=86_400,
+        description="seconds the writer may commit nothing while messages wait before "
+        "/healthz reports it down",
+    )
 
     # --- rules and actions
     timezone: str = Field(default="UTC", description="time zone of rule time restrictions")
