@@ -52,6 +52,9 @@ DEFAULT_OUTBOX_POLL = 0.5  # seconds
 DEFAULT_OUTBOX_MAX_ATTEMPTS = 8
 DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds: the whole delivery, first byte to last, on the wall clock
 DEFAULT_OUTBOX_STUCK_AFTER = 30.0  # seconds past a step's deadline before the worker is "stuck"
+DEFAULT_INGEST_LOCK_TIMEOUT = 10.0  # seconds a batch statement may wait for a lock
+DEFAULT_INGEST_STATEMENT_TIMEOUT = 30.0  # seconds a batch statement may run
+DEFAULT_WRITER_STALL_TIMEOUT = 60.0  # seconds without a commit, work pending: /healthz fails
 
 
 class ConfigError(Exception):
@@ -94,6 +97,11 @@ class Settings(BaseSettings):
     mqtt_actions_client_id: str | None = Field(
         default=None, description="client id of the action publisher; default <client_id>-actions"
     )
+    mqtt_actions_url: str | None = Field(
+        default=None,
+        description="broker URL of the action publisher, with a login of its own; default "
+        "mqtt_url, which is refused for actions when it carries a login",
+    )
 
     # --- ingestion
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=1_000_000)
@@ -103,6 +111,27 @@ class Settings(BaseSettings):
     max_str_len: int = Field(default=DEFAULT_MAX_STR_LEN, ge=1)
     future_tolerance: float = Field(default=DEFAULT_FUTURE_TOLERANCE, ge=0)
     max_age: float = Field(default=DEFAULT_MAX_AGE, gt=0)
+    ingest_lock_timeout: float = Field(
+        default=DEFAULT_INGEST_LOCK_TIMEOUT,
+        ge=0,
+        le=3600,
+        description="seconds a statement of a batch may wait for a lock, then the batch is "
+        "retried (PostgreSQL lock_timeout of ingestion connections; 0: no limit)",
+    )
+    ingest_statement_timeout: float = Field(
+        default=DEFAULT_INGEST_STATEMENT_TIMEOUT,
+        ge=0,
+        le=3600,
+        description="seconds a statement of a batch may run, then the batch is retried "
+        "(PostgreSQL statement_timeout of ingestion connections; 0: no limit)",
+    )
+    writer_stall_timeout: float = Field(
+        default=DEFAULT_WRITER_STALL_TIMEOUT,
+        gt=0,
+        le=86_400,
+        description="seconds the writer may commit nothing while messages wait before "
+        "/healthz reports it down",
+    )
 
     # --- rules and actions
     timezone: str = Field(default="UTC", description="time zone of rule time restrictions")
@@ -238,6 +267,13 @@ class Settings(BaseSettings):
         _parse_mqtt_url(value)
         return value
 
+    @field_validator("mqtt_actions_url")
+    @classmethod
+    def _check_mqtt_actions_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_mqtt_url(value)
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _check_tz(cls, value: str) -> str:
@@ -252,13 +288,18 @@ class Settings(BaseSettings):
         return _parse_mqtt_url(self.mqtt_url)
 
     @property
+    def mqtt_actions(self) -> MqttTarget:
+        """Where the action publisher connects: mqtt_actions_url, else mqtt_url."""
+        return _parse_mqtt_url(self.mqtt_actions_url or self.mqtt_url)
+
+    @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with passwords masked, for the start-up log line."""
         values = self.model_dump()
-        for key in ("database_url", "mqtt_url", "smtp_url"):
+        for key in ("database_url", "mqtt_url", "mqtt_actions_url", "smtp_url"):
             if values.get(key):
                 values[key] = _mask_password(str(values[key]))
         return values

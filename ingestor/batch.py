@@ -79,6 +79,19 @@ def prepare(
             )
 
         match = router.match(msg.topic)
+        if msg.retain:
+            # We subscribe with retain handling 2 and without retain-as-published, so the flag
+            # reaches us only when a broker replays its retained copy anyway (one that ignores
+            # retain handling). That copy is the same old reading on every (re)subscribe, and
+            # without a ts of its own it would be stored again at each receipt time: recorded
+            # once per replay, never stored.
+            reject(
+                Reason.retained,
+                "retained message replayed by the broker on subscribe; publish telemetry without"
+                " the retain flag",
+                match.serial_id if match is not None else None,
+            )
+            continue
         if match is None:
             reject(Reason.bad_schema, f"topic {msg.topic!r} matches no configured topic pattern")
             continue

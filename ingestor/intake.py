@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 RECONNECT_MIN, RECONNECT_MAX = 1, 30  # seconds, paho doubles the delay between them
 FULL_WAIT = 0.5  # seconds: how long the callback waits for room before re-checking stop
 RECEIVE_MAXIMUM_CAP = 65_535  # the protocol's limit for Receive Maximum
+REQUIRED_QOS = 1  # what every subscription must be granted: acknowledged, redelivered delivery
 
 
 class MqttIntake:
@@ -62,6 +63,10 @@ class MqttIntake:
         self._connected = False
         self.ever_connected = threading.Event()
         self.session_lost = 0  # reconnects on which the broker had no session for us
+        # Why the intake cannot do its job (set on the MQTT thread, read by the service, which
+        # then stops): a subscription refused or granted less than QoS 1.
+        self.fatal: str | None = None
+        self._subscribed_filters: list[str] = []
         self.stale_acks = 0  # acknowledgements skipped because their connection was gone
         client = mqttclient.make_client(settings.mqtt_url, settings.mqtt_client_id, manual_ack=True)
         client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
@@ -237,9 +242,14 @@ class MqttIntake:
                 "mqtt_connected", session_present=flags.session_present, generation=self._generation
             )
             group = self._settings.mqtt_shared_group
-            topics = [
-                (p.subscription_for(group), SubscribeOptions(qos=1)) for p in self._router.patterns
-            ]
+            # Retain handling 2: the broker does not send its retained messages when we
+            # subscribe, which we do on every connect; a retained reading is an old one, and it
+            # would be stored again after every restart (again and again without a ts).
+            options = SubscribeOptions(
+                qos=REQUIRED_QOS, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+            )
+            topics = [(p.subscription_for(group), options) for p in self._router.patterns]
+            self._subscribed_filters = [topic for topic, _ in topics]
             client.subscribe(topics)
         except Exception:
             log.exception("mqtt_callback_failed", callback="on_connect")
@@ -253,9 +263,32 @@ class MqttIntake:
         properties: Properties | None,
     ) -> None:
         try:
-            failed = [str(rc) for rc in reason_codes if rc.is_failure]
-            if failed:
-                log.error("mqtt_subscribe_refused", reasons=failed)
+            filters = self._subscribed_filters
+            granted = {
+                filters[i] if i < len(filters) else f"#{i}": rc for i, rc in enumerate(reason_codes)
+            }
+            refused = {topic: str(rc) for topic, rc in granted.items() if rc.is_failure}
+            # In a SUBACK a success code is the QoS granted. A broker may grant less than asked:
+            # at QoS 0 it sends each message once, without waiting for our PUBACK, so a crash
+            # or an outage loses it. That breaks the delivery promise: refuse to run.
+            downgraded = {
+                topic: rc.value
+                for topic, rc in granted.items()
+                if not rc.is_failure and rc.value < REQUIRED_QOS
+            }
+            if refused or downgraded:
+                self.fatal = (
+                    f"the broker refused subscriptions {refused}"
+                    if refused
+                    else f"the broker granted QoS {downgraded}, not {REQUIRED_QOS}"
+                )
+                log.error(
+                    "mqtt_subscribe_refused",
+                    refused=refused,
+                    downgraded=downgraded,
+                    required_qos=REQUIRED_QOS,
+                    why="at-least-once delivery needs every subscription at QoS 1",
+                )
             else:
                 log.info("mqtt_subscribed", granted=[rc.value for rc in reason_codes])
                 # Ready only now: before the SUBACK, a first-time session may miss messages.
@@ -296,6 +329,7 @@ class MqttIntake:
                 generation=self._generation,
                 received_at=time.time(),
                 received_mono=time.monotonic(),
+                retain=bool(message.retain),
             )
             with self._cond:
                 while self._pending >= self._max_pending and not self._closed:

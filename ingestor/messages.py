@@ -17,3 +17,6 @@ class InboundMessage:
     generation: int
     received_at: float  # wall clock, seconds since the epoch
     received_mono: float  # monotonic clock, for ages
+    # The broker sent it as a retained message, i.e. because of the subscription and not because
+    # it was just published: an old reading replayed, never stored (see ingestor/batch.py).
+    retain: bool = False

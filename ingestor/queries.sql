@@ -19,6 +19,13 @@ CREATE TEMP TABLE IF NOT EXISTS iothub_staging (
     value_jsonb      jsonb NOT NULL
 ) ON COMMIT DELETE ROWS
 
+-- name: set_timeouts
+-- Per connection (the pool's configure hook): a batch blocked by a lock (a LOCK TABLE, a long
+-- migration) or a runaway statement fails, is rolled back and retried, instead of hanging the
+-- writer with every message unacknowledged. Values in milliseconds; 0 means no limit.
+SELECT set_config('lock_timeout', %(lock_ms)s, false),
+       set_config('statement_timeout', %(statement_ms)s, false)
+
 -- name: copy_staging
 COPY iothub_staging (device_metric_id, ts, value_jsonb) FROM STDIN
 

@@ -31,6 +31,7 @@ class Reason(enum.StrEnum):
     ts_too_old = "ts_too_old", "The ts is older than the backfill limit."
     value_too_large = "value_too_large", "The value's magnitude or length exceeds its limit."
     storage_error = "storage_error", "The database refused a reading that passed validation."
+    retained = "retained", "A retained message the broker replayed on subscribe; not telemetry."
 
     def __new__(cls, value: str, description: str = "") -> Reason:
         # The two-element form keeps each code next to its description; str() and == see only

@@ -41,7 +41,13 @@ from ingestor.hooks import BatchHook, NoHook
 from ingestor.intake import MqttIntake
 from ingestor.messages import InboundMessage
 from ingestor.topics import TopicRouter
-from ingestor.writer import BatchWriter, DatabaseUnavailable, WriteResult, configure_connection
+from ingestor.writer import (
+    BatchTimedOut,
+    BatchWriter,
+    DatabaseUnavailable,
+    WriteResult,
+    connection_setup,
+)
 from iothub import db, exitcodes
 from iothub.http import HealthServer
 from iothub.metrics import Metrics
@@ -120,7 +126,7 @@ class IngestService:
         self.stop_event = threading.Event()
         self.router = TopicRouter.from_strings(settings.mqtt_topics)
         self.limits = limits_from(settings)
-        self.pool = pool or db.make_pool(settings, "ingest", configure=configure_connection)
+        self.pool = pool or db.make_pool(settings, "ingest", configure=connection_setup(settings))
         self.hook = hook or NoHook()
         self.workers = list(workers)
         self._on_catalog_change = on_catalog_change
@@ -144,6 +150,8 @@ class IngestService:
         self._abandoned = False  # a batch was left to the broker at stop: not a clean exit
         self._writer_heartbeat = time.monotonic()
         self._writing_since: float | None = None
+        self._last_commit = time.monotonic()  # a batch committed, for the stall check
+        self._stalled = False  # what the main loop last logged
         self._prepared: queue.Queue[batch_mod.Batch | None] = queue.Queue(maxsize=1)
         self._writer = threading.Thread(target=self._writer_main, name="iothub-writer", daemon=True)
         self.totals: Counter[str] = Counter()
@@ -171,17 +179,31 @@ class IngestService:
         deadline = time.monotonic() + timeout
         if not self.catalog.wait_ready(timeout):
             return False
-        remaining = max(0.0, deadline - time.monotonic())
-        return self.intake.ever_connected.wait(remaining)
+        # In slices: a subscription the broker refused or downgraded ends the wait at once.
+        while not self.intake.ever_connected.wait(min(MAIN_TICK, timeout)):
+            if self.intake.fatal is not None or time.monotonic() >= deadline:
+                return False
+        return True
 
     def readiness(self) -> dict[str, bool]:
-        checks = {"mqtt": self.intake.connected, "database": self.db_ok and self.catalog.connected}
+        checks = {
+            "mqtt": self.intake.connected,
+            "database": self.db_ok and self.catalog.connected,
+            "writer": not self.writer_stalled(),
+        }
         # Workers that watch themselves (the outbox reports a stuck delivery) add their checks;
         # the main loop calls this every tick, so their reports do not wait for a /healthz poll.
         for worker in self.workers:
             if isinstance(worker, HealthReporter):
                 checks.update(worker.health())
         return checks
+
+    def writer_stalled(self) -> bool:
+        """Messages have waited, and no batch has committed, for writer_stall_timeout: the
+        writer is blocked (a lock, a hung statement, a retry loop) while the database and the
+        broker may both look fine."""
+        limit = self.settings.writer_stall_timeout
+        return self.oldest_unacked_age() > limit and time.monotonic() - self._last_commit > limit
 
     def request_stop(self, why: str = "requested") -> None:
         if not self.stop_event.is_set():
@@ -215,6 +237,8 @@ class IngestService:
         """Start, serve until stopped, stop. Returns the exit code."""
         self.start()
         if not self.wait_ready(STARTUP_TIMEOUT):
+            if self.intake.fatal is not None:
+                return self._refuse_broker()
             missing = [name for name, ok in self.readiness().items() if not ok]
             log.error("startup_failed", waiting_for=missing, timeout_s=STARTUP_TIMEOUT)
             self.request_stop("startup failed")
@@ -227,6 +251,7 @@ class IngestService:
         next_pet = time.monotonic()
         while not self.stop_event.wait(MAIN_TICK):
             self._check_threads()
+            self._check_writer_progress()
             now = time.monotonic()
             self._update_gauges()
             if now >= next_stats:
@@ -239,11 +264,38 @@ class IngestService:
                 next_pet = now + watchdog
         flushed = self.shutdown()
         self._log_stats()
+        if self.intake.fatal is not None:
+            return exitcodes.CONFIG_ERROR
         if self.fatal:
             return exitcodes.CRASH
         return exitcodes.OK if flushed else exitcodes.FAILURE
 
+    def _refuse_broker(self) -> int:
+        """The broker will not give us QoS 1 subscriptions: stop, as a configuration error."""
+        log.error("mqtt_qos_refused", why=self.intake.fatal, fix="let the broker grant QoS 1")
+        self.request_stop("broker subscription not at QoS 1")
+        self.shutdown()
+        return exitcodes.CONFIG_ERROR
+
+    def _check_writer_progress(self) -> None:
+        stalled = self.writer_stalled()
+        if stalled != self._stalled:
+            self._stalled = stalled
+            if stalled:
+                log.warning(
+                    "writer_stalled",
+                    pending=self.intake.pending,
+                    oldest_unacked_s=round(self.oldest_unacked_age(), 1),
+                    since_commit_s=round(time.monotonic() - self._last_commit, 1),
+                )
+            else:
+                log.info("writer_progressing")
+
     def _check_threads(self) -> None:
+        if self.intake.fatal is not None and not self.stop_event.is_set():
+            # A later connection's SUBACK: same refusal, after draining what was received.
+            log.error("mqtt_qos_refused", why=self.intake.fatal, fix="let the broker grant QoS 1")
+            self.request_stop("broker subscription not at QoS 1")
         dead = []
         if not self.intake.thread_alive and self.intake.ever_connected.is_set():
             dead.append("mqtt")
@@ -352,7 +404,11 @@ class IngestService:
             try:
                 result = self.writer.write(prepared)
             except DatabaseUnavailable as exc:
-                self.db_ok = False
+                # A timed-out batch says nothing about the database being reachable; whether
+                # the writer is stuck is the stall check's to say.
+                timed_out = isinstance(exc, BatchTimedOut)
+                if not timed_out:
+                    self.db_ok = False
                 self.metrics.batches.labels(outcome="retry").inc()
                 if self.stop_event.is_set():
                     if give_up_at is None:
@@ -363,7 +419,7 @@ class IngestService:
                         return False
                 delay = backoff.next()
                 log.warning(
-                    "db_unavailable",
+                    "batch_timed_out" if timed_out else "db_unavailable",
                     error=str(exc).splitlines()[0][:300],
                     retry_in=round(delay, 2),
                     messages=len(prepared.messages),
@@ -374,6 +430,7 @@ class IngestService:
             if backoff.failing:
                 log.info("db_recovered")
             self.db_ok = True
+            self._last_commit = time.monotonic()
             self._record(prepared, result)
             return True
 
@@ -475,7 +532,7 @@ class IngestService:
 def build(settings: Settings, notifier: SystemdNotifier | None = None) -> IngestService:
     """The service with the rule engine plugged in (its hook, workers and rule cache)."""
     metrics = Metrics()
-    pool = db.make_pool(settings, "ingest", configure=configure_connection)
+    pool = db.make_pool(settings, "ingest", configure=connection_setup(settings))
     rules = engine.RuleEngine(settings, metrics)
     service = IngestService(
         settings,

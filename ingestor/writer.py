@@ -10,7 +10,7 @@ same batch later, and nothing was acknowledged.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -18,6 +18,7 @@ import psycopg
 import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from config.settings import Settings
 from ingestor.batch import Batch, RejectRow, Row
 from ingestor.hooks import BatchHook, HookResult, StoredReading
 from ingestor.reasons import Reason
@@ -33,10 +34,17 @@ _DATA_ERROR_CLASSES = ("22", "23", "54")
 # shutting down or starting, a failover that left us on a read-only standby, exhausted
 # resources (disk full, too many connections), serialization failures and deadlocks.
 _RETRYABLE = ("08", "57P", "25006", "53", "40001", "40P01")
+# lock_timeout (lock_not_available) and statement_timeout (query_canceled): the batch waited
+# or ran too long. The connection itself is fine, so it is kept.
+_TIMED_OUT = ("55P03", "57014")
 
 
 class DatabaseUnavailable(Exception):
     """The database cannot be reached; the batch was not stored."""
+
+
+class BatchTimedOut(DatabaseUnavailable):
+    """A statement of the batch hit lock_timeout or statement_timeout; the batch was not stored."""
 
 
 @dataclass
@@ -51,6 +59,22 @@ class WriteResult:
 def configure_connection(conn: psycopg.Connection) -> None:
     """Pool hook: each connection gets its own staging table, once."""
     conn.execute(queries["create_staging"])
+
+
+def connection_setup(settings: Settings) -> Callable[[psycopg.Connection], None]:
+    """Pool hook of the ingestion pool: the staging table and the batch timeouts."""
+    lock_ms = str(round(settings.ingest_lock_timeout * 1000))
+    statement_ms = str(round(settings.ingest_statement_timeout * 1000))
+
+    def configure(conn: psycopg.Connection) -> None:
+        configure_connection(conn)
+        conn.execute(queries["set_timeouts"], {"lock_ms": lock_ms, "statement_ms": statement_ms})
+
+    return configure
+
+
+def _timed_out(exc: psycopg.Error) -> bool:
+    return (exc.sqlstate or "") in _TIMED_OUT
 
 
 def _is_unavailable(exc: psycopg.Error) -> bool:
@@ -102,7 +126,7 @@ class BatchWriter:
                         if rejects:
                             self._copy_rejections(conn, rejects)
                 except psycopg.Error as exc:
-                    if _is_unavailable(exc) and not conn.closed:
+                    if _is_unavailable(exc) and not _timed_out(exc) and not conn.closed:
                         # Do not hand this session out again: after a failover it may sit on
                         # a read-only standby for good. The pool makes a fresh one.
                         conn.close()
@@ -110,6 +134,8 @@ class BatchWriter:
         except PoolTimeout as exc:
             raise DatabaseUnavailable(f"no database connection: {exc}") from exc
         except psycopg.Error as exc:
+            if _timed_out(exc):
+                raise BatchTimedOut(str(exc).strip() or type(exc).__name__) from exc
             if _is_unavailable(exc):
                 raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
             raise  # a bug or a schema problem (e.g. migrations not applied): stop loudly

@@ -324,12 +324,24 @@ class MqttPublisher:
     def __init__(
         self, settings: Settings, timeout: float, stopping: threading.Event | None = None
     ) -> None:
-        self._url = settings.mqtt_url
+        self._url = settings.mqtt_actions_url or settings.mqtt_url
         self._client_id = settings.mqtt_actions_client_id or f"{settings.mqtt_client_id}-actions"
         self._keepalive = settings.mqtt_keepalive
         self._timeout = timeout
         self._stopping = stopping or threading.Event()
-        self._host, self._port = mqttclient.host_port(settings.mqtt_url)
+        self._host, self._port = mqttclient.host_port(self._url)
+        # A broker that binds client ids to logins (the shipped mosquitto.conf) gives a login one
+        # connection: a second one under the intake's login would take the intake's session
+        # over and discard its queued telemetry. So that login is never used here.
+        self._login_clash: str | None = None
+        intake_login = settings.mqtt.username
+        if intake_login is not None and settings.mqtt_actions.username == intake_login:
+            self._login_clash = (
+                f"mqtt actions need a broker login of their own: the publisher would share "
+                f"{intake_login!r} with the intake and take its session over; "
+                f"set mqtt_actions_url"
+            )
+            log.warning("actions_mqtt_login_shared", login=intake_login, why=self._login_clash)
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
         self._refused: str | None = None  # why the broker last refused the connection
@@ -356,6 +368,8 @@ class MqttPublisher:
         return client
 
     def publish(self, target: PublishTarget, payload: bytes) -> str:
+        if self._login_clash is not None:
+            raise DeliveryFailed(self._login_clash)
         topic = target.topic
         # Checked before paho sees it: paho raises ValueError on a wildcard, and the broker
         # drops the whole connection over a control character.

@@ -27,6 +27,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from config.settings import DEFAULT_CLIENT_ID, DEFAULT_MAX_PAYLOAD, Settings
+from iothub import mqttclient
+from rules_engine import outbox
+
 MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "mosquitto"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -38,10 +42,14 @@ NOT_AUTHORIZED = 0x87  # MQTT v5 reason code
 FIRST_FAILURE_CODE = 0x80  # MQTT v5: reason codes below this are successes
 
 SERVICE = ("iothub", "service-secret")
+ACTIONS = ("iothub-actions", "actions-secret")
+CONSUMER = ("alerts-consumer", "consumer-secret")
 SIMULATOR = ("simulator", "simulator-secret")
 DEVICE_1 = ("SN-ACL-0001", "device-1-secret")
 DEVICE_2 = ("SN-ACL-0002", "device-2-secret")
-LOGINS = (SERVICE, SIMULATOR, DEVICE_1, DEVICE_2)
+LOGINS = (SERVICE, ACTIONS, CONSUMER, SIMULATOR, DEVICE_1, DEVICE_2)
+SERVICE_CLIENT_ID = DEFAULT_CLIENT_ID  # the service's public default client id
+SESSION_EXPIRY = 300  # seconds, for the persistent sessions of these tests
 
 pytestmark = pytest.mark.skipif(
     not Path(MOSQUITTO).exists() or MOSQUITTO_PASSWD is None,
@@ -159,19 +167,29 @@ class Client:
         *,
         protocol: MQTTProtocolVersion = mqtt.MQTTv5,
         client_id: str | None = None,
+        persistent: bool = False,
     ) -> None:
         self.port = port
         self.protocol = protocol
         self.client_id = client_id or f"acl-test-{uuid.uuid4().hex[:12]}"
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connect_reason: ReasonCode | None = None
+        self.session_present: bool | None = None
+        self.disconnects = 0  # connections the broker (or the network) ended, not close()
+        self.disconnected = threading.Event()
+        self._closing = False
         self._connected = threading.Event()
         self._lock = threading.Condition()
         self._pubacks: dict[int, ReasonCode] = {}
         self._subacks: dict[int, list[ReasonCode]] = {}
 
+        # v3.1.1 has no clean start: a persistent session is asked for at construction.
+        clean_session = (not persistent) if protocol != mqtt.MQTTv5 else None
         self.paho = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            clean_session=clean_session,
         )
         if login is not None:
             self.paho.username_pw_set(*login)
@@ -182,12 +200,21 @@ class Client:
         self.paho.on_publish = self._on_publish
         self.paho.on_subscribe = self._on_subscribe
         self.paho.on_message = self._on_message
+        self.paho.on_disconnect = self._on_disconnect
 
     def _on_connect(
-        self, _c: object, _u: object, _f: object, reason: ReasonCode, _p: object
+        self, _c: object, _u: object, flags: mqtt.ConnectFlags, reason: ReasonCode, _p: object
     ) -> None:
         self.connect_reason = reason
+        self.session_present = flags.session_present
         self._connected.set()
+
+    def _on_disconnect(
+        self, _c: object, _u: object, _f: object, _reason: ReasonCode, _p: object
+    ) -> None:
+        if not self._closing:
+            self.disconnects += 1
+            self.disconnected.set()
 
     def _on_publish(self, _c: object, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
         with self._lock:
@@ -247,9 +274,11 @@ class Client:
                 return out
 
     def close(self) -> None:
+        self._closing = True
         with contextlib.suppress(Exception):
             self.paho.disconnect()
-        self.paho.loop_stop()
+        # Also closes the wake-up socket pair paho leaves open (a ResourceWarning otherwise).
+        mqttclient.stop_loop(self.paho)
 
 
 @pytest.fixture
@@ -321,18 +350,43 @@ def test_publish_outside_the_devices_own_topic_is_not_delivered(
         assert not shared.is_failure
 
 
-def test_service_may_publish_alerts_but_not_telemetry(
+def test_action_publisher_may_publish_alerts_but_not_telemetry(
     broker: Broker, clients: list[Client]
 ) -> None:
-    """The iothub login may write alerts/# for rule actions, and no device topic."""
+    """The iothub-actions login may write alerts/# for rule actions, and no device topic; the
+    intake's login, whose connection it must not share, writes nothing at all."""
+    actions = _connected(clients, broker, ACTIONS)
     service = _connected(clients, broker, SERVICE)
 
-    alert = service.publish(f"alerts/{DEVICE_1[0]}", b'{"rule": "too hot"}')
-    telemetry = service.publish(f"devices/{DEVICE_1[0]}/telemetry", b"{}")
+    alert = actions.publish(f"alerts/{DEVICE_1[0]}", b'{"rule": "too hot"}')
+    telemetry = actions.publish(f"devices/{DEVICE_1[0]}/telemetry", b"{}")
+    alert_by_intake = service.publish(f"alerts/{DEVICE_1[0]}", b'{"rule": "too hot"}')
 
     # 0x10 "no matching subscribers" is a success: nobody listens to alerts in this test.
     assert alert.value < FIRST_FAILURE_CODE
     assert telemetry.value == NOT_AUTHORIZED
+    assert alert_by_intake.value == NOT_AUTHORIZED
+
+
+def test_alerts_consumer_receives_what_the_action_publisher_sends(
+    broker: Broker, clients: list[Client]
+) -> None:
+    """alerts-consumer reads alerts/# (and may not write there); a device may not read them."""
+    consumer = _connected(clients, broker, CONSUMER)
+    consumer.subscribe("alerts/#")
+    actions = _connected(clients, broker, ACTIONS)
+    device = _connected(clients, broker, DEVICE_1)
+    # Mosquitto 2.0 grants the subscription and checks each message against the read ACL.
+    device.subscribe("alerts/#")
+    payload = _marker()
+
+    forged = consumer.publish(f"alerts/{DEVICE_1[0]}", b'{"forged": 1}')
+    actions.publish(f"alerts/{DEVICE_1[0]}", payload)
+
+    assert consumer.expect() == (f"alerts/{DEVICE_1[0]}", payload)
+    assert consumer.received_now() == []
+    assert forged.value == NOT_AUTHORIZED
+    assert device.received_now() == []
 
 
 def test_simulator_publishes_for_any_device_and_the_shared_topic(
@@ -432,3 +486,181 @@ def test_dev_config_loads_and_lets_anonymous_clients_through(
         assert subscriber.expect() == ("devices/ANY/telemetry", payload)
     finally:
         server.stop()
+
+
+# --- client ids bound to logins -----------------------------------------------------------------
+
+
+def _persistent(
+    clients: list[Client],
+    broker: Broker,
+    login: tuple[str, str],
+    client_id: str,
+    protocol: MQTTProtocolVersion = mqtt.MQTTv5,
+) -> Client:
+    """A connection with clean start off (v5: session expiry too) under `client_id`."""
+    client = Client(broker.port, login, protocol=protocol, client_id=client_id, persistent=True)
+    clients.append(client)
+    # v3.1.1 has no session expiry: clean_session=False, set at construction, is the request.
+    reason = client.connect(session_expiry=SESSION_EXPIRY if protocol == mqtt.MQTTv5 else None)
+    assert not reason.is_failure, f"{login[0]} refused: {reason}"
+    return client
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5], ids=["v3.1.1", "v5"])
+def test_a_device_login_cannot_resume_or_discard_the_service_session(
+    tmp_path: Path, clients: list[Client], protocol: MQTTProtocolVersion
+) -> None:
+    """A device connecting with the service's client id and clean start off gets no session of
+    the service's, receives none of its queued telemetry, and the service later gets all of it."""
+    base = tmp_path / "broker"
+    base.mkdir()
+    _write_passwords(base / "passwd")
+    server = Broker("mosquitto.conf", base)
+    server.start()
+    queued = [_marker() for _ in range(5)]
+    try:
+        service = _persistent(clients, server, SERVICE, SERVICE_CLIENT_ID)
+        service.subscribe("devices/+/telemetry")
+        service.close()
+        publisher = _connected(clients, server, DEVICE_2)
+        for payload in queued:
+            assert not publisher.publish(f"devices/{DEVICE_2[0]}/telemetry", payload).is_failure
+
+        intruder = _persistent(clients, server, DEVICE_1, SERVICE_CLIENT_ID, protocol)
+        # Anything queued for the service would be sent right after CONNACK: a subscription
+        # round trip on the intruder's connection lets it arrive before we look.
+        intruder.paho.subscribe(f"devices/{DEVICE_1[0]}/ignored", qos=1)
+        time.sleep(0.2)
+        intruder_saw = intruder.received_now()
+        intruder_session = intruder.session_present
+        intruder.close()
+
+        service = _persistent(clients, server, SERVICE, SERVICE_CLIENT_ID)
+        received = [service.expect()[1] for _ in queued]
+        service_session = service.session_present
+    finally:
+        server.stop()
+
+    assert intruder_session is False
+    assert intruder_saw == []
+    assert service_session is True
+    assert received == queued
+
+
+def test_a_device_login_cannot_kick_the_service_off(broker: Broker, clients: list[Client]) -> None:
+    """Connecting again and again with the service's client id does not disconnect the service."""
+    service = _persistent(clients, broker, SERVICE, SERVICE_CLIENT_ID)
+    service.subscribe("devices/+/telemetry")
+
+    for _ in range(3):
+        intruder = Client(broker.port, DEVICE_1, client_id=SERVICE_CLIENT_ID)
+        clients.append(intruder)
+        assert not intruder.connect().is_failure
+        intruder.close()
+    device = _connected(clients, broker, DEVICE_2)
+    payload = _marker()
+    device.publish(f"devices/{DEVICE_2[0]}/telemetry", payload)
+
+    assert service.expect() == (f"devices/{DEVICE_2[0]}/telemetry", payload)
+    assert service.disconnects == 0
+
+
+def test_intake_and_action_publisher_logins_stay_connected_together(
+    broker: Broker, clients: list[Client]
+) -> None:
+    """The service's two connections (intake, action publisher) have their own logins, so the
+    broker keeps both, whatever client ids they send."""
+    intake = _persistent(clients, broker, SERVICE, SERVICE_CLIENT_ID)
+    intake.subscribe("devices/+/telemetry")
+    actions = _connected(clients, broker, ACTIONS, client_id=f"{SERVICE_CLIENT_ID}-actions")
+
+    alert = actions.publish(f"alerts/{DEVICE_1[0]}", _marker())
+    device = _connected(clients, broker, DEVICE_1)
+    payload = _marker()
+    device.publish(f"devices/{DEVICE_1[0]}/telemetry", payload)
+
+    assert alert.value < FIRST_FAILURE_CODE
+    assert intake.expect() == (f"devices/{DEVICE_1[0]}/telemetry", payload)
+    assert intake.disconnects == 0
+    assert actions.disconnects == 0
+
+
+def _login_url(port: int, login: tuple[str, str]) -> str:
+    return f"mqtt://{login[0]}:{login[1]}@127.0.0.1:{port}"
+
+
+def test_action_publisher_never_uses_the_intakes_login(
+    broker: Broker, clients: list[Client]
+) -> None:
+    """Without a login of its own the action publisher fails its deliveries instead of taking
+    the intake's session over; with mqtt_actions_url it publishes and the intake stays on."""
+    intake = _persistent(clients, broker, SERVICE, SERVICE_CLIENT_ID)
+    intake.subscribe("devices/+/telemetry")
+    consumer = _connected(clients, broker, CONSUMER)
+    consumer.subscribe("alerts/#")
+    target = outbox.PublishTarget(topic=f"alerts/{DEVICE_1[0]}")
+    shared = outbox.MqttPublisher(Settings(mqtt_url=_login_url(broker.port, SERVICE)), WAIT)
+    own = outbox.MqttPublisher(
+        Settings(
+            mqtt_url=_login_url(broker.port, SERVICE),
+            mqtt_actions_url=_login_url(broker.port, ACTIONS),
+        ),
+        WAIT,
+    )
+    payload = _marker()
+    try:
+        with pytest.raises(outbox.DeliveryFailed, match="mqtt_actions_url"):
+            shared.publish(target, b"{}")
+        outcome = own.publish(target, payload)
+    finally:
+        shared.close()
+        own.close()
+
+    assert "acknowledged" in outcome
+    assert consumer.expect() == (f"alerts/{DEVICE_1[0]}", payload)
+    assert intake.disconnects == 0
+
+
+# --- message size -------------------------------------------------------------------------------
+
+
+def _shipped_max_packet_size(name: str) -> int:
+    values = re.findall(r"^max_packet_size (\d+)$", (MOSQUITTO_DIR / name).read_text(), re.M)
+    assert len(values) == 1, f"{name} must set max_packet_size once"
+    return int(values[0])
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5], ids=["v3.1.1", "v5"])
+def test_oversize_publish_is_refused_and_a_max_payload_one_passes(
+    broker: Broker, clients: list[Client], protocol: MQTTProtocolVersion
+) -> None:
+    """A publish over max_packet_size is dropped (and its sender disconnected); one with a
+    payload of the service's max_payload_bytes still arrives."""
+    limit = _shipped_max_packet_size("mosquitto.conf")
+    service = _connected(clients, broker, SERVICE)
+    service.subscribe("devices/+/telemetry")
+    sender = _connected(clients, broker, DEVICE_1, protocol=mqtt.MQTTv311)
+    big = Client(broker.port, DEVICE_2, protocol=protocol)
+    clients.append(big)
+    assert not big.connect().is_failure
+    topic = f"devices/{DEVICE_2[0]}/telemetry"
+
+    # Sent without waiting for a PUBACK: the broker answers with a disconnect instead (paho
+    # 2.2 sends it even though a v5 CONNACK announced the limit).
+    info = big.paho.publish(topic, b"x" * limit, qos=1)
+    assert info.rc == mqtt.MQTT_ERR_SUCCESS
+    assert big.disconnected.wait(WAIT), "the broker kept the oversize sender connected"
+    fits = b"y" * DEFAULT_MAX_PAYLOAD
+    sender.publish(f"devices/{DEVICE_1[0]}/telemetry", fits)
+
+    topic_seen, body = service.expect()
+    assert (topic_seen, len(body)) == (f"devices/{DEVICE_1[0]}/telemetry", len(fits))
+    assert service.received_now() == []
+
+
+def test_dev_config_has_the_same_packet_limit() -> None:
+    """The demo broker drops what the production one drops."""
+    assert _shipped_max_packet_size("mosquitto-dev.conf") == _shipped_max_packet_size(
+        "mosquitto.conf"
+    )

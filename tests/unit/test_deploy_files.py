@@ -20,6 +20,7 @@ from iothub import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_PROD = ROOT / "docker-compose.prod.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
@@ -37,10 +38,14 @@ SETTING_NAMES = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields
 DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
 
 
-def _compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE.read_text())
+def _compose(path: Path = COMPOSE) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
     assert isinstance(data, dict)
     return data
+
+
+# ${NAME:?message} in compose files: compose refuses to start when NAME is unset or empty.
+REQUIRED = re.compile(r"\$\{(\w+):\?[^}]*\}")
 
 
 def _with_defaults(value: str) -> str:
@@ -211,6 +216,79 @@ def test_compose_iothub_port_matches_its_http_port() -> None:
     assert iothub["environment"]["IOTHUB_HTTP_HOST"] == "0.0.0.0"  # noqa: S104
 
 
+def test_compose_publishes_every_port_on_localhost_by_default() -> None:
+    """The development stack (anonymous broker, default passwords, seeded admin) is reachable
+    from this host only, unless a bind address is set."""
+    published = {
+        name: [_with_defaults(str(port)) for port in service.get("ports", [])]
+        for name, service in _compose()["services"].items()
+    }
+
+    assert published["db"] and published["mqtt"] and published["iothub"]
+    for name, ports in published.items():
+        for port in ports:
+            assert port.startswith("127.0.0.1:") and port.count(":") == 2, (name, port)
+    # ... and the address is the operator's to change.
+    services = _compose()["services"].values()
+    raw = [str(port) for service in services for port in service.get("ports", [])]
+    assert all(re.match(r"\$\{\w+_BIND_ADDRESS:-127\.0\.0\.1\}:", port) for port in raw), raw
+
+
+def test_compose_dev_stack_still_seeds_by_default() -> None:
+    """`docker compose up` loads the development data; IOTHUB_SEED_DATA=false turns it off."""
+    seed = _compose()["services"]["iothub"]["environment"]["IOTHUB_SEED_DATA"]
+
+    assert seed == "${IOTHUB_SEED_DATA:-true}"
+
+
+def _prod_environment(service: str) -> dict[str, str]:
+    environment = _compose(COMPOSE_PROD)["services"][service]["environment"]
+    assert isinstance(environment, dict), "use the mapping form for environment"
+    return {name: str(value) for name, value in environment.items()}
+
+
+def test_compose_prod_overrides_only_existing_services() -> None:
+    """The override changes services of docker-compose.yml and adds none (and no ports)."""
+    prod = _compose(COMPOSE_PROD)["services"]
+
+    assert set(prod) <= set(_compose()["services"])
+    assert all("ports" not in service for service in prod.values())
+
+
+def test_compose_prod_requires_every_password_and_does_not_seed() -> None:
+    """Database and broker passwords come from the environment with no default; no seeding."""
+    iothub = _prod_environment("iothub")
+    db = _prod_environment("db")
+
+    assert REQUIRED.fullmatch(db["POSTGRES_PASSWORD"])
+    assert iothub["IOTHUB_SEED_DATA"] == "false"
+    for name in ("IOTHUB_DATABASE_URL", "IOTHUB_MQTT_URL", "IOTHUB_MQTT_ACTIONS_URL"):
+        userinfo = _with_defaults(iothub[name]).split("://", 1)[1].rsplit("@", 1)[0]
+        password = userinfo.partition(":")[2]
+        assert REQUIRED.fullmatch(password), (name, password)
+    assert "POSTGRES_PASSWORD" in REQUIRED.findall(iothub["IOTHUB_DATABASE_URL"])
+    assert set(iothub) <= SETTING_NAMES, set(iothub) - SETTING_NAMES
+    # Compose reads these on the host, where iothub refuses unknown IOTHUB_* variables.
+    required = {m for value in iothub.values() for m in REQUIRED.findall(value)}
+    assert not any(name.startswith(ENV_PREFIX) for name in required), required
+
+
+def test_compose_prod_uses_the_production_broker_and_its_logins() -> None:
+    """The broker runs mosquitto.conf; intake and action publisher log in as the two service
+    logins of the acl, each its own."""
+    mqtt = _compose(COMPOSE_PROD)["services"]["mqtt"]
+    iothub = _prod_environment("iothub")
+    acl_users = set(re.findall(r"^user (\S+)$", (MOSQUITTO_DIR / "acl").read_text(), re.M))
+
+    assert mqtt["command"] == ["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"]
+    intake = iothub["IOTHUB_MQTT_URL"].split("://", 1)[1].split(":", 1)[0]
+    actions = iothub["IOTHUB_MQTT_ACTIONS_URL"].split("://", 1)[1].split(":", 1)[0]
+    assert (intake, actions) == ("iothub", "iothub-actions")
+    assert {intake, actions} <= acl_users
+    simulator = _prod_environment("simulator")["IOTHUB_MQTT_URL"]
+    assert simulator.startswith("mqtt://simulator:") and "simulator" in acl_users
+
+
 # --- mosquitto/ ----------------------------------------------------------------------------------
 
 
@@ -237,7 +315,48 @@ def test_passwd_example_is_mosquitto_passwd_input() -> None:
 
     assert lines
     assert all(re.fullmatch(r"[^:#\s]+:\S+", line) for line in lines), lines
-    assert {line.split(":")[0] for line in lines} >= {"iothub", "simulator"}
+    assert {line.split(":")[0] for line in lines} >= {"iothub", "iothub-actions", "simulator"}
+
+
+def _mosquitto_settings(name: str) -> dict[str, str]:
+    text = (MOSQUITTO_DIR / name).read_text()
+    return dict(
+        line.split(None, 1) for line in text.splitlines() if line.strip() and line[0] != "#"
+    )
+
+
+# Fixed header (5) + topic length (2) + the longest topic (65535) + packet id (2): what a
+# publish may add to its payload before any property.
+MQTT_PUBLISH_OVERHEAD = 5 + 2 + 65_535 + 2
+
+
+@pytest.mark.parametrize("name", ["mosquitto.conf", "mosquitto-dev.conf"])
+def test_broker_packet_limit_leaves_room_for_the_services_max_payload(name: str) -> None:
+    """max_packet_size lets a max_payload_bytes payload on any topic through, not much more."""
+    limit = int(_mosquitto_settings(name)["max_packet_size"])
+    max_payload = Settings().max_payload_bytes
+
+    assert limit >= max_payload + MQTT_PUBLISH_OVERHEAD
+    assert limit <= 2 * max_payload
+
+
+def test_production_broker_binds_client_ids_to_logins() -> None:
+    """mosquitto.conf replaces each client id by the login: no login reaches another session."""
+    settings = _mosquitto_settings("mosquitto.conf")
+
+    assert settings["use_username_as_clientid"] == "true"
+    assert settings["allow_anonymous"] == "false"
+
+
+def test_every_example_login_has_an_acl_block() -> None:
+    """Each login of passwd.example but the device is a `user` block of the acl, and back."""
+    logins = {
+        line.split(":")[0] for line in (MOSQUITTO_DIR / "passwd.example").read_text().splitlines()
+    }
+    acl_users = set(re.findall(r"^user (\S+)$", (MOSQUITTO_DIR / "acl").read_text(), re.M))
+
+    assert acl_users == {"iothub", "iothub-actions", "alerts-consumer", "simulator"}
+    assert logins - acl_users == {"SN-A1-TEMP-0001"}
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------

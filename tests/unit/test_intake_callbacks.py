@@ -65,3 +65,44 @@ def test_closed_intake_leaves_new_messages_to_the_broker() -> None:
     intake._on_message(intake._client, None, message)
     assert intake.take(10, 0.0) == []
     assert intake.pending == 0
+
+
+def test_on_message_keeps_the_retain_flag() -> None:
+    """A retained message stays marked as such, so the batch can reject it as `retained`."""
+    intake = make_intake()
+    message = mqtt.MQTTMessage(mid=4, topic=b"devices/SN-1/telemetry")
+    message.payload = b'{"metrics": {"status": "FAULT"}}'
+    message.qos = 1
+    message.retain = True
+    intake._on_message(intake._client, None, message)
+    (taken,) = intake.take(10, 0.0)
+    assert taken.retain is True
+
+
+def _suback(intake: MqttIntake, *codes: int) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    intake._on_subscribe(
+        intake._client, None, 1, [ReasonCode(PacketTypes.SUBACK, identifier=c) for c in codes], None
+    )
+
+
+def test_suback_at_qos_1_makes_the_intake_ready() -> None:
+    """Every filter granted QoS 1: ready, nothing fatal."""
+    intake = make_intake()
+    _suback(intake, 1, 1)
+    assert intake.ever_connected.is_set()
+    assert intake.fatal is None
+
+
+def test_suback_granting_qos_0_or_refusing_is_fatal() -> None:
+    """A filter granted QoS 0, or refused (0x87), is logged and makes the intake fatal; it
+    never reports ready."""
+    for codes, expected in (((1, 0), "granted QoS"), ((0x87, 1), "refused")):
+        intake = make_intake()
+        with capture_logs() as logs:
+            _suback(intake, *codes)
+        assert [e["event"] for e in logs] == ["mqtt_subscribe_refused"]
+        assert intake.fatal is not None and expected in intake.fatal
+        assert not intake.ever_connected.is_set()

@@ -625,6 +625,7 @@ def test_reason_codes_are_the_designs() -> None:
         "ts_too_old",
         "value_too_large",
         "storage_error",
+        "retained",
     ]
     assert Reason("ts_in_future") is Reason.ts_in_future
     assert f"{Reason.bad_json}" == "bad_json"
