@@ -50,6 +50,12 @@ DEFAULT_NO_DATA_CHECK = 10.0  # seconds
 DEFAULT_OUTBOX_POLL = 0.5  # seconds
 DEFAULT_OUTBOX_MAX_ATTEMPTS = 8
 DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds
+DEFAULT_MAX_BATCH_READINGS = 50_000  # readings (stored + rejected) per batch
+DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch
+DEFAULT_MAX_REJECTIONS_PER_MESSAGE = 100  # rejected readings recorded per message
+DEFAULT_RETENTION = 30 * 24 * 3600.0  # seconds (30 days) for rejections and finished actions
+DEFAULT_RETENTION_INTERVAL = 300.0  # seconds between two pruning passes
+DEFAULT_RETENTION_BATCH = 1000  # rows per DELETE statement
 
 
 class ConfigError(Exception):
@@ -101,6 +107,37 @@ class Settings(BaseSettings):
     max_str_len: int = Field(default=DEFAULT_MAX_STR_LEN, ge=1)
     future_tolerance: float = Field(default=DEFAULT_FUTURE_TOLERANCE, ge=0)
     max_age: float = Field(default=DEFAULT_MAX_AGE, gt=0)
+    max_batch_readings: int = Field(
+        default=DEFAULT_MAX_BATCH_READINGS,
+        ge=1,
+        description="a batch stops taking messages once it holds this many readings",
+    )
+    max_batch_bytes: int = Field(
+        default=DEFAULT_MAX_BATCH_BYTES,
+        ge=1024,
+        description="a batch stops taking messages once their payloads reach this many bytes",
+    )
+    max_rejections_per_message: int = Field(
+        default=DEFAULT_MAX_REJECTIONS_PER_MESSAGE,
+        ge=1,
+        description="rejected readings of one message recorded in rejected_messages; the rest "
+        "are counted in rejected_payloads.not_recorded",
+    )
+
+    # --- retention (pruned by `iothub run` in small batches)
+    rejected_retention: float = Field(
+        default=DEFAULT_RETENTION, gt=0, description="seconds rejected messages are kept"
+    )
+    outbox_retention: float = Field(
+        default=DEFAULT_RETENTION,
+        gt=0,
+        description="seconds delivered or failed action_outbox rows (and their attempts) are kept",
+    )
+    attempts_retention: float = Field(
+        default=DEFAULT_RETENTION, gt=0, description="seconds action_attempts rows are kept"
+    )
+    retention_interval: float = Field(default=DEFAULT_RETENTION_INTERVAL, gt=0)
+    retention_batch_size: int = Field(default=DEFAULT_RETENTION_BATCH, ge=1, le=100_000)
 
     # --- rules and actions
     timezone: str = Field(default="UTC", description="time zone of rule time restrictions")

@@ -78,6 +78,8 @@ class MqttIntake:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._settings.mqtt_session_expiry
         props.ReceiveMaximum = min(self._max_pending, RECEIVE_MAXIMUM_CAP)
+        # The broker drops, for us, what our payload limit would reject anyway.
+        props.MaximumPacketSize = mqttclient.max_packet_size(self._settings.max_payload_bytes)
         self._client.connect_async(
             target.host,
             target.port,

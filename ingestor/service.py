@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from ingestor import batch as batch_mod
-from ingestor import catalog, payload
+from ingestor import catalog, payload, retention
 from ingestor.backoff import Backoff
 from ingestor.hooks import BatchHook, NoHook
 from ingestor.intake import MqttIntake
@@ -54,6 +54,7 @@ STARTUP_TIMEOUT = 60.0  # seconds to reach the database and the broker before gi
 MAIN_TICK = 0.5  # seconds between the main thread's checks
 REJECTION_LOGS_PER_INTERVAL = 50  # reading_rejected lines per stats interval, then a count
 WRITER_STALL = 120.0  # seconds without a writer heartbeat before the watchdog stops petting
+LOGGED_TOPIC_CHARS = 200  # characters of a topic in a reading_rejected line (topics reach 64 KiB)
 
 
 class Worker(Protocol):
@@ -82,6 +83,14 @@ class Stats:
     late: int = 0
     rejection_logs: int = 0
     since: float = field(default_factory=time.monotonic)
+
+
+def bounds_from(settings: Settings) -> batch_mod.Bounds:
+    return batch_mod.Bounds(
+        max_readings=settings.max_batch_readings,
+        max_bytes=settings.max_batch_bytes,
+        max_rejections_per_message=settings.max_rejections_per_message,
+    )
 
 
 def limits_from(settings: Settings) -> payload.Limits:
@@ -113,9 +122,12 @@ class IngestService:
         self.stop_event = threading.Event()
         self.router = TopicRouter.from_strings(settings.mqtt_topics)
         self.limits = limits_from(settings)
+        self.bounds = bounds_from(settings)
         self.pool = pool or db.make_pool(settings, "ingest", configure=configure_connection)
         self.hook = hook or NoHook()
-        self.workers = list(workers)
+        # Retention runs with or without rules: rejections pile up either way.
+        self.retention = retention.RetentionWorker(settings, self.pool, self.metrics)
+        self.workers = [*workers, self.retention]
         self._on_catalog_change = on_catalog_change
         self.intake = MqttIntake(settings, self.router)
         self.writer = BatchWriter(self.pool, self.hook)
@@ -131,6 +143,8 @@ class IngestService:
         # False after a failed batch until one commits again; idle, the catalogue's own
         # connection speaks for the database.
         self.db_ok = True
+        # True while batches fail with SQLSTATE 53100, until one commits again.
+        self.disk_full = False
         self.fatal: str | None = None
         self.stats = Stats()
         self._writer_done = threading.Event()
@@ -168,7 +182,12 @@ class IngestService:
         return self.intake.ever_connected.wait(remaining)
 
     def readiness(self) -> dict[str, bool]:
-        return {"mqtt": self.intake.connected, "database": self.db_ok and self.catalog.connected}
+        return {
+            "mqtt": self.intake.connected,
+            "database": self.db_ok and self.catalog.connected,
+            # Reachable but refusing writes: named apart, so the cause is plain in /healthz.
+            "database_disk": not self.disk_full,
+        }
 
     def request_stop(self, why: str = "requested") -> None:
         if not self.stop_event.is_set():
@@ -298,8 +317,14 @@ class IngestService:
                 if self.stop_event.is_set() and self.intake.queue_depth == 0:
                     return
                 continue
-            prepared = batch_mod.prepare(messages, self.catalog.snapshot, self.router, self.limits)
-            self._prepared.put(prepared)
+            # A batch is bounded by readings and bytes too: what one batch does not take is
+            # prepared as the next one, in order.
+            while messages:
+                prepared = batch_mod.prepare(
+                    messages, self.catalog.snapshot, self.router, self.limits, self.bounds
+                )
+                self._prepared.put(prepared)
+                messages = messages[len(prepared.messages) :]
 
     def _writer_loop(self) -> None:
         while True:
@@ -339,7 +364,19 @@ class IngestService:
             try:
                 result = self.writer.write(prepared)
             except DatabaseUnavailable as exc:
-                self.db_ok = False
+                if exc.disk_full:
+                    if not self.disk_full:
+                        log.error(
+                            "db_disk_full",
+                            sqlstate=exc.sqlstate,
+                            error=str(exc).splitlines()[0][:300],
+                            why="the database has no space left; nothing is acknowledged "
+                            "until a batch commits again",
+                        )
+                    self.disk_full = True
+                    self.metrics.db_disk_full.set(1)
+                else:
+                    self.db_ok = False
                 self.metrics.batches.labels(outcome="retry").inc()
                 if self.stop_event.is_set():
                     if give_up_at is None:
@@ -359,8 +396,10 @@ class IngestService:
                 time.sleep(delay)
                 continue
             if backoff.failing:
-                log.info("db_recovered")
+                log.info("db_recovered", disk_was_full=self.disk_full)
             self.db_ok = True
+            self.disk_full = False
+            self.metrics.db_disk_full.set(0)
             self._record(prepared, result)
             return True
 
@@ -370,6 +409,8 @@ class IngestService:
         rejected = prepared.rejected_by_reason()
         if result.storage_rejects:
             rejected["storage_error"] += result.storage_rejects
+        if result.rejections_not_recorded:
+            m.rejections_not_recorded.inc(result.rejections_not_recorded)
         m.messages_received.inc(n_msgs)
         m.readings_stored.inc(result.inserted)
         m.duplicates.inc(result.duplicates)
@@ -394,18 +435,22 @@ class IngestService:
             duplicates=result.duplicates,
             rejected=sum(rejected.values()),
         )
-        for r in prepared.rejects:
+        for message in prepared.rejected.values():
             if s.rejection_logs >= REJECTION_LOGS_PER_INTERVAL:
                 break
-            s.rejection_logs += 1
-            log.info(
-                "reading_rejected",
-                reason=str(r.reason),
-                detail=r.detail,
-                topic=r.topic,
-                serial_id=r.serial_id,
-                metric=r.metric,
-            )
+            topic = prepared.messages[message.source].topic[:LOGGED_TOPIC_CHARS]
+            for r in message.recorded:
+                if s.rejection_logs >= REJECTION_LOGS_PER_INTERVAL:
+                    break
+                s.rejection_logs += 1
+                log.info(
+                    "reading_rejected",
+                    reason=str(r.reason),
+                    detail=r.detail,
+                    topic=topic,
+                    serial_id=r.serial_id,
+                    metric=r.metric,
+                )
         log.debug(
             "batch_committed",
             messages=n_msgs,

@@ -60,8 +60,15 @@ class Metrics:
         )
         self.rejected = Counter(
             "iothub_readings_rejected_total",
-            "Readings written to rejected_messages instead of telemetries, by reason code",
+            "Readings rejected instead of stored in telemetries, by reason code (recorded in "
+            "rejected_messages up to max_rejections_per_message per message)",
             ["reason"],
+            registry=r,
+        )
+        self.rejections_not_recorded = Counter(
+            "iothub_rejections_not_recorded_total",
+            "Rejected readings beyond max_rejections_per_message of their message: counted in "
+            "rejected_payloads.not_recorded, without a rejected_messages row",
             registry=r,
         )
         self.late = Counter(
@@ -123,6 +130,19 @@ class Metrics:
         )
         self.mqtt_connected = Gauge(
             "iothub_mqtt_connected", "1 while connected to the MQTT broker, else 0", registry=r
+        )
+        self.db_disk_full = Gauge(
+            "iothub_db_disk_full",
+            "1 while the database refuses the writer's batches for lack of disk space "
+            "(SQLSTATE 53100), else 0",
+            registry=r,
+        )
+        self.retention_deleted = Counter(
+            "iothub_retention_deleted_total",
+            "Rows deleted by retention (rejected_retention, outbox_retention, "
+            "attempts_retention), by table",
+            ["table"],
+            registry=r,
         )
         self.db_connected = Gauge(
             "iothub_db_connected", "1 while the database is reachable, else 0", registry=r
