@@ -50,6 +50,7 @@ DEFAULT_NO_DATA_CHECK = 10.0  # seconds
 DEFAULT_OUTBOX_POLL = 0.5  # seconds
 DEFAULT_OUTBOX_MAX_ATTEMPTS = 8
 DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds
+DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024  # bytes of payload received but not acknowledged
 DEFAULT_MAX_BATCH_READINGS = 50_000  # readings (stored + rejected) per batch
 DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch
 DEFAULT_MAX_REJECTIONS_PER_MESSAGE = 100  # rejected readings recorded per message
@@ -103,6 +104,11 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=1_000_000)
     batch_interval: float = Field(default=DEFAULT_BATCH_INTERVAL, gt=0, le=60)
     max_pending_messages: int = Field(default=DEFAULT_MAX_PENDING, ge=10, le=65_535)
+    max_pending_bytes: int = Field(
+        default=DEFAULT_MAX_PENDING_BYTES,
+        ge=1024 * 1024,
+        description="payload bytes received and not yet acknowledged, at most",
+    )
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
     max_str_len: int = Field(default=DEFAULT_MAX_STR_LEN, ge=1)
     future_tolerance: float = Field(default=DEFAULT_FUTURE_TOLERANCE, ge=0)

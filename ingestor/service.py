@@ -38,7 +38,7 @@ from ingestor import batch as batch_mod
 from ingestor import catalog, payload, retention
 from ingestor.backoff import Backoff
 from ingestor.hooks import BatchHook, NoHook
-from ingestor.intake import MqttIntake
+from ingestor.intake import MqttIntake, held_bytes
 from ingestor.messages import InboundMessage
 from ingestor.topics import TopicRouter
 from ingestor.writer import BatchWriter, DatabaseUnavailable, WriteResult, configure_connection
@@ -341,7 +341,7 @@ class IngestService:
                 self.intake.ack(messages)
             else:
                 # Stopping with the database away: leave them to the broker.
-                self.intake.release(len(messages))
+                self.intake.release(len(messages), held_bytes(messages))
                 self._drain_prepared()
                 return
             self._writing_since = None
@@ -355,7 +355,7 @@ class IngestService:
                 return
             if prepared is None:
                 return
-            self.intake.release(len(prepared.messages))
+            self.intake.release(len(prepared.messages), held_bytes(prepared.messages))
 
     def _write_with_retry(self, prepared: batch_mod.Batch) -> bool:
         backoff = Backoff()
@@ -471,6 +471,7 @@ class IngestService:
         m = self.metrics
         m.queue_depth.set(self.intake.queue_depth)
         m.pending.set(self.intake.pending)
+        m.pending_bytes.set(self.intake.pending_bytes)
         m.sessions_lost.set(self.intake.session_lost)
         m.stale_acks.set(self.intake.stale_acks)
         m.oldest_unacked_seconds.set(self.oldest_unacked_age())

@@ -108,6 +108,12 @@ class Metrics:
             "Messages received and not yet acknowledged (bounded by max_pending_messages)",
             registry=r,
         )
+        self.pending_bytes = Gauge(
+            "iothub_pending_bytes",
+            "Payload and topic bytes of the messages received and not yet acknowledged "
+            "(bounded by max_pending_bytes)",
+            registry=r,
+        )
         self.sessions_lost = Gauge(
             "iothub_mqtt_sessions_lost",
             "Reconnects since start on which the broker had no session for us (queued "

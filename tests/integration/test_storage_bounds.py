@@ -154,6 +154,48 @@ def test_an_oversize_message_is_dropped_by_the_broker_before_it_reaches_us(
     assert count(db_url, "SELECT count(*) FROM telemetries") == 1
 
 
+def test_messages_held_unacknowledged_are_bounded_in_bytes(
+    make_settings: Callable[..., Settings], db_url: str, broker_url: str, unique: str
+) -> None:
+    """With the writer blocked, intake holds at most max_pending_bytes (1 MiB) of 200 KB
+    messages, far below max_pending_messages, then pauses; unblocked, all of them are stored."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    serial = fleet.serials[0]
+    now = datetime.now(UTC).replace(microsecond=0)
+    padding = b" " * (200 * 1024)  # JSON allows trailing white space: a valid, big message
+    service = IngestService(make_settings(max_pending_bytes=1024 * 1024))
+    with (
+        structlog.testing.capture_logs() as logs,
+        running(service),
+        psycopg.connect(db_url) as blocker,
+    ):
+        # Holds the writer's INSERT until the lock goes with this transaction.
+        blocker.execute("LOCK TABLE telemetries IN ACCESS EXCLUSIVE MODE")
+        pub = Publisher(broker_url, f"pub-{unique}")
+        try:
+            sent = pub.publish_many(
+                (
+                    f"t{unique}/devices/{serial}/telemetry",
+                    json.dumps(
+                        {"ts": (now - timedelta(seconds=i)).isoformat(), "metrics": {"humidity": i}}
+                    ).encode()
+                    + padding,
+                )
+                for i in range(30)
+            )
+            assert sent == 30
+            assert wait_for(lambda: any(e["event"] == "intake_paused" for e in logs))
+            held = service.intake.pending_bytes
+            assert 0 < held <= 1024 * 1024
+            assert service.intake.pending <= 6
+            blocker.rollback()
+            assert wait_for(lambda: service.totals["rows"] >= 30, timeout=30)
+        finally:
+            pub.close()
+        assert max(e["pending_bytes"] for e in logs if e["event"] == "intake_paused") <= 1024**2
+    assert count(db_url, "SELECT count(*) FROM telemetries") == 30
+
+
 # --- a full disk, for real: telemetries on a tablespace on a small tmpfs
 
 
