@@ -36,6 +36,9 @@ _DATA_ERROR_CLASSES = ("22", "23", "54")
 _RETRYABLE = ("08", "57P", "25006", "53", "40001", "40P01")
 
 
+MAX_DETAIL_CHARS = 1000  # a rejection's detail; a server message may quote the value it refused
+REFUSED_LOGS_PER_BATCH = 10  # reading_refused_by_database lines per batch, then one count
+
 # SQLSTATE 53100: the server could not extend a file (or write WAL) for lack of space.
 DISK_FULL = "53100"
 
@@ -107,8 +110,15 @@ class BatchWriter:
                         inserted, refused = self._insert(conn, batch.rows)
                         # A copy: a retried write must not add its refusals a second time.
                         rejected = {k: m.copy() for k, m in batch.rejected.items()}
-                        for row, why in refused:
-                            self._refused(batch, rejected, row, why)
+                        for n, (row, why) in enumerate(refused):
+                            self._refused(
+                                batch, rejected, row, why, logged=n < REFUSED_LOGS_PER_BATCH
+                            )
+                        if len(refused) > REFUSED_LOGS_PER_BATCH:
+                            log.warning(
+                                "readings_refused_not_logged",
+                                count=len(refused) - REFUSED_LOGS_PER_BATCH,
+                            )
                         hook_result = HookResult()
                         if inserted:
                             by_key = {(row.device_metric_id, row.ts): row for row in batch.rows}
@@ -193,14 +203,17 @@ class BatchWriter:
             return inserted
 
     @staticmethod
-    def _refused(batch: Batch, rejected: dict[int, RejectedMessage], row: Row, why: str) -> None:
+    def _refused(
+        batch: Batch, rejected: dict[int, RejectedMessage], row: Row, why: str, *, logged: bool
+    ) -> None:
         # The reading passed validation but the server refused it: keep the message for study.
-        log.warning(
-            "reading_refused_by_database",
-            device_metric_id=row.device_metric_id,
-            ts=row.ts.isoformat(),
-            error=why,
-        )
+        if logged:
+            log.warning(
+                "reading_refused_by_database",
+                device_metric_id=row.device_metric_id,
+                ts=row.ts.isoformat(),
+                error=why[:MAX_DETAIL_CHARS],
+            )
         message = rejected.get(row.source)
         if message is None:
             message = rejected[row.source] = RejectedMessage(row.source)
@@ -257,7 +270,7 @@ class BatchWriter:
                                 payload_id,
                                 received_at,
                                 str(r.reason),
-                                _text(r.detail),
+                                _text(r.detail[:MAX_DETAIL_CHARS]),
                                 _text(r.serial_id),
                                 _text(r.metric),
                             )

@@ -101,6 +101,48 @@ def test_a_message_with_many_rejected_readings_stores_its_payload_once(
     assert stored is not None and stored[0] < 1024 * 1024
 
 
+def test_readings_the_database_refuses_are_capped_in_rows_logs_and_detail(
+    make_settings: Callable[..., Settings], db_url: str, broker_url: str, unique: str
+) -> None:
+    """150 readings of one message refused by the server with a 5,000-character error: 100
+    storage_error rows with a bounded detail, 50 counted, 10 log lines and one count."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    serial = fleet.serials[0]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("""
+            CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION '%', repeat('refused ', 625) USING ERRCODE = '22023';
+            END $$;
+            CREATE TRIGGER refuse_all BEFORE INSERT ON telemetries
+                FOR EACH ROW EXECUTE FUNCTION refuse_all();
+        """)
+    now = datetime.now(UTC).replace(microsecond=0)
+    body = [
+        {"ts": (now - timedelta(seconds=i)).isoformat(), "metrics": {"status": "OK"}}
+        for i in range(150)
+    ]
+    service = IngestService(make_settings())
+    with structlog.testing.capture_logs() as logs, running(service):
+        pub = Publisher(broker_url, f"pub-{unique}")
+        try:
+            pub.publish(f"t{unique}/devices/{serial}/telemetry", body)
+        finally:
+            pub.close()
+        assert wait_for(lambda: service.totals["messages"] >= 1)
+        assert sample(service, "iothub_readings_rejected_total", reason="storage_error") == 150
+    assert (
+        count(db_url, "SELECT count(*) FROM rejected_messages WHERE reason = 'storage_error'")
+        == 100
+    )
+    assert count(db_url, "SELECT max(length(detail)) FROM rejected_messages") <= 1000
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT rejections, not_recorded FROM rejected_payloads").fetchone()
+    assert row == (150, {"storage_error": 50})
+    assert sum(e["event"] == "reading_refused_by_database" for e in logs) == 10
+    assert [e["count"] for e in logs if e["event"] == "readings_refused_not_logged"] == [140]
+
+
 def test_batches_are_split_by_readings_and_every_reading_is_stored(
     make_settings: Callable[..., Settings], db_url: str, broker_url: str, unique: str
 ) -> None:
