@@ -26,6 +26,8 @@ BATCH_SECONDS_BUCKETS = (  # seconds
 # section 3 plus the ingestor's storage_error (ingestor/reasons.py), and the event kinds.
 REJECTION_REASONS = tuple(str(reason) for reason in Reason)
 EVENT_KINDS = ("triggered", "resolved")
+# The tables ingestor/retention.py prunes.
+RETENTION_TABLES = ("rejected_messages", "rejected_payloads", "action_attempts", "action_outbox")
 
 
 class Metrics:
@@ -158,6 +160,8 @@ class Metrics:
             self.rejected.labels(reason=reason)
         for kind in event_kinds:
             self.events.labels(kind=kind)
+        for table in RETENTION_TABLES:
+            self.retention_deleted.labels(table=table)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format (see CONTENT_TYPE)."""
