@@ -435,7 +435,7 @@ class Bench:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(
                 "TRUNCATE telemetries, events, rule_states, rule_cursors, action_outbox, "
-                "rejected_messages CASCADE"
+                "rejected_messages, rejected_payloads CASCADE"
             )
             conn.execute("CHECKPOINT")  # so that no checkpoint of the previous run lands in this
 

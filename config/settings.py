@@ -55,6 +55,13 @@ DEFAULT_OUTBOX_STUCK_AFTER = 30.0  # seconds past a step's deadline before the w
 DEFAULT_INGEST_LOCK_TIMEOUT = 10.0  # seconds a batch statement may wait for a lock
 DEFAULT_INGEST_STATEMENT_TIMEOUT = 30.0  # seconds a batch statement may run
 DEFAULT_WRITER_STALL_TIMEOUT = 60.0  # seconds without a commit, work pending: /healthz fails
+DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024  # bytes of payload received but not acknowledged
+DEFAULT_MAX_BATCH_READINGS = 50_000  # readings (stored + rejected) per batch
+DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch
+DEFAULT_MAX_REJECTIONS_PER_MESSAGE = 100  # rejected readings recorded per message
+DEFAULT_RETENTION = 30 * 24 * 3600.0  # seconds (30 days) for rejections and finished actions
+DEFAULT_RETENTION_INTERVAL = 300.0  # seconds between two pruning passes
+DEFAULT_RETENTION_BATCH = 1000  # rows per DELETE statement
 
 
 class ConfigError(Exception):
@@ -107,6 +114,11 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=1_000_000)
     batch_interval: float = Field(default=DEFAULT_BATCH_INTERVAL, gt=0, le=60)
     max_pending_messages: int = Field(default=DEFAULT_MAX_PENDING, ge=10, le=65_535)
+    max_pending_bytes: int = Field(
+        default=DEFAULT_MAX_PENDING_BYTES,
+        ge=1024 * 1024,
+        description="payload bytes received and not yet acknowledged, at most",
+    )
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
     max_str_len: int = Field(default=DEFAULT_MAX_STR_LEN, ge=1)
     future_tolerance: float = Field(default=DEFAULT_FUTURE_TOLERANCE, ge=0)
@@ -132,6 +144,37 @@ class Settings(BaseSettings):
         description="seconds the writer may commit nothing while messages wait before "
         "/healthz reports it down",
     )
+    max_batch_readings: int = Field(
+        default=DEFAULT_MAX_BATCH_READINGS,
+        ge=1,
+        description="a batch stops taking messages once it holds this many readings",
+    )
+    max_batch_bytes: int = Field(
+        default=DEFAULT_MAX_BATCH_BYTES,
+        ge=1024,
+        description="a batch stops taking messages once their payloads reach this many bytes",
+    )
+    max_rejections_per_message: int = Field(
+        default=DEFAULT_MAX_REJECTIONS_PER_MESSAGE,
+        ge=1,
+        description="rejected readings of one message recorded in rejected_messages; the rest "
+        "are counted in rejected_payloads.not_recorded",
+    )
+
+    # --- retention (pruned by `iothub run` in small batches)
+    rejected_retention: float = Field(
+        default=DEFAULT_RETENTION, gt=0, description="seconds rejected messages are kept"
+    )
+    outbox_retention: float = Field(
+        default=DEFAULT_RETENTION,
+        gt=0,
+        description="seconds delivered or failed action_outbox rows (and their attempts) are kept",
+    )
+    attempts_retention: float = Field(
+        default=DEFAULT_RETENTION, gt=0, description="seconds action_attempts rows are kept"
+    )
+    retention_interval: float = Field(default=DEFAULT_RETENTION_INTERVAL, gt=0)
+    retention_batch_size: int = Field(default=DEFAULT_RETENTION_BATCH, ge=1, le=100_000)
 
     # --- rules and actions
     timezone: str = Field(default="UTC", description="time zone of rule time restrictions")

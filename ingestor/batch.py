@@ -2,6 +2,15 @@
 
 Pure (no I/O): it needs the messages, a catalogue snapshot and the limits. Each reading is
 checked on its own, so one bad reading never costs its neighbours.
+
+A batch is bounded three ways: by messages (the caller takes at most `batch_size`), by payload
+bytes and by readings (`Bounds`). Parsing costs memory per reading (objects for the value, the
+time, the row), far more than the payload's bytes, so a handful of messages with thousands of
+readings each must not make one huge batch: `prepare` stops taking messages once a bound is
+reached, and the caller prepares the rest as the next batch.
+
+Rejections are grouped by message: the payload of a rejected message is recorded once, with at
+most `Bounds.max_rejections_per_message` of its rejected readings; the others are only counted.
 """
 
 from __future__ import annotations
@@ -18,6 +27,25 @@ from ingestor.messages import InboundMessage
 from ingestor.reasons import Reason
 from ingestor.topics import TopicRouter
 
+MAX_BATCH_READINGS = 50_000  # readings (rows + rejections) per batch, before the last message
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch, before the last message
+MAX_REJECTIONS_PER_MESSAGE = 100  # rejected readings recorded per message; the rest are counted
+_SHOW_TOPIC = 120  # characters of a topic quoted in a detail (a topic may be 64 KiB)
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """How much one batch may hold, and how much of one message's rejections is recorded.
+
+    A batch always takes at least one message, and stops before the message that would start
+    over a bound: a batch holds at most `max_readings` + one message's readings
+    (`payload.Limits.max_readings_per_message`), and `max_bytes` + one payload.
+    """
+
+    max_readings: int = MAX_BATCH_READINGS
+    max_bytes: int = MAX_BATCH_BYTES
+    max_rejections_per_message: int = MAX_REJECTIONS_PER_MESSAGE
+
 
 @dataclass(frozen=True, slots=True)
 class Row:
@@ -32,9 +60,8 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class RejectRow:
-    received_at: datetime
-    topic: str
-    payload: bytes
+    """One rejected reading (or a whole message, for message-level reasons)."""
+
     reason: str
     detail: str
     serial_id: str | None
@@ -42,16 +69,70 @@ class RejectRow:
 
 
 @dataclass
+class RejectedMessage:
+    """A message with at least one rejection: its payload is recorded once, with its first
+    `max_rejections_per_message` rejections; the others are counted by reason."""
+
+    source: int  # index of the message in the batch
+    recorded: list[RejectRow] = field(default_factory=list)
+    not_recorded: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rejections(self) -> int:
+        return len(self.recorded) + sum(self.not_recorded.values())
+
+    def add(self, row: RejectRow, cap: int) -> None:
+        if len(self.recorded) < cap:
+            self.recorded.append(row)
+        else:
+            self.not_recorded[row.reason] += 1
+
+    def copy(self) -> RejectedMessage:
+        return RejectedMessage(self.source, list(self.recorded), Counter(self.not_recorded))
+
+
+@dataclass
 class Batch:
     messages: list[InboundMessage]
     rows: list[Row] = field(default_factory=list)
-    rejects: list[RejectRow] = field(default_factory=list)
+    # By message index, in arrival order.
+    rejected: dict[int, RejectedMessage] = field(default_factory=dict)
     # Two readings of one device_metric at the same time in one batch: the first is kept, the
     # same way the unique key keeps the first across batches.
     duplicates: int = 0
+    bounds: Bounds = field(default_factory=Bounds)
+    payload_bytes: int = 0
+    # A rejected payload is recorded up to this many bytes (the message's limit): a message
+    # slightly over it (the broker's packet limit leaves room for headers) is not kept whole.
+    keep_payload_bytes: int = payload.MAX_PAYLOAD_BYTES
+
+    @property
+    def rejects(self) -> list[RejectRow]:
+        """The recorded rejections, message by message."""
+        return [row for message in self.rejected.values() for row in message.recorded]
 
     def rejected_by_reason(self) -> Counter[str]:
-        return Counter(r.reason for r in self.rejects)
+        """Every rejected reading by reason, recorded or only counted."""
+        counts: Counter[str] = Counter()
+        for message in self.rejected.values():
+            counts.update(row.reason for row in message.recorded)
+            counts.update(message.not_recorded)
+        return counts
+
+    def not_recorded(self) -> int:
+        return sum(sum(m.not_recorded.values()) for m in self.rejected.values())
+
+    def reject(self, source: int, row: RejectRow) -> None:
+        message = self.rejected.get(source)
+        if message is None:
+            message = self.rejected[source] = RejectedMessage(source)
+        message.add(row, self.bounds.max_rejections_per_message)
+
+
+def _show_topic(topic: str) -> str:
+    if len(topic) > _SHOW_TOPIC:
+        return f"{topic[:_SHOW_TOPIC]!r}... ({len(topic)} characters)"
+    return repr(topic)
 
 
 def prepare(
@@ -59,11 +140,21 @@ def prepare(
     snapshot: Snapshot,
     router: TopicRouter,
     limits: payload.Limits,
+    bounds: Bounds | None = None,
 ) -> Batch:
-    batch = Batch(list(messages))
+    """Prepare a prefix of `messages` as one batch (`Batch.messages` says how many were taken:
+    at least one, fewer than all when a bound was reached)."""
+    bounds = bounds or Bounds()
+    batch = Batch([], bounds=bounds, keep_payload_bytes=limits.max_payload_bytes)
     seen: set[tuple[int, datetime]] = set()
+    readings = 0
     for index, msg in enumerate(messages):
-        received_at = datetime.fromtimestamp(msg.received_at, UTC)
+        if index > 0 and (
+            readings >= bounds.max_readings or batch.payload_bytes >= bounds.max_bytes
+        ):
+            break
+        batch.messages.append(msg)
+        batch.payload_bytes += len(msg.payload)
 
         def reject(
             reason: str,
@@ -71,12 +162,9 @@ def prepare(
             serial: str | None = None,
             metric: str | None = None,
             *,
-            _msg: InboundMessage = msg,
-            _at: datetime = received_at,
+            _index: int = index,
         ) -> None:
-            batch.rejects.append(
-                RejectRow(_at, _msg.topic, _msg.payload, reason, detail, serial, metric)
-            )
+            batch.reject(_index, RejectRow(reason, detail, serial, metric))
 
         match = router.match(msg.topic)
         if msg.retain:
@@ -93,9 +181,15 @@ def prepare(
             )
             continue
         if match is None:
-            reject(Reason.bad_schema, f"topic {msg.topic!r} matches no configured topic pattern")
+            readings += 1
+            reject(
+                Reason.bad_schema,
+                f"topic {_show_topic(msg.topic)} matches no configured topic pattern",
+            )
             continue
+        received_at = datetime.fromtimestamp(msg.received_at, UTC)
         parsed = payload.parse_message(msg.payload, match.serial_id, received_at, limits)
+        readings += len(parsed.rejections) + len(parsed.readings)
         for rejection in parsed.rejections:
             reject(rejection.reason, rejection.detail, rejection.serial_id, rejection.metric)
         for reading in parsed.readings:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -45,14 +45,21 @@ RECEIVE_MAXIMUM_CAP = 65_535  # the protocol's limit for Receive Maximum
 REQUIRED_QOS = 1  # what every subscription must be granted: acknowledged, redelivered delivery
 
 
+def held_bytes(messages: Iterable[InboundMessage]) -> int:
+    """What messages count against `max_pending_bytes`: their payloads and topics."""
+    return sum(len(m.payload) + len(m.topic) for m in messages)
+
+
 class MqttIntake:
     def __init__(self, settings: Settings, router: TopicRouter) -> None:
         self._settings = settings
         self._router = router
         self._max_pending = settings.max_pending_messages
+        self._max_pending_bytes = settings.max_pending_bytes
         self._queue: collections.deque[InboundMessage] = collections.deque()
         self._cond = threading.Condition()
         self._pending = 0  # received and not yet acknowledged (or given up on)
+        self._pending_bytes = 0  # their payloads and topics
         # Queue length the writer is waiting for (0: not waiting). The callback wakes it only
         # then: a wake-up per message would cost a thread switch per message.
         self._wanted = 0
@@ -83,6 +90,8 @@ class MqttIntake:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._settings.mqtt_session_expiry
         props.ReceiveMaximum = min(self._max_pending, RECEIVE_MAXIMUM_CAP)
+        # The broker drops, for us, what our payload limit would reject anyway.
+        props.MaximumPacketSize = mqttclient.max_packet_size(self._settings.max_payload_bytes)
         self._client.connect_async(
             target.host,
             target.port,
@@ -171,12 +180,14 @@ class MqttIntake:
                 count=skipped,
                 why="connection changed; the broker redelivers and duplicates are dropped",
             )
-        self.release(len(messages))
+        self.release(len(messages), held_bytes(messages))
 
-    def release(self, count: int) -> None:
-        """Free room for messages given up on without an acknowledgement."""
+    def release(self, count: int, nbytes: int = 0) -> None:
+        """Free room for messages given up on without an acknowledgement (`nbytes`: their
+        `held_bytes`)."""
         with self._cond:
             self._pending -= count
+            self._pending_bytes -= nbytes
             self._cond.notify_all()
 
     @property
@@ -186,6 +197,10 @@ class MqttIntake:
     @property
     def pending(self) -> int:
         return self._pending
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
 
     def oldest_queued_age(self) -> float:
         try:
@@ -205,6 +220,7 @@ class MqttIntake:
             )
             dropped = len(self._queue) - len(kept)
             if dropped:
+                self._pending_bytes -= held_bytes(self._queue) - held_bytes(kept)
                 self._queue = kept
                 self._pending -= dropped
                 self._cond.notify_all()
@@ -331,11 +347,23 @@ class MqttIntake:
                 received_mono=time.monotonic(),
                 retain=bool(message.retain),
             )
+            size = held_bytes((item,))
             with self._cond:
-                while self._pending >= self._max_pending and not self._closed:
+                # Bounded in bytes as well as messages; one message is always let in, so a
+                # message larger than the byte limit cannot stop intake for good.
+                while (
+                    self._pending >= self._max_pending
+                    or (self._pending and self._pending_bytes + size > self._max_pending_bytes)
+                ) and not self._closed:
                     if self._paused_since is None:
                         self._paused_since = time.monotonic()
-                        log.warning("intake_paused", pending=self._pending, limit=self._max_pending)
+                        log.warning(
+                            "intake_paused",
+                            pending=self._pending,
+                            limit=self._max_pending,
+                            pending_bytes=self._pending_bytes,
+                            limit_bytes=self._max_pending_bytes,
+                        )
                     self._cond.wait(FULL_WAIT)
                 if self._paused_since is not None:
                     log.info(
@@ -345,6 +373,7 @@ class MqttIntake:
                 if self._closed:
                     return  # not acknowledged: the broker keeps it for the next start
                 self._pending += 1
+                self._pending_bytes += size
                 self._queue.append(item)
                 if self._wanted and len(self._queue) >= self._wanted:
                     self._cond.notify_all()

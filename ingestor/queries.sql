@@ -40,5 +40,16 @@ SELECT device_metric_id, ts, value_jsonb FROM iothub_staging
 ON CONFLICT (device_metric_id, ts) DO NOTHING
 RETURNING device_metric_id, ts
 
+-- name: next_rejected_payload_ids
+-- Ids for a batch's rejected payloads, drawn before the COPY so the rejections can name them.
+SELECT nextval('rejected_payloads_id_seq') FROM generate_series(1, %(count)s)
+
+-- name: copy_rejected_payloads
+-- One row per rejected message (migration 0005): the payload is stored once, however many of
+-- its readings were rejected.
+COPY rejected_payloads (id, received_at, topic, payload, payload_bytes, rejections, not_recorded)
+FROM STDIN
+
 -- name: copy_rejections
-COPY rejected_messages (received_at, topic, payload, reason, detail, serial_id, metric) FROM STDIN
+-- One row per recorded rejected reading, at most max_rejections_per_message per message.
+COPY rejected_messages (payload_id, received_at, reason, detail, serial_id, metric) FROM STDIN

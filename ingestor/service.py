@@ -35,10 +35,10 @@ from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from ingestor import batch as batch_mod
-from ingestor import catalog, payload
+from ingestor import catalog, payload, retention
 from ingestor.backoff import Backoff
 from ingestor.hooks import BatchHook, NoHook
-from ingestor.intake import MqttIntake
+from ingestor.intake import MqttIntake, held_bytes
 from ingestor.messages import InboundMessage
 from ingestor.topics import TopicRouter
 from ingestor.writer import (
@@ -60,6 +60,7 @@ STARTUP_TIMEOUT = 60.0  # seconds to reach the database and the broker before gi
 MAIN_TICK = 0.5  # seconds between the main thread's checks
 REJECTION_LOGS_PER_INTERVAL = 50  # reading_rejected lines per stats interval, then a count
 WRITER_STALL = 120.0  # seconds without a writer heartbeat before the watchdog stops petting
+LOGGED_TOPIC_CHARS = 200  # characters of a topic in a reading_rejected line (topics reach 64 KiB)
 
 
 class Worker(Protocol):
@@ -97,6 +98,14 @@ class Stats:
     since: float = field(default_factory=time.monotonic)
 
 
+def bounds_from(settings: Settings) -> batch_mod.Bounds:
+    return batch_mod.Bounds(
+        max_readings=settings.max_batch_readings,
+        max_bytes=settings.max_batch_bytes,
+        max_rejections_per_message=settings.max_rejections_per_message,
+    )
+
+
 def limits_from(settings: Settings) -> payload.Limits:
     return payload.Limits(
         max_payload_bytes=settings.max_payload_bytes,
@@ -126,9 +135,12 @@ class IngestService:
         self.stop_event = threading.Event()
         self.router = TopicRouter.from_strings(settings.mqtt_topics)
         self.limits = limits_from(settings)
+        self.bounds = bounds_from(settings)
         self.pool = pool or db.make_pool(settings, "ingest", configure=connection_setup(settings))
         self.hook = hook or NoHook()
-        self.workers = list(workers)
+        # Retention runs with or without rules: rejections pile up either way.
+        self.retention = retention.RetentionWorker(settings, self.pool, self.metrics)
+        self.workers = [*workers, self.retention]
         self._on_catalog_change = on_catalog_change
         self.intake = MqttIntake(settings, self.router)
         self.writer = BatchWriter(self.pool, self.hook)
@@ -144,6 +156,8 @@ class IngestService:
         # False after a failed batch until one commits again; idle, the catalogue's own
         # connection speaks for the database.
         self.db_ok = True
+        # True while batches fail with SQLSTATE 53100, until one commits again.
+        self.disk_full = False
         self.fatal: str | None = None
         self.stats = Stats()
         self._writer_done = threading.Event()
@@ -190,6 +204,8 @@ class IngestService:
             "mqtt": self.intake.connected,
             "database": self.db_ok and self.catalog.connected,
             "writer": not self.writer_stalled(),
+            # Reachable but refusing writes: named apart, so the cause is plain in /healthz.
+            "database_disk": not self.disk_full,
         }
         # Workers that watch themselves (the outbox reports a stuck delivery) add their checks;
         # the main loop calls this every tick, so their reports do not wait for a /healthz poll.
@@ -363,8 +379,14 @@ class IngestService:
                 if self.stop_event.is_set() and self.intake.queue_depth == 0:
                     return
                 continue
-            prepared = batch_mod.prepare(messages, self.catalog.snapshot, self.router, self.limits)
-            self._prepared.put(prepared)
+            # A batch is bounded by readings and bytes too: what one batch does not take is
+            # prepared as the next one, in order.
+            while messages:
+                prepared = batch_mod.prepare(
+                    messages, self.catalog.snapshot, self.router, self.limits, self.bounds
+                )
+                self._prepared.put(prepared)
+                messages = messages[len(prepared.messages) :]
 
     def _writer_loop(self) -> None:
         while True:
@@ -381,7 +403,7 @@ class IngestService:
                 self.intake.ack(messages)
             else:
                 # Stopping with the database away: leave them to the broker.
-                self.intake.release(len(messages))
+                self.intake.release(len(messages), held_bytes(messages))
                 self._drain_prepared()
                 return
             self._writing_since = None
@@ -395,7 +417,7 @@ class IngestService:
                 return
             if prepared is None:
                 return
-            self.intake.release(len(prepared.messages))
+            self.intake.release(len(prepared.messages), held_bytes(prepared.messages))
 
     def _write_with_retry(self, prepared: batch_mod.Batch) -> bool:
         backoff = Backoff()
@@ -407,7 +429,18 @@ class IngestService:
                 # A timed-out batch says nothing about the database being reachable; whether
                 # the writer is stuck is the stall check's to say.
                 timed_out = isinstance(exc, BatchTimedOut)
-                if not timed_out:
+                if exc.disk_full:
+                    if not self.disk_full:
+                        log.error(
+                            "db_disk_full",
+                            sqlstate=exc.sqlstate,
+                            error=str(exc).splitlines()[0][:300],
+                            why="the database has no space left; nothing is acknowledged "
+                            "until a batch commits again",
+                        )
+                    self.disk_full = True
+                    self.metrics.db_disk_full.set(1)
+                elif not timed_out:
                     self.db_ok = False
                 self.metrics.batches.labels(outcome="retry").inc()
                 if self.stop_event.is_set():
@@ -428,9 +461,11 @@ class IngestService:
                 time.sleep(delay)
                 continue
             if backoff.failing:
-                log.info("db_recovered")
+                log.info("db_recovered", disk_was_full=self.disk_full)
             self.db_ok = True
             self._last_commit = time.monotonic()
+            self.disk_full = False
+            self.metrics.db_disk_full.set(0)
             self._record(prepared, result)
             return True
 
@@ -440,6 +475,8 @@ class IngestService:
         rejected = prepared.rejected_by_reason()
         if result.storage_rejects:
             rejected["storage_error"] += result.storage_rejects
+        if result.rejections_not_recorded:
+            m.rejections_not_recorded.inc(result.rejections_not_recorded)
         m.messages_received.inc(n_msgs)
         m.readings_stored.inc(result.inserted)
         m.duplicates.inc(result.duplicates)
@@ -464,18 +501,22 @@ class IngestService:
             duplicates=result.duplicates,
             rejected=sum(rejected.values()),
         )
-        for r in prepared.rejects:
+        for message in prepared.rejected.values():
             if s.rejection_logs >= REJECTION_LOGS_PER_INTERVAL:
                 break
-            s.rejection_logs += 1
-            log.info(
-                "reading_rejected",
-                reason=str(r.reason),
-                detail=r.detail,
-                topic=r.topic,
-                serial_id=r.serial_id,
-                metric=r.metric,
-            )
+            topic = prepared.messages[message.source].topic[:LOGGED_TOPIC_CHARS]
+            for r in message.recorded:
+                if s.rejection_logs >= REJECTION_LOGS_PER_INTERVAL:
+                    break
+                s.rejection_logs += 1
+                log.info(
+                    "reading_rejected",
+                    reason=str(r.reason),
+                    detail=r.detail,
+                    topic=topic,
+                    serial_id=r.serial_id,
+                    metric=r.metric,
+                )
         log.debug(
             "batch_committed",
             messages=n_msgs,
@@ -496,6 +537,7 @@ class IngestService:
         m = self.metrics
         m.queue_depth.set(self.intake.queue_depth)
         m.pending.set(self.intake.pending)
+        m.pending_bytes.set(self.intake.pending_bytes)
         m.sessions_lost.set(self.intake.session_lost)
         m.stale_acks.set(self.intake.stale_acks)
         m.oldest_unacked_seconds.set(self.oldest_unacked_age())

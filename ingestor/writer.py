@@ -9,8 +9,9 @@ same batch later, and nothing was acknowledged.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -19,7 +20,7 @@ import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from config.settings import Settings
-from ingestor.batch import Batch, RejectRow, Row
+from ingestor.batch import Batch, RejectedMessage, RejectRow, Row
 from ingestor.hooks import BatchHook, HookResult, StoredReading
 from ingestor.reasons import Reason
 from schema import queries as queries_mod
@@ -39,8 +40,24 @@ _RETRYABLE = ("08", "57P", "25006", "53", "40001", "40P01")
 _TIMED_OUT = ("55P03", "57014")
 
 
+MAX_DETAIL_CHARS = 1000  # a rejection's detail; a server message may quote the value it refused
+REFUSED_LOGS_PER_BATCH = 10  # reading_refused_by_database lines per batch, then one count
+
+# SQLSTATE 53100: the server could not extend a file (or write WAL) for lack of space.
+DISK_FULL = "53100"
+
+
 class DatabaseUnavailable(Exception):
     """The database cannot be reached; the batch was not stored."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+    @property
+    def disk_full(self) -> bool:
+        """The server is out of disk space: writes fail until an operator frees some."""
+        return self.sqlstate == DISK_FULL
 
 
 class BatchTimedOut(DatabaseUnavailable):
@@ -52,6 +69,7 @@ class WriteResult:
     inserted: int = 0
     duplicates: int = 0  # rows already in the table (redeliveries) or twice in the batch
     storage_rejects: int = 0
+    rejections_not_recorded: int = 0  # rejected readings beyond the per-message cap
     hook: HookResult = field(default_factory=HookResult)
     seconds: float = 0.0
 
@@ -114,17 +132,25 @@ class BatchWriter:
                 try:
                     with conn.transaction():
                         inserted, refused = self._insert(conn, batch.rows)
-                        rejects = list(batch.rejects) + [
-                            self._refused(batch, row, why) for row, why in refused
-                        ]
+                        # A copy: a retried write must not add its refusals a second time.
+                        rejected = {k: m.copy() for k, m in batch.rejected.items()}
+                        for n, (row, why) in enumerate(refused):
+                            self._refused(
+                                batch, rejected, row, why, logged=n < REFUSED_LOGS_PER_BATCH
+                            )
+                        if len(refused) > REFUSED_LOGS_PER_BATCH:
+                            log.warning(
+                                "readings_refused_not_logged",
+                                count=len(refused) - REFUSED_LOGS_PER_BATCH,
+                            )
                         hook_result = HookResult()
                         if inserted:
                             by_key = {(row.device_metric_id, row.ts): row for row in batch.rows}
                             new_rows = [by_key[key].reading for key in inserted if key in by_key]
                             new_rows.sort(key=lambda r: (r.device_metric_id, r.ts))
                             hook_result = self._run_hook(conn, new_rows)
-                        if rejects:
-                            self._copy_rejections(conn, rejects)
+                        if rejected:
+                            self._copy_rejections(conn, batch, rejected)
                 except psycopg.Error as exc:
                     if _is_unavailable(exc) and not _timed_out(exc) and not conn.closed:
                         # Do not hand this session out again: after a failover it may sit on
@@ -135,14 +161,16 @@ class BatchWriter:
             raise DatabaseUnavailable(f"no database connection: {exc}") from exc
         except psycopg.Error as exc:
             if _timed_out(exc):
-                raise BatchTimedOut(str(exc).strip() or type(exc).__name__) from exc
+                raise BatchTimedOut(str(exc).strip() or type(exc).__name__, exc.sqlstate) from exc
             if _is_unavailable(exc):
-                raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
+                message = str(exc).strip() or type(exc).__name__
+                raise DatabaseUnavailable(message, exc.sqlstate) from exc
             raise  # a bug or a schema problem (e.g. migrations not applied): stop loudly
         return WriteResult(
             inserted=len(inserted),
             duplicates=batch.duplicates + len(batch.rows) - len(inserted) - len(refused),
             storage_rejects=len(refused),
+            rejections_not_recorded=sum(sum(m.not_recorded.values()) for m in rejected.values()),
             hook=hook_result,
             seconds=time.perf_counter() - started,
         )
@@ -201,37 +229,75 @@ class BatchWriter:
             return inserted
 
     @staticmethod
-    def _refused(batch: Batch, row: Row, why: str) -> RejectRow:
+    def _refused(
+        batch: Batch, rejected: dict[int, RejectedMessage], row: Row, why: str, *, logged: bool
+    ) -> None:
         # The reading passed validation but the server refused it: keep the message for study.
-        source = batch.messages[row.source]
-        log.warning(
-            "reading_refused_by_database",
-            device_metric_id=row.device_metric_id,
-            ts=row.ts.isoformat(),
-            error=why,
-        )
-        return RejectRow(
-            received_at=datetime.fromtimestamp(source.received_at, UTC),
-            topic=source.topic,
-            payload=source.payload,
-            reason=Reason.storage_error,
-            detail=f"metric {row.reading.metric_type!r} at {row.ts.isoformat()}: {why}",
-            serial_id=row.reading.serial_id,
-            metric=row.reading.metric_type,
+        if logged:
+            log.warning(
+                "reading_refused_by_database",
+                device_metric_id=row.device_metric_id,
+                ts=row.ts.isoformat(),
+                error=why[:MAX_DETAIL_CHARS],
+            )
+        message = rejected.get(row.source)
+        if message is None:
+            message = rejected[row.source] = RejectedMessage(row.source)
+        message.add(
+            RejectRow(
+                reason=Reason.storage_error,
+                detail=f"metric {row.reading.metric_type!r} at {row.ts.isoformat()}: {why}",
+                serial_id=row.reading.serial_id,
+                metric=row.reading.metric_type,
+            ),
+            batch.bounds.max_rejections_per_message,
         )
 
     @staticmethod
-    def _copy_rejections(conn: psycopg.Connection, rejects: Sequence[RejectRow]) -> None:
-        with conn.cursor() as cur, cur.copy(queries["copy_rejections"]) as copy:
-            for r in rejects:
-                copy.write_row(
-                    (
-                        r.received_at,
-                        _text(r.topic),
-                        r.payload,
-                        str(r.reason),
-                        _text(r.detail),
-                        _text(r.serial_id),
-                        _text(r.metric),
+    def _copy_rejections(
+        conn: psycopg.Connection, batch: Batch, rejected: Mapping[int, RejectedMessage]
+    ) -> None:
+        """Each rejected message's payload once, then its recorded rejections pointing at it.
+
+        The payload ids are drawn first, so both tables go in by COPY without a round trip per
+        message."""
+        ordered = sorted(rejected.values(), key=lambda m: m.source)
+        ids = [
+            row[0]
+            for row in conn.execute(
+                queries["next_rejected_payload_ids"], {"count": len(ordered)}
+            ).fetchall()
+        ]
+        cut = batch.keep_payload_bytes
+        with conn.cursor() as cur:
+            with cur.copy(queries["copy_rejected_payloads"]) as copy:
+                for payload_id, message in zip(ids, ordered, strict=True):
+                    source = batch.messages[message.source]
+                    raw = source.payload
+                    copy.write_row(
+                        (
+                            payload_id,
+                            datetime.fromtimestamp(source.received_at, UTC),
+                            _text(source.topic),
+                            raw if len(raw) <= cut else raw[:cut],
+                            len(raw),
+                            message.rejections,
+                            json.dumps(dict(sorted(message.not_recorded.items()))),
+                        )
                     )
-                )
+            with cur.copy(queries["copy_rejections"]) as copy:
+                for payload_id, message in zip(ids, ordered, strict=True):
+                    received_at = datetime.fromtimestamp(
+                        batch.messages[message.source].received_at, UTC
+                    )
+                    for r in message.recorded:
+                        copy.write_row(
+                            (
+                                payload_id,
+                                received_at,
+                                str(r.reason),
+                                _text(r.detail[:MAX_DETAIL_CHARS]),
+                                _text(r.serial_id),
+                                _text(r.metric),
+                            )
+                        )

@@ -26,6 +26,8 @@ BATCH_SECONDS_BUCKETS = (  # seconds
 # section 3 plus the ingestor's storage_error (ingestor/reasons.py), and the event kinds.
 REJECTION_REASONS = tuple(str(reason) for reason in Reason)
 EVENT_KINDS = ("triggered", "resolved")
+# The tables ingestor/retention.py prunes.
+RETENTION_TABLES = ("rejected_messages", "rejected_payloads", "action_attempts", "action_outbox")
 
 
 class Metrics:
@@ -60,8 +62,15 @@ class Metrics:
         )
         self.rejected = Counter(
             "iothub_readings_rejected_total",
-            "Readings written to rejected_messages instead of telemetries, by reason code",
+            "Readings rejected instead of stored in telemetries, by reason code (recorded in "
+            "rejected_messages up to max_rejections_per_message per message)",
             ["reason"],
+            registry=r,
+        )
+        self.rejections_not_recorded = Counter(
+            "iothub_rejections_not_recorded_total",
+            "Rejected readings beyond max_rejections_per_message of their message: counted in "
+            "rejected_payloads.not_recorded, without a rejected_messages row",
             registry=r,
         )
         self.late = Counter(
@@ -101,6 +110,12 @@ class Metrics:
             "Messages received and not yet acknowledged (bounded by max_pending_messages)",
             registry=r,
         )
+        self.pending_bytes = Gauge(
+            "iothub_pending_bytes",
+            "Payload and topic bytes of the messages received and not yet acknowledged "
+            "(bounded by max_pending_bytes)",
+            registry=r,
+        )
         self.sessions_lost = Gauge(
             "iothub_mqtt_sessions_lost",
             "Reconnects since start on which the broker had no session for us (queued "
@@ -130,6 +145,19 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "iothub_mqtt_connected", "1 while connected to the MQTT broker, else 0", registry=r
         )
+        self.db_disk_full = Gauge(
+            "iothub_db_disk_full",
+            "1 while the database refuses the writer's batches for lack of disk space "
+            "(SQLSTATE 53100), else 0",
+            registry=r,
+        )
+        self.retention_deleted = Counter(
+            "iothub_retention_deleted_total",
+            "Rows deleted by retention (rejected_retention, outbox_retention, "
+            "attempts_retention), by table",
+            ["table"],
+            registry=r,
+        )
         self.db_connected = Gauge(
             "iothub_db_connected", "1 while the database is reachable, else 0", registry=r
         )
@@ -138,6 +166,8 @@ class Metrics:
             self.rejected.labels(reason=reason)
         for kind in event_kinds:
             self.events.labels(kind=kind)
+        for table in RETENTION_TABLES:
+            self.retention_deleted.labels(table=table)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format (see CONTENT_TYPE)."""

@@ -7,6 +7,21 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+# A PUBLISH is its payload plus a fixed header (up to 5 bytes), the topic (2 + its length), a
+# packet id (2) and properties. 4 KiB of room covers every topic iothub subscribes to by
+# default (a serial is at most 255 characters) with properties to spare.
+PACKET_HEADER_ROOM = 4096  # bytes
+MQTT_MAX_PACKET_SIZE = 268_435_455  # bytes: the largest Remaining Length MQTT can encode
+
+
+def max_packet_size(max_payload_bytes: int) -> int:
+    """The MQTT 5 Maximum Packet Size to announce in CONNECT for this payload limit.
+
+    The broker must not send us a larger packet (MQTT 5 §3.1.2.11.4): Mosquitto drops such a
+    message for this client instead (and logs it), so an oversize payload never reaches our
+    memory, let alone rejected_messages."""
+    return min(max_payload_bytes + PACKET_HEADER_ROOM, MQTT_MAX_PACKET_SIZE)
+
 
 def make_client(url: str, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
     """An MQTT v5 client with the URL's credentials and TLS applied (not connected yet)."""

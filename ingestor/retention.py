@@ -1,0 +1,132 @@
+"""Retention of the side tables: rejected messages, finished actions, delivery attempts.
+
+These tables only grow otherwise (DESIGN §2 asks for a retention). A named thread deletes rows
+older than their setting every `retention_interval`, `retention_batch_size` rows per statement,
+each statement committed on its own: a backlog (the first pass after an upgrade, a flood of
+rejections) is worked off in many short transactions instead of one that holds locks and WAL.
+A failing pass (the database away, the disk full) is logged and retried with backoff; the
+service's other threads do not depend on it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import psycopg
+import structlog
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from config.settings import Settings
+from ingestor.backoff import Backoff
+from iothub.metrics import Metrics
+from schema import queries as queries_mod
+
+log = structlog.get_logger(__name__)
+queries = queries_mod.load("ingestor", "retention.sql")
+
+THREAD_NAME = "iothub-retention"
+FIRST_PASS_DELAY = 10.0  # seconds after start: let the service get going before pruning
+POOL_WAIT = 10.0  # seconds to wait for a pooled connection
+STATEMENTS_PER_PASS = 1000  # DELETEs per table and pass at most; the next pass goes on
+BACKOFF_MAX = 300.0  # seconds between failed passes at most
+
+
+@dataclass(frozen=True)
+class Target:
+    """One table and how long its rows are kept."""
+
+    table: str
+    query: str
+    keep: float  # seconds
+
+
+def targets(settings: Settings) -> tuple[Target, ...]:
+    # Order matters: the readings before their payloads, the attempts before their outbox rows
+    # (so the outbox's cascade has little left to do).
+    return (
+        Target("rejected_messages", "prune_rejected_messages", settings.rejected_retention),
+        Target("rejected_payloads", "prune_rejected_payloads", settings.rejected_retention),
+        Target("action_attempts", "prune_action_attempts", settings.attempts_retention),
+        Target("action_outbox", "prune_action_outbox", settings.outbox_retention),
+    )
+
+
+class RetentionWorker:
+    """The `iothub-retention` thread (`service.Worker`: start, stop, alive)."""
+
+    name = THREAD_NAME
+
+    def __init__(self, settings: Settings, pool: ConnectionPool, metrics: Metrics) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._metrics = metrics
+        self._targets = targets(settings)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """False only when the thread should be running and is not (it died)."""
+        return self._thread.is_alive() or self._stop.is_set()
+
+    def prune_once(self) -> Counter[str]:
+        """One pass over every table; returns the rows deleted per table. Raises on a
+        database error (the caller backs off)."""
+        deleted: Counter[str] = Counter()
+        limit = self._settings.retention_batch_size
+        for target in self._targets:
+            for _ in range(STATEMENTS_PER_PASS):
+                if self._stop.is_set():
+                    return deleted
+                with self._pool.connection(timeout=POOL_WAIT) as conn:
+                    cur = conn.execute(queries[target.query], {"keep": target.keep, "limit": limit})
+                    count = cur.rowcount
+                if count > 0:
+                    deleted[target.table] += count
+                    self._metrics.retention_deleted.labels(table=target.table).inc(count)
+                if count < limit:
+                    break
+        return deleted
+
+    def _run(self) -> None:
+        backoff = Backoff(initial=5.0, maximum=BACKOFF_MAX)
+        delay = min(FIRST_PASS_DELAY, self._settings.retention_interval)
+        while not self._stop.wait(delay):
+            started = time.monotonic()
+            try:
+                deleted = self.prune_once()
+            except (psycopg.Error, PoolTimeout) as exc:
+                delay = backoff.next()
+                log.warning(
+                    "retention_failed",
+                    error=" ".join(str(exc).split())[:300] or type(exc).__name__,
+                    sqlstate=getattr(exc, "sqlstate", None),
+                    retry_in=round(delay, 1),
+                )
+                continue
+            except Exception:
+                # A bug: keep the thread (and the service) alive, but say so loudly and slowly.
+                delay = backoff.next()
+                log.exception("retention_crashed", retry_in=round(delay, 1))
+                continue
+            if backoff.failing:
+                log.info("retention_recovered")
+            backoff.reset()
+            delay = self._settings.retention_interval
+            if deleted:
+                log.info(
+                    "retention_pruned",
+                    deleted=dict(deleted),
+                    ms=round((time.monotonic() - started) * 1000, 1),
+                )
