@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg.conninfo
+import psycopg.pq
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -50,6 +52,12 @@ DEFAULT_NO_DATA_CHECK = 10.0  # seconds
 DEFAULT_OUTBOX_POLL = 0.5  # seconds
 DEFAULT_OUTBOX_MAX_ATTEMPTS = 8
 DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds
+
+MASK = "***"  # what a secret looks like in logs and error messages
+# libpq keywords whose values are secrets (sslpassword unlocks the client's TLS key).
+SECRET_CONNINFO_KEYS = frozenset({"password", "sslpassword"})
+# Query parameters of the broker and SMTP URLs that are masked like the user-info password.
+SECRET_URL_QUERY_KEYS = frozenset({"password", "pass", "passwd", "pwd", "token", "secret"})
 
 
 class ConfigError(Exception):
@@ -188,7 +196,8 @@ class Settings(BaseSettings):
         try:
             psycopg.conninfo.conninfo_to_dict(value)
         except psycopg.ProgrammingError as exc:
-            detail = " ".join(str(exc).split())  # libpq's messages end with a newline
+            # libpq's messages end with a newline and may quote the password.
+            detail = _scrub_libpq_error(str(exc))
             raise ValueError(f"not a libpq URL or conninfo: {detail}") from None
         return value
 
@@ -218,9 +227,11 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with passwords masked, for the start-up log line."""
         values = self.model_dump()
-        for key in ("database_url", "mqtt_url", "smtp_url"):
+        if values["database_url"]:
+            values["database_url"] = _mask_conninfo(values["database_url"])
+        for key in ("mqtt_url", "smtp_url"):
             if values.get(key):
-                values[key] = _mask_password(str(values[key]))
+                values[key] = _mask_url(str(values[key]))
         return values
 
 
@@ -244,15 +255,69 @@ def _parse_mqtt_url(url: str) -> MqttTarget:
     )
 
 
-def _mask_password(url: str) -> str:
-    if "://" in url:
+def _mask_conninfo(dsn: str) -> str:
+    """``dsn`` (any libpq form) with its secrets replaced by ``***``, rebuilt as conninfo.
+
+    libpq's own parser finds the password wherever the forms put it (``password = x``,
+    ``password='a b'``, URL user-info, URL query); rewriting the text by hand missed some.
+    """
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return MASK  # the validator refuses such text; never echo what could not be parsed
+    if not any(key in SECRET_CONNINFO_KEYS for key in params):
+        return dsn
+    # Secrets last: the log line reads as where it connects, then what is hidden.
+    masked = {k: v for k, v in params.items() if k not in SECRET_CONNINFO_KEYS}
+    masked.update((k, MASK) for k in params if k in SECRET_CONNINFO_KEYS)
+    return psycopg.conninfo.make_conninfo("", **masked)
+
+
+def _mask_url(url: str) -> str:
+    """``url`` with the password of its user-info and any password in its query masked."""
+    try:
         parts = urlsplit(url)
-        if parts.password:
-            return url.replace(f":{parts.password}@", ":***@", 1)
-        return url
-    # conninfo form: key=value pairs
-    return " ".join(
-        "password=***" if item.startswith("password=") else item for item in url.split()
+        has_password = parts.password is not None
+    except ValueError:
+        return MASK
+    netloc = parts.netloc
+    if has_password:
+        # rpartition: the host part follows the last "@"; the user name ends at the first ":".
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{hostport}"
+    query = "&".join(
+        f"{item.partition('=')[0]}={MASK}"
+        if unquote(item.partition("=")[0]).lower() in SECRET_URL_QUERY_KEYS
+        else item
+        for item in parts.query.split("&")
+    )
+    fragment = MASK if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def _scrub_libpq_error(message: str) -> str:
+    """libpq's parse error without the fragments of the DSN it quotes, which may be secrets.
+
+    ``missing "=" after "s3cret"`` and ``invalid percent-encoded token: "s3cr%zzet"`` quote the
+    very text that failed to parse; only quoted libpq keywords and "=" are kept.
+    """
+    known = _conninfo_keywords()
+
+    def keep_or_mask(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        return match.group(0) if inner == "=" or inner in known else f'"{MASK}"'
+
+    return _QUOTED.sub(keep_or_mask, " ".join(message.split()))
+
+
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def _conninfo_keywords() -> frozenset[str]:
+    return frozenset(
+        option.keyword.decode()
+        for option in psycopg.pq.Conninfo.get_defaults()
+        if option.keyword is not None
     )
 
 

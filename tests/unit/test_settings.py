@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import structlog
 
 from config.settings import ConfigError, Settings, load_settings
 
@@ -47,6 +49,77 @@ def test_topics_from_a_comma_separated_variable() -> None:
     assert load_settings(None, {"IOTHUB_MQTT_TOPICS": '["x/{serial_id}"]'}).mqtt_topics == (
         "x/{serial_id}",
     )
+
+
+SECRET = "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("database_url", "shown"),
+    [
+        ("host=db password=s3cret", "host=db password=***"),
+        ("host=db password = s3cret", "host=db password=***"),
+        ("host=db password='my s3cret pw'", "host=db password=***"),
+        ("host=db password='it\\'s s3cret'", "host=db password=***"),
+        ("host=db sslpassword=s3cret", "host=db sslpassword=***"),
+        ("postgresql://u:s3cret@db/x", "user=u dbname=x host=db password=***"),
+        ("postgresql://u:s3%40cret@db/x", "user=u dbname=x host=db password=***"),
+        ("postgresql://u@db/x?password=s3cret", "user=u dbname=x host=db password=***"),
+        ("postgres://db/x?sslmode=disable&password=s3cret", None),
+        ("host=db user=u", "host=db user=u"),
+    ],
+)
+def test_every_libpq_form_of_a_database_password_is_masked(
+    database_url: str, shown: str | None
+) -> None:
+    """The keyword, spaced, quoted, URL user-info and URL query forms of a password are masked."""
+    redacted = Settings(database_url=database_url).redacted()["database_url"]
+    assert "s3" not in redacted and "cret" not in redacted
+    if shown is not None:
+        assert redacted == shown
+    assert "***" in redacted or "password" not in database_url
+
+
+@pytest.mark.parametrize(
+    ("field", "url", "shown"),
+    [
+        ("mqtt_url", "mqtt://dev:s3cret@broker:1883", "mqtt://dev:***@broker:1883"),
+        ("mqtt_url", "mqtts://dev:s3:cr@et@broker", "mqtts://dev:***@broker"),
+        ("mqtt_url", "mqtt://dev:s3cret%40x@broker", "mqtt://dev:***@broker"),
+        ("mqtt_url", "mqtt://broker?password=s3cret&x=1", "mqtt://broker?password=***&x=1"),
+        ("mqtt_url", "mqtt://dev:@broker", "mqtt://dev:***@broker"),
+        ("mqtt_url", "mqtt://dev@broker", "mqtt://dev@broker"),
+        ("smtp_url", "smtp://mail:s3cret@smtp.example:587", "smtp://mail:***@smtp.example:587"),
+        ("smtp_url", "smtps://smtp.example?token=s3cret", "smtps://smtp.example?token=***"),
+    ],
+)
+def test_broker_and_smtp_passwords_are_masked(field: str, url: str, shown: str) -> None:
+    """User-info and query passwords of the broker and SMTP URLs are masked like the DSN's."""
+    redacted = Settings(**{field: url}).redacted()[field]
+    assert redacted == shown
+
+
+def test_the_startup_log_line_carries_no_secret() -> None:
+    """The config_loaded event, as logged, holds none of the three passwords."""
+    settings = Settings(
+        database_url="host=db password='my s3cret pw'",
+        mqtt_url="mqtt://dev:s3cret@broker",
+        smtp_url="smtp://u:s3cret@mail",
+    )
+    with structlog.testing.capture_logs() as logs:
+        structlog.get_logger().info("config_loaded", settings=settings.redacted())
+    assert logs and SECRET not in json.dumps(logs) and "s3cret pw" not in json.dumps(logs)
+
+
+@pytest.mark.parametrize(
+    "database_url",
+    ["host=db s3cret", "postgresql://u:s3cr%zzet@db/x", "host=db s3cret=1", "s3cret"],
+)
+def test_a_dsn_error_message_does_not_quote_the_password(database_url: str) -> None:
+    """libpq's parse errors quote the text they stumbled on; the message masks it."""
+    with pytest.raises(ConfigError, match="IOTHUB_DATABASE_URL: not a libpq URL") as info:
+        load_settings(None, {"IOTHUB_DATABASE_URL": database_url})
+    assert "s3cr" not in str(info.value)
 
 
 @pytest.mark.parametrize(
