@@ -32,6 +32,9 @@ from ingestor import topics
 
 ENV_PREFIX = "IOTHUB_"
 TEST_PREFIX = "IOTHUB_TEST_"  # the test suite's own variables, not settings
+# The test suite's CI switch (tests/support/skips.py): not a setting, but CI exports it to every
+# process the suite starts, including the CLI it runs.
+NOT_SETTINGS = frozenset({"IOTHUB_REQUIRE_SERVICES"})
 
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_CLIENT_ID = "iothub-ingestor"
@@ -344,7 +347,10 @@ def load_settings(
     unknown = sorted(
         name
         for name in env_names
-        if name.startswith(ENV_PREFIX) and name not in known and not name.startswith(TEST_PREFIX)
+        if name.startswith(ENV_PREFIX)
+        and name not in known
+        and name not in NOT_SETTINGS
+        and not name.startswith(TEST_PREFIX)
     )
     if unknown:
         raise ConfigError(f"invalid configuration: {', '.join(unknown)}: unknown setting")

@@ -183,3 +183,9 @@ def test_what_the_router_or_mailer_would_refuse_stops_start_up(
     """Settings the MQTT router or the mailer would refuse later are refused at load time."""
     with pytest.raises(ConfigError, match=message):
         load_settings(None, environ)
+
+
+def test_the_test_suites_ci_switch_is_not_an_unknown_setting() -> None:
+    """IOTHUB_REQUIRE_SERVICES (exported by CI to every process) does not stop the CLI."""
+    settings = load_settings(None, {"IOTHUB_REQUIRE_SERVICES": "1", "IOTHUB_BATCH_SIZE": "7"})
+    assert settings.batch_size == 7

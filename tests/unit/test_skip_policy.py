@@ -1,0 +1,163 @@
+"""The skip policy: in CI a missing service fails the run; only TimescaleDB tests may skip.
+
+Each test runs a small pytest session in a subprocess with the suite's skip plugin, so the
+outcomes are pytest's own, as CI would see them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.support import skips
+
+ROOT = Path(__file__).resolve().parents[2]
+SESSION_TIMEOUT = 120  # seconds for the inner pytest run
+
+TESTS = """
+import pytest
+from tests.support import skips
+
+def test_a_broker_is_missing():
+    skips.unavailable("cannot start a throwaway Mosquitto here: not installed")
+
+def test_plain_skip():
+    pytest.skip("no broker")
+
+@pytest.mark.skipif(True, reason="needs the mosquitto_passwd binary")
+def test_skipif_mark():
+    pass
+
+def test_importorskip():
+    pytest.importorskip("a_module_that_does_not_exist_anywhere")
+
+@pytest.fixture
+def service():
+    pytest.skip("cannot start a throwaway PostgreSQL here")
+
+def test_skip_in_a_fixture(service):
+    pass
+
+@pytest.mark.timescaledb
+def test_needs_timescaledb():
+    skips.skip_for_timescaledb("needs the TimescaleDB extension")
+
+@pytest.mark.without_timescaledb
+def test_needs_a_server_without_timescaledb():
+    skips.skip_for_timescaledb("this server has TimescaleDB")
+
+@pytest.mark.timescaledb
+def test_marked_but_skipped_for_another_reason():
+    pytest.skip("needs TimescaleDB (but really: no broker)")
+
+def test_the_timescaledb_skip_without_the_marker():
+    skips.skip_for_timescaledb("needs the TimescaleDB extension")
+
+@pytest.mark.xfail(reason="a known bug", strict=True)
+def test_expected_failure():
+    assert False
+
+def test_runs():
+    pass
+"""
+
+MODULE_SKIP = """
+import pytest
+pytest.skip("no Docker here", allow_module_level=True)
+
+def test_never_collected():
+    pass
+"""
+
+ALLOWED = {"test_needs_timescaledb", "test_needs_a_server_without_timescaledb"}
+
+
+def _run(
+    tmp_path: Path, env_extra: dict[str, str], source: str = TESTS
+) -> tuple[int, dict[str, str]]:
+    """Run `source` as a test module; pytest's exit code and each test's outcome in its report."""
+    (tmp_path / "test_inner.py").write_text(textwrap.dedent(source))
+    report = tmp_path / "report.xml"
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", skips.REQUIRE_ENV)}
+    env.update(env_extra)
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.support.skips",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            os.devnull,
+            f"--junitxml={report}",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=SESSION_TIMEOUT,
+        check=False,
+    )
+    outcomes: dict[str, str] = {}
+    # The report is one pytest just wrote from our own test module: trusted input.
+    for case in ET.parse(report).iter("testcase"):  # noqa: S314
+        name = case.get("name") or case.get("classname") or "?"
+        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        outcomes[name] = kinds[0] if kinds else "passed"
+    return done.returncode, outcomes
+
+
+@pytest.mark.parametrize(
+    "env", [{"IOTHUB_REQUIRE_SERVICES": "1"}, {"CI": "true"}], ids=["switch", "ci"]
+)
+def test_where_services_are_required_only_timescaledb_tests_skip(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Under the switch (or CI) every skip is a failure except a TimescaleDB skip from a test
+    with the TimescaleDB marker; xfail stays xfail and a skipped module is an error."""
+    code, outcomes = _run(tmp_path, env)
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert outcomes.pop("test_runs") == "passed"
+    assert outcomes.pop("test_expected_failure") == "skipped"  # junit's form of xfail
+    for name in ALLOWED:
+        assert outcomes.pop(name) == "skipped", name
+    assert outcomes and all(kind in ("failure", "error") for kind in outcomes.values()), outcomes
+
+
+def test_where_services_are_required_a_skipped_module_fails_the_run(tmp_path: Path) -> None:
+    """A module that skips itself while collected is a collection error under the switch."""
+    code, outcomes = _run(tmp_path, {skips.REQUIRE_ENV: "1"}, MODULE_SKIP)
+    assert code == pytest.ExitCode.INTERRUPTED  # pytest stops on a collection error
+    assert list(outcomes.values()) == ["error"]
+
+
+def test_on_a_laptop_a_missing_service_is_a_skip(tmp_path: Path) -> None:
+    """Without the switch, a service that cannot be started skips the tests that need it."""
+    code, outcomes = _run(tmp_path, {})
+    assert code == pytest.ExitCode.OK
+    assert outcomes.pop("test_runs") == "passed"
+    assert outcomes and all(kind == "skipped" for kind in outcomes.values()), outcomes
+    skipped_module = (pytest.ExitCode.NO_TESTS_COLLECTED, {"test_inner": "skipped"})
+    assert _run(tmp_path, {}, MODULE_SKIP) == skipped_module
+
+
+def test_the_switch_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`unavailable` skips by default and fails under IOTHUB_REQUIRE_SERVICES=1."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(skips.REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        skips.unavailable("no broker")
+    monkeypatch.setenv(skips.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="a missing service is an error"):
+        skips.unavailable("no broker")
