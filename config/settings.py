@@ -10,8 +10,8 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -57,6 +57,7 @@ DEFAULT_OUTBOX_MAX_ATTEMPTS = 8
 DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds
 
 MASK = "***"  # what a secret looks like in logs and error messages
+_URL_FIELDS = frozenset({"database_url", "mqtt_url", "smtp_url"})  # the ones holding passwords
 # libpq keywords whose values are secrets (sslpassword unlocks the client's TLS key).
 SECRET_CONNINFO_KEYS = frozenset({"password", "sslpassword"})
 # Query parameters of the broker and SMTP URLs that are masked like the user-info password.
@@ -74,7 +75,7 @@ class MqttTarget:
     host: str
     port: int
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)  # never in a repr, a traceback or a log line
     tls: bool
 
 
@@ -226,6 +227,13 @@ class Settings(BaseSettings):
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() mask like redacted(): a Settings object in a traceback, a debugger
+        # or an f-string must not carry the passwords either.
+        masked = self.redacted()
+        for name, value in super().__repr_args__():
+            yield name, masked.get(name, value) if name in _URL_FIELDS else value
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with passwords masked, for the start-up log line."""

@@ -111,6 +111,19 @@ def test_the_startup_log_line_carries_no_secret() -> None:
     assert logs and SECRET not in json.dumps(logs) and "s3cret pw" not in json.dumps(logs)
 
 
+def test_the_settings_repr_carries_no_secret() -> None:
+    """repr() and str() of the settings and of the broker target mask the passwords, so an
+    object logged or shown in a traceback by mistake leaks nothing."""
+    settings = Settings(
+        database_url="postgresql://u@db/x?password=s3cret",
+        mqtt_url="mqtt://dev:s3cret@broker",
+        smtp_url="smtp://u:s3cret@mail",
+    )
+    for shown in (repr(settings), str(settings), f"{settings!r}", repr(settings.mqtt)):
+        assert SECRET not in shown
+    assert "password=***" in repr(settings) and settings.mqtt.password == SECRET
+
+
 @pytest.mark.parametrize(
     "database_url",
     ["host=db s3cret", "postgresql://u:s3cr%zzet@db/x", "host=db s3cret=1", "s3cret"],
