@@ -55,8 +55,11 @@ def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def timescaledb_available(pg_admin_dsn: str) -> bool:
-    return services.has_timescaledb(pg_admin_dsn)
+def timescaledb_available(pg_admin_dsn: str, pytestconfig: pytest.Config) -> bool:
+    available = services.has_timescaledb(pg_admin_dsn)
+    # The skip policy lets TimescaleDB tests skip only where this says the server justifies it.
+    skips.record_timescaledb(pytestconfig, available)
+    return available
 
 
 @pytest.fixture(scope="session")

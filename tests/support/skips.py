@@ -3,10 +3,13 @@
 A test that skips has not shown anything. On a developer's laptop without Mosquitto that is a
 fair trade; in CI it would let every fault and ACL test "pass" by not running. So when CI is set
 (`CI=true`, as CI services set it) or `IOTHUB_REQUIRE_SERVICES=1`, this plugin turns every skip
-into a failure, except one kind: a test that carries the `timescaledb` or `without_timescaledb`
-marker AND was skipped by `skip_for_timescaledb()` (its own exception type). Both are needed, so
-neither a plain `pytest.skip("... TimescaleDB ...")` nor the exception raised from an unmarked
-test gets through; a `skipif` mark, `importorskip` and a module-level skip are failures too.
+into a failure, except one kind: a test marked `timescaledb` on a server without the extension,
+or `without_timescaledb` on one with it, skipped by `skip_for_timescaledb()` (its own exception
+type). All three are needed: the marker, the exception, and the server's real state as the
+`timescaledb_available` fixture found it (`record_timescaledb`). So neither a plain
+`pytest.skip("... TimescaleDB ...")`, nor the exception from an unmarked test, nor a TimescaleDB
+test skipping on a server that has the extension gets through; a `skipif` mark, `importorskip`
+and a module-level skip are failures too.
 xfail is not a skip (and `xfail_strict` already fails an unexpected pass).
 
 PYTEST_DONT_REWRITE: conftest imports this module before pytest loads it as a plugin, and it has
@@ -23,7 +26,9 @@ import pytest
 from _pytest.outcomes import Skipped
 
 REQUIRE_ENV = "IOTHUB_REQUIRE_SERVICES"
-TIMESCALEDB_MARKERS = ("timescaledb", "without_timescaledb")
+# marker -> the server state (has TimescaleDB?) in which a test with it may skip
+TIMESCALEDB_MARKERS = {"timescaledb": False, "without_timescaledb": True}
+_TIMESCALEDB = pytest.StashKey[bool]()
 
 
 class TimescaleDBSkip(Skipped):
@@ -49,9 +54,19 @@ def skip_for_timescaledb(reason: str) -> NoReturn:
     raise TimescaleDBSkip(reason, allow_module_level=False)
 
 
+def record_timescaledb(config: pytest.Config, available: bool) -> None:
+    """Note whether the test server has TimescaleDB (the fixture that asked the server)."""
+    config.stash[_TIMESCALEDB] = available
+
+
 def _allowed(item: pytest.Item, exc: BaseException | None) -> bool:
-    marked = any(item.get_closest_marker(name) for name in TIMESCALEDB_MARKERS)
-    return marked and isinstance(exc, TimescaleDBSkip)
+    if not isinstance(exc, TimescaleDBSkip):
+        return False
+    available = item.config.stash.get(_TIMESCALEDB, None)
+    return available is not None and any(
+        item.get_closest_marker(name) and available == skips_when
+        for name, skips_when in TIMESCALEDB_MARKERS.items()
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -44,19 +44,23 @@ def service():
 def test_skip_in_a_fixture(service):
     pass
 
+@pytest.fixture
+def server_without_timescaledb(request):
+    skips.record_timescaledb(request.config, False)
+
 @pytest.mark.timescaledb
-def test_needs_timescaledb():
+def test_needs_timescaledb(server_without_timescaledb):
     skips.skip_for_timescaledb("needs the TimescaleDB extension")
 
 @pytest.mark.without_timescaledb
-def test_needs_a_server_without_timescaledb():
-    skips.skip_for_timescaledb("this server has TimescaleDB")
+def test_needs_a_server_without_timescaledb(server_without_timescaledb):
+    skips.skip_for_timescaledb("this server lacks TimescaleDB, yet the test claims it has it")
 
 @pytest.mark.timescaledb
-def test_marked_but_skipped_for_another_reason():
+def test_marked_but_skipped_for_another_reason(server_without_timescaledb):
     pytest.skip("needs TimescaleDB (but really: no broker)")
 
-def test_the_timescaledb_skip_without_the_marker():
+def test_the_timescaledb_skip_without_the_marker(server_without_timescaledb):
     skips.skip_for_timescaledb("needs the TimescaleDB extension")
 
 @pytest.mark.xfail(reason="a known bug", strict=True)
@@ -75,7 +79,24 @@ def test_never_collected():
     pass
 """
 
-ALLOWED = {"test_needs_timescaledb", "test_needs_a_server_without_timescaledb"}
+ALLOWED = {"test_needs_timescaledb"}
+
+ON_A_TIMESCALEDB_SERVER = """
+import pytest
+from tests.support import skips
+
+@pytest.fixture(autouse=True)
+def server_with_timescaledb(request):
+    skips.record_timescaledb(request.config, True)
+
+@pytest.mark.without_timescaledb
+def test_needs_a_server_without_timescaledb():
+    skips.skip_for_timescaledb("this server has TimescaleDB")
+
+@pytest.mark.timescaledb
+def test_needs_timescaledb_yet_skips():
+    skips.skip_for_timescaledb("needs the TimescaleDB extension")
+"""
 
 
 def _run(
@@ -125,7 +146,7 @@ def test_where_services_are_required_only_timescaledb_tests_skip(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
     """Under the switch (or CI) every skip is a failure except a TimescaleDB skip from a test
-    with the TimescaleDB marker; xfail stays xfail and a skipped module is an error."""
+    with the marker that the server's recorded state justifies; xfail stays xfail."""
     code, outcomes = _run(tmp_path, env)
     assert code == pytest.ExitCode.TESTS_FAILED
     assert outcomes.pop("test_runs") == "passed"
@@ -133,6 +154,27 @@ def test_where_services_are_required_only_timescaledb_tests_skip(
     for name in ALLOWED:
         assert outcomes.pop(name) == "skipped", name
     assert outcomes and all(kind in ("failure", "error") for kind in outcomes.values()), outcomes
+
+
+def test_on_a_timescaledb_server_only_the_tests_that_need_its_absence_skip(
+    tmp_path: Path,
+) -> None:
+    """With the extension there, a `without_timescaledb` test may skip; a `timescaledb` test
+    that skips anyway fails."""
+    code, outcomes = _run(tmp_path, {skips.REQUIRE_ENV: "1"}, ON_A_TIMESCALEDB_SERVER)
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert outcomes == {
+        "test_needs_a_server_without_timescaledb": "skipped",
+        "test_needs_timescaledb_yet_skips": "failure",
+    }
+
+
+def test_a_timescaledb_skip_without_asking_the_server_fails(tmp_path: Path) -> None:
+    """Where no fixture recorded the server's state, even a marked TimescaleDB skip fails."""
+    source = ON_A_TIMESCALEDB_SERVER.replace("autouse=True", "autouse=False")
+    code, outcomes = _run(tmp_path, {skips.REQUIRE_ENV: "1"}, source)
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert set(outcomes.values()) == {"failure"}
 
 
 def test_where_services_are_required_a_skipped_module_fails_the_run(tmp_path: Path) -> None:
