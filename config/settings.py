@@ -61,7 +61,9 @@ _URL_FIELDS = frozenset({"database_url", "mqtt_url", "smtp_url"})  # the ones ho
 # libpq keywords whose values are secrets (sslpassword unlocks the client's TLS key).
 SECRET_CONNINFO_KEYS = frozenset({"password", "sslpassword"})
 # Query parameters of the broker and SMTP URLs that are masked like the user-info password.
-SECRET_URL_QUERY_KEYS = frozenset({"password", "pass", "passwd", "pwd", "token", "secret"})
+SECRET_URL_QUERY_KEYS = frozenset(
+    {"password", "sslpassword", "pass", "passwd", "pwd", "token", "secret"}
+)
 
 
 class ConfigError(Exception):
@@ -189,6 +191,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_smtp_url(cls, value: str | None) -> str | None:
         if value is not None:
+            _check_userinfo(value)
             parts = urlsplit(value)
             if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
                 raise ValueError("expected smtp://user:pass@host:port or smtps://...")
@@ -198,11 +201,14 @@ class Settings(BaseSettings):
     @classmethod
     def _check_dsn(cls, value: str) -> str:
         try:
-            psycopg.conninfo.conninfo_to_dict(value)
+            params = psycopg.conninfo.conninfo_to_dict(value)
         except psycopg.ProgrammingError as exc:
             # libpq's messages end with a newline and may quote the password.
             detail = _scrub_libpq_error(str(exc))
             raise ValueError(f"not a libpq URL or conninfo: {detail}") from None
+        problem = _url_dsn_problem(value, params)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("mqtt_url")
@@ -246,7 +252,15 @@ class Settings(BaseSettings):
         return values
 
 
+def _check_userinfo(url: str) -> None:
+    # "mqtt://u:pa#ss@h" is host "u" to urlsplit, and the rest of the password a fragment: it
+    # could not log in as meant, and its pieces would show up where hosts are logged.
+    if "@" in url.partition("://")[2] and "@" not in urlsplit(url).netloc:
+        raise ValueError(_UNESCAPED_USERINFO)
+
+
 def _parse_mqtt_url(url: str) -> MqttTarget:
+    _check_userinfo(url)
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"scheme must be mqtt:// or mqtts://, got {parts.scheme or 'none'!r}")
@@ -264,6 +278,34 @@ def _parse_mqtt_url(url: str) -> MqttTarget:
         password=unquote(parts.password) if parts.password else None,
         tls=tls,
     )
+
+
+_UNESCAPED_USERINFO = (
+    "an '@', '/', '?' or '#' in the URL's user name or password must be percent-encoded "
+    "(%40, %2F, %3F, %23)"
+)
+
+
+def _url_dsn_problem(dsn: str, params: Mapping[str, object]) -> str | None:
+    """Why libpq would read a URL DSN other than as meant, with part of a password as its host,
+    port or database name (which a log line or a connection error would then show).
+
+    ``postgresql://u:pa/ss@h/db`` is host ``u``, port ``pa``, database ``ss@h/db`` to libpq, and
+    ``postgresql://u:pa@ss@h/db`` has host ``ss@h``. Neither can connect as meant, so they are
+    refused here, without quoting them.
+    """
+    text = dsn.strip()
+    if not text.startswith(("postgresql://", "postgres://")):
+        return None
+    port = str(params.get("port") or "")
+    if not all(part.strip().isdigit() for part in port.split(",") if part.strip()):
+        return f"the port is not a number; {_UNESCAPED_USERINFO}"
+    if "@" in str(params.get("host") or ""):
+        return f"the host contains '@'; {_UNESCAPED_USERINFO}"
+    head = text.split("?", 1)[0].split("://", 1)[1]
+    if "@" in head and "user" not in params and "password" not in params:
+        return f"an '@' is not where the user-info ends; {_UNESCAPED_USERINFO}"
+    return None
 
 
 def _mask_conninfo(dsn: str) -> str:
@@ -286,16 +328,17 @@ def _mask_conninfo(dsn: str) -> str:
 
 def _mask_url(url: str) -> str:
     """``url`` with the password of its user-info and any password in its query masked."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if sep and at != -1 and ":" in rest[:at]:
+        # The last "@" ends the user-info, even where an unescaped "#", "?" or "/" in the
+        # password makes urlsplit see a fragment, query or path instead (and show the rest).
+        # An "@" elsewhere (in a query) may mask more than the password; never less.
+        url = f"{scheme}://{rest[:at].partition(':')[0]}:{MASK}@{rest[at + 1 :]}"
     try:
         parts = urlsplit(url)
-        has_password = parts.password is not None
     except ValueError:
         return MASK
-    netloc = parts.netloc
-    if has_password:
-        # rpartition: the host part follows the last "@"; the user name ends at the first ":".
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{hostport}"
     query = "&".join(
         f"{item.partition('=')[0]}={MASK}"
         if unquote(item.partition("=")[0]).lower() in SECRET_URL_QUERY_KEYS
@@ -303,7 +346,7 @@ def _mask_url(url: str) -> str:
         for item in parts.query.split("&")
     )
     fragment = MASK if parts.fragment else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, fragment))
 
 
 def _scrub_libpq_error(message: str) -> str:

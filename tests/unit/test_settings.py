@@ -91,6 +91,8 @@ def test_every_libpq_form_of_a_database_password_is_masked(
         ("mqtt_url", "mqtt://dev@broker", "mqtt://dev@broker"),
         ("smtp_url", "smtp://mail:s3cret@smtp.example:587", "smtp://mail:***@smtp.example:587"),
         ("smtp_url", "smtps://smtp.example?token=s3cret", "smtps://smtp.example?token=***"),
+        ("smtp_url", "smtp://u:s3%23cret@mail", "smtp://u:***@mail"),
+        ("mqtt_url", "mqtt://dev:s3@cret@broker", "mqtt://dev:***@broker"),
     ],
 )
 def test_broker_and_smtp_passwords_are_masked(field: str, url: str, shown: str) -> None:
@@ -109,6 +111,43 @@ def test_the_startup_log_line_carries_no_secret() -> None:
     with structlog.testing.capture_logs() as logs:
         structlog.get_logger().info("config_loaded", settings=settings.redacted())
     assert logs and SECRET not in json.dumps(logs) and "s3cret pw" not in json.dumps(logs)
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("IOTHUB_DATABASE_URL", "postgresql://u:s3/cret@db/x"),  # host u, port s3 to libpq
+        ("IOTHUB_DATABASE_URL", "postgresql://u:12/s3cret@db/x"),  # database s3cret@db/x
+        ("IOTHUB_DATABASE_URL", "postgresql://u:s3@cret@db/x"),  # host cret@db
+        ("IOTHUB_MQTT_URL", "mqtt://dev:s3#cret@broker"),  # host dev, fragment cret@broker
+        ("IOTHUB_MQTT_URL", "mqtt://dev:s3/cret@broker"),
+        ("IOTHUB_SMTP_URL", "smtp://u:s3?cret@mail"),  # host u to urlsplit
+    ],
+)
+def test_a_url_whose_password_would_be_read_as_host_or_path_is_refused(
+    variable: str, url: str
+) -> None:
+    """An unescaped '@', '/', '?' or '#' in a URL password makes part of it a host, port,
+    path or fragment, which later log lines and connection errors would show: refused at
+    start-up, with the fix and without quoting the URL."""
+    with pytest.raises(ConfigError, match="must be percent-encoded") as info:
+        load_settings(None, {variable: url})
+    assert "s3" not in str(info.value) and "cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "database_url",
+    [
+        "postgresql://u:s3#cret@db/x",
+        "postgresql://u:s3?cret@db/x",
+        "postgresql://db1:5432,db2:5433/x",
+        "postgresql://db/x?user=me@example.com",
+    ],
+)
+def test_urls_libpq_reads_as_meant_are_accepted(database_url: str) -> None:
+    """libpq takes '#' and '?' in a password, host lists and an '@' in the query as meant."""
+    redacted = load_settings(None, {"IOTHUB_DATABASE_URL": database_url}).redacted()
+    assert "s3" not in redacted["database_url"] and "cret" not in redacted["database_url"]
 
 
 def test_the_settings_repr_carries_no_secret() -> None:
