@@ -80,6 +80,30 @@ def test_never_collected():
 """
 
 ALLOWED = {"test_needs_timescaledb"}
+PLUGIN = "tests.support.skips"
+SUITE_FIXTURES = "tests.conftest"  # the suite's own fixtures, with the policy they load
+
+# The suite's real local_mosquitto and local_postgres fixtures on a machine without the binaries
+# (which cannot be uninstalled here: their constructors raise what they raise there).
+WITHOUT_BINARIES = """
+import pytest
+from iothub.localservers import ServiceUnavailable
+from tests.support import services
+
+def _not_installed(*args, **kwargs):
+    raise ServiceUnavailable("the binary is not installed")
+
+@pytest.fixture(autouse=True)
+def machine_without_binaries(monkeypatch):
+    monkeypatch.setattr(services, "LocalMosquitto", _not_installed)
+    monkeypatch.setattr(services, "LocalPostgres", _not_installed)
+
+def test_needs_its_own_broker(local_mosquitto):
+    pass
+
+def test_needs_its_own_postgres(local_postgres):
+    pass
+"""
 
 ON_A_TIMESCALEDB_SERVER = """
 import pytest
@@ -100,9 +124,10 @@ def test_needs_timescaledb_yet_skips():
 
 
 def _run(
-    tmp_path: Path, env_extra: dict[str, str], source: str = TESTS
+    tmp_path: Path, env_extra: dict[str, str], source: str = TESTS, plugin: str = PLUGIN
 ) -> tuple[int, dict[str, str]]:
-    """Run `source` as a test module; pytest's exit code and each test's outcome in its report."""
+    """Run `source` as a test module with `plugin` loaded; pytest's exit code and each test's
+    outcome in its report."""
     (tmp_path / "test_inner.py").write_text(textwrap.dedent(source))
     report = tmp_path / "report.xml"
     env = {k: v for k, v in os.environ.items() if k not in ("CI", skips.REQUIRE_ENV)}
@@ -114,7 +139,7 @@ def _run(
             "-m",
             "pytest",
             "-p",
-            "tests.support.skips",
+            plugin,
             "-p",
             "no:cacheprovider",
             "--rootdir",
@@ -175,6 +200,24 @@ def test_a_timescaledb_skip_without_asking_the_server_fails(tmp_path: Path) -> N
     code, outcomes = _run(tmp_path, {skips.REQUIRE_ENV: "1"}, source)
     assert code == pytest.ExitCode.TESTS_FAILED
     assert set(outcomes.values()) == {"failure"}
+
+
+@pytest.mark.parametrize(
+    ("env", "outcome"),
+    [({}, "skipped"), ({"IOTHUB_REQUIRE_SERVICES": "1"}, "error"), ({"CI": "true"}, "error")],
+    ids=["laptop", "switch", "ci"],
+)
+def test_the_suites_fixtures_error_where_a_server_cannot_be_started(
+    tmp_path: Path, env: dict[str, str], outcome: str
+) -> None:
+    """local_mosquitto and local_postgres skip on a laptop without the binaries, and are an
+    error in CI or under the switch."""
+    code, outcomes = _run(tmp_path, env, WITHOUT_BINARIES, SUITE_FIXTURES)
+    assert outcomes == {
+        "test_needs_its_own_broker": outcome,
+        "test_needs_its_own_postgres": outcome,
+    }
+    assert code == (pytest.ExitCode.OK if outcome == "skipped" else pytest.ExitCode.TESTS_FAILED)
 
 
 def test_where_services_are_required_a_skipped_module_fails_the_run(tmp_path: Path) -> None:
