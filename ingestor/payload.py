@@ -218,7 +218,8 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # Measured: about 10 us for the design's 4-metric example, about 1.5 us per reading in bulk.
 # parse_float (exact numbers) and the RFC 3339 pattern added 4-15 % to parse_message on the same
 # machine (best of 15: design example 17.3 -> 19.0 us, 1 metric 9.0 -> 9.4 us, 100 metrics
-# 246 -> 283 us); msgspec/orjson would need a second pass to see a number's text.
+# 246 -> 283 us). orjson hands over doubles only; msgspec's float_hook could pass the text, but
+# duplicate keys (object_pairs_hook) and the integer-digit bound (parse_int) need these hooks.
 # parse_float sees the number's text, which is what keeps a value exact (_parse_float).
 _DECODER = json.JSONDecoder(
     parse_int=_parse_int,
