@@ -353,18 +353,21 @@ def _scrub_libpq_error(message: str) -> str:
     """libpq's parse error without the fragments of the DSN it quotes, which may be secrets.
 
     ``missing "=" after "s3cret"`` and ``invalid percent-encoded token: "s3cr%zzet"`` quote the
-    very text that failed to parse; only quoted libpq keywords and "=" are kept.
+    very text that failed to parse. From the first quoted fragment that is neither a libpq
+    keyword nor punctuation to the message's last quote, everything is masked: a fragment may
+    itself hold quotes, so masking fragment by fragment could leave a piece of it behind.
     """
+    text = " ".join(message.split())
     known = _conninfo_keywords()
-
-    def keep_or_mask(match: re.Match[str]) -> str:
-        inner = match.group(1)
-        return match.group(0) if inner == "=" or inner in known else f'"{MASK}"'
-
-    return _QUOTED.sub(keep_or_mask, " ".join(message.split()))
+    for match in _QUOTED.finditer(text):
+        if match.group(1) in _SAFE_QUOTED or match.group(1) in known:
+            continue
+        return f'{text[: match.start()]}"{MASK}"{text[text.rfind(chr(34)) + 1 :]}'
+    return text
 
 
 _QUOTED = re.compile(r'"([^"]*)"')
+_SAFE_QUOTED = frozenset({"=", ":", "/", "]"})  # punctuation libpq's messages quote
 
 
 def _conninfo_keywords() -> frozenset[str]:

@@ -165,7 +165,15 @@ def test_the_settings_repr_carries_no_secret() -> None:
 
 @pytest.mark.parametrize(
     "database_url",
-    ["host=db s3cret", "postgresql://u:s3cr%zzet@db/x", "host=db s3cret=1", "s3cret"],
+    [
+        "host=db s3cret",
+        "postgresql://u:s3cr%zzet@db/x",
+        "host=db s3cret=1",
+        "s3cret",
+        'host=db s3"cret',  # a quote inside the fragment libpq quotes
+        'host=db s3"="cret',
+        "postgresql://u:s3cret@[::1/x",
+    ],
 )
 def test_a_dsn_error_message_does_not_quote_the_password(database_url: str) -> None:
     """libpq's parse errors quote the text they stumbled on; the message masks it."""
