@@ -179,7 +179,7 @@ def test_a_dsn_error_message_does_not_quote_the_password(database_url: str) -> N
     """libpq's parse errors quote the text they stumbled on; the message masks it."""
     with pytest.raises(ConfigError, match="IOTHUB_DATABASE_URL: not a libpq URL") as info:
         load_settings(None, {"IOTHUB_DATABASE_URL": database_url})
-    assert "s3cr" not in str(info.value)
+    assert "s3" not in str(info.value) and "cret" not in str(info.value)
 
 
 @pytest.mark.parametrize(
