@@ -9,15 +9,17 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg.conninfo
+import psycopg.pq
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -31,6 +33,9 @@ from ingestor import topics
 
 ENV_PREFIX = "IOTHUB_"
 TEST_PREFIX = "IOTHUB_TEST_"  # the test suite's own variables, not settings
+# The test suite's CI switch (tests/support/skips.py): not a setting, but CI exports it to every
+# process the suite starts, including the CLI it runs.
+NOT_SETTINGS = frozenset({"IOTHUB_REQUIRE_SERVICES"})
 
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_CLIENT_ID = "iothub-ingestor"
@@ -63,6 +68,16 @@ DEFAULT_RETENTION = 30 * 24 * 3600.0  # seconds (30 days) for rejections and fin
 DEFAULT_RETENTION_INTERVAL = 300.0  # seconds between two pruning passes
 DEFAULT_RETENTION_BATCH = 1000  # rows per DELETE statement
 
+MASK = "***"  # what a secret looks like in logs and error messages
+# The settings that may hold passwords.
+_URL_FIELDS = frozenset({"database_url", "mqtt_url", "mqtt_actions_url", "smtp_url"})
+# libpq keywords whose values are secrets (sslpassword unlocks the client's TLS key).
+SECRET_CONNINFO_KEYS = frozenset({"password", "sslpassword"})
+# Query parameters of the broker and SMTP URLs that are masked like the user-info password.
+SECRET_URL_QUERY_KEYS = frozenset(
+    {"password", "sslpassword", "pass", "passwd", "pwd", "token", "secret"}
+)
+
 
 class ConfigError(Exception):
     """The configuration is invalid."""
@@ -75,7 +90,7 @@ class MqttTarget:
     host: str
     port: int
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)  # never in a repr, a traceback or a log line
     tls: bool
 
 
@@ -289,6 +304,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_smtp_url(cls, value: str | None) -> str | None:
         if value is not None:
+            _check_userinfo(value)
             parts = urlsplit(value)
             if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
                 raise ValueError("expected smtp://user:pass@host:port or smtps://...")
@@ -298,10 +314,14 @@ class Settings(BaseSettings):
     @classmethod
     def _check_dsn(cls, value: str) -> str:
         try:
-            psycopg.conninfo.conninfo_to_dict(value)
+            params = psycopg.conninfo.conninfo_to_dict(value)
         except psycopg.ProgrammingError as exc:
-            detail = " ".join(str(exc).split())  # libpq's messages end with a newline
+            # libpq's messages end with a newline and may quote the password.
+            detail = _scrub_libpq_error(str(exc))
             raise ValueError(f"not a libpq URL or conninfo: {detail}") from None
+        problem = _url_dsn_problem(value, params)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("mqtt_url")
@@ -339,16 +359,33 @@ class Settings(BaseSettings):
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() mask like redacted(): a Settings object in a traceback, a debugger
+        # or an f-string must not carry the passwords either.
+        masked = self.redacted()
+        for name, value in super().__repr_args__():
+            yield name, masked.get(name, value) if name in _URL_FIELDS else value
+
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with passwords masked, for the start-up log line."""
         values = self.model_dump()
-        for key in ("database_url", "mqtt_url", "mqtt_actions_url", "smtp_url"):
+        if values["database_url"]:
+            values["database_url"] = _mask_conninfo(values["database_url"])
+        for key in sorted(_URL_FIELDS - {"database_url"}):
             if values.get(key):
-                values[key] = _mask_password(str(values[key]))
+                values[key] = _mask_url(str(values[key]))
         return values
 
 
+def _check_userinfo(url: str) -> None:
+    # "mqtt://u:pa#ss@h" is host "u" to urlsplit, and the rest of the password a fragment: it
+    # could not log in as meant, and its pieces would show up where hosts are logged.
+    if "@" in url.partition("://")[2] and "@" not in urlsplit(url).netloc:
+        raise ValueError(_UNESCAPED_USERINFO)
+
+
 def _parse_mqtt_url(url: str) -> MqttTarget:
+    _check_userinfo(url)
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"scheme must be mqtt:// or mqtts://, got {parts.scheme or 'none'!r}")
@@ -368,15 +405,101 @@ def _parse_mqtt_url(url: str) -> MqttTarget:
     )
 
 
-def _mask_password(url: str) -> str:
-    if "://" in url:
+_UNESCAPED_USERINFO = (
+    "an '@', '/', '?' or '#' in the URL's user name or password must be percent-encoded "
+    "(%40, %2F, %3F, %23)"
+)
+
+
+def _url_dsn_problem(dsn: str, params: Mapping[str, object]) -> str | None:
+    """Why libpq would read a URL DSN other than as meant, with part of a password as its host,
+    port or database name (which a log line or a connection error would then show).
+
+    ``postgresql://u:pa/ss@h/db`` is host ``u``, port ``pa``, database ``ss@h/db`` to libpq, and
+    ``postgresql://u:pa@ss@h/db`` has host ``ss@h``. Neither can connect as meant, so they are
+    refused here, without quoting them.
+    """
+    text = dsn.strip()
+    if not text.startswith(("postgresql://", "postgres://")):
+        return None
+    port = str(params.get("port") or "")
+    if not all(part.strip().isdigit() for part in port.split(",") if part.strip()):
+        return f"the port is not a number; {_UNESCAPED_USERINFO}"
+    if "@" in str(params.get("host") or ""):
+        return f"the host contains '@'; {_UNESCAPED_USERINFO}"
+    head = text.split("?", 1)[0].split("://", 1)[1]
+    if "@" in head and "user" not in params and "password" not in params:
+        return f"an '@' is not where the user-info ends; {_UNESCAPED_USERINFO}"
+    return None
+
+
+def _mask_conninfo(dsn: str) -> str:
+    """``dsn`` (any libpq form) with its secrets replaced by ``***``, rebuilt as conninfo.
+
+    libpq's own parser finds the password wherever the forms put it (``password = x``,
+    ``password='a b'``, URL user-info, URL query); rewriting the text by hand missed some.
+    """
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return MASK  # the validator refuses such text; never echo what could not be parsed
+    if not any(key in SECRET_CONNINFO_KEYS for key in params):
+        return dsn
+    # Secrets last: the log line reads as where it connects, then what is hidden.
+    masked = {k: v for k, v in params.items() if k not in SECRET_CONNINFO_KEYS}
+    masked.update((k, MASK) for k in params if k in SECRET_CONNINFO_KEYS)
+    return psycopg.conninfo.make_conninfo("", **masked)
+
+
+def _mask_url(url: str) -> str:
+    """``url`` with the password of its user-info and any password in its query masked."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if sep and at != -1 and ":" in rest[:at]:
+        # The last "@" ends the user-info, even where an unescaped "#", "?" or "/" in the
+        # password makes urlsplit see a fragment, query or path instead (and show the rest).
+        # An "@" elsewhere (in a query) may mask more than the password; never less.
+        url = f"{scheme}://{rest[:at].partition(':')[0]}:{MASK}@{rest[at + 1 :]}"
+    try:
         parts = urlsplit(url)
-        if parts.password:
-            return url.replace(f":{parts.password}@", ":***@", 1)
-        return url
-    # conninfo form: key=value pairs
-    return " ".join(
-        "password=***" if item.startswith("password=") else item for item in url.split()
+    except ValueError:
+        return MASK
+    query = "&".join(
+        f"{item.partition('=')[0]}={MASK}"
+        if unquote(item.partition("=")[0]).lower() in SECRET_URL_QUERY_KEYS
+        else item
+        for item in parts.query.split("&")
+    )
+    fragment = MASK if parts.fragment else ""
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, fragment))
+
+
+def _scrub_libpq_error(message: str) -> str:
+    """libpq's parse error without the fragments of the DSN it quotes, which may be secrets.
+
+    ``missing "=" after "s3cret"`` and ``invalid percent-encoded token: "s3cr%zzet"`` quote the
+    very text that failed to parse. From the first quoted fragment that is neither a libpq
+    keyword nor punctuation to the message's last quote, everything is masked: a fragment may
+    itself hold quotes, so masking fragment by fragment could leave a piece of it behind.
+    """
+    text = " ".join(message.split())
+    known = _conninfo_keywords()
+    for match in _QUOTED.finditer(text):
+        if match.group(1) in _SAFE_QUOTED or match.group(1) in known:
+            continue
+        return f'{text[: match.start()]}"{MASK}"{text[text.rfind(chr(34)) + 1 :]}'
+    return text
+
+
+_QUOTED = re.compile(r'"([^"]*)"')
+_SAFE_QUOTED = frozenset({"=", ":", "/", "]"})  # punctuation libpq's messages quote
+
+
+def _conninfo_keywords() -> frozenset[str]:
+    return frozenset(
+        option.keyword.decode()
+        for option in psycopg.pq.Conninfo.get_defaults()
+        if option.keyword is not None
     )
 
 
@@ -403,7 +526,10 @@ def load_settings(
     unknown = sorted(
         name
         for name in env_names
-        if name.startswith(ENV_PREFIX) and name not in known and not name.startswith(TEST_PREFIX)
+        if name.startswith(ENV_PREFIX)
+        and name not in known
+        and name not in NOT_SETTINGS
+        and not name.startswith(TEST_PREFIX)
     )
     if unknown:
         raise ConfigError(f"invalid configuration: {', '.join(unknown)}: unknown setting")

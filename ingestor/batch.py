@@ -242,7 +242,7 @@ def prepare(
                     StoredReading(
                         binding.device_metric_id,
                         reading.ts,
-                        reading.value,
+                        payload.rule_value(reading.value),
                         binding.data_type,
                         device.serial_id,
                         device.name,

@@ -25,7 +25,7 @@ class Reason(enum.StrEnum):
     type_mismatch = "type_mismatch", "The value does not fit the metric's data_type."
     bad_timestamp = (
         "bad_timestamp",
-        "The ts is neither ISO 8601 with an offset nor an epoch number.",
+        "The ts is neither RFC 3339 (ISO 8601 with an offset) nor an epoch number.",
     )
     ts_in_future = "ts_in_future", "The ts is further ahead of the service clock than allowed."
     ts_too_old = "ts_too_old", "The ts is older than the backfill limit."

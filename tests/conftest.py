@@ -15,11 +15,14 @@ from typing import Any
 import psycopg
 import pytest
 import structlog
-from psycopg import sql
 
 from config.settings import Settings, load_settings
 from schema import migrate
-from tests.support import services
+from tests.support import databases, services, skips
+from tests.support.databases import create_database, drop_database, seal_template
+
+# The skip policy: in CI (or with IOTHUB_REQUIRE_SERVICES=1) a skip is a failure (skips.py).
+pytest_plugins = ["tests.support.skips"]
 
 _counter = itertools.count()
 
@@ -52,30 +55,11 @@ def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def timescaledb_available(pg_admin_dsn: str) -> bool:
-    return services.has_timescaledb(pg_admin_dsn)
-
-
-def _dsn_for(admin_dsn: str, dbname: str) -> str:
-    return psycopg.conninfo.make_conninfo(admin_dsn, dbname=dbname)
-
-
-def create_database(admin_dsn: str, name: str, template: str | None = None) -> str:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-        if template:
-            query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        conn.execute(query)
-    return _dsn_for(admin_dsn, name)
-
-
-def drop_database(admin_dsn: str, name: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+def timescaledb_available(pg_admin_dsn: str, pytestconfig: pytest.Config) -> bool:
+    available = services.has_timescaledb(pg_admin_dsn)
+    # The skip policy lets TimescaleDB tests skip only where this says the server justifies it.
+    skips.record_timescaledb(pytestconfig, available)
+    return available
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +70,8 @@ def template_db(pg_admin_dsn: str) -> Iterator[str]:
     dsn = create_database(pg_admin_dsn, name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         migrate.migrate(conn)
+    # From here on nothing can connect to it, so no session can make a clone fail (databases.py).
+    seal_template(pg_admin_dsn, name)
     try:
         yield name
     finally:
@@ -173,11 +159,11 @@ def local_postgres(tmp_path: Path) -> Iterator[services.LocalPostgres]:
     try:
         server = services.LocalPostgres(Path(tempfile.mkdtemp(prefix="iothub-pg-")))
     except services.ServiceUnavailable as exc:
-        pytest.skip(f"cannot start a throwaway PostgreSQL here: {exc}")
+        skips.unavailable(f"cannot start a throwaway PostgreSQL here: {exc}")
     server.init()
     server.start()
     create_database(server.admin_dsn, "iothub")
-    with psycopg.connect(_dsn_for(server.admin_dsn, "iothub"), autocommit=True) as conn:
+    with psycopg.connect(databases.dsn_for(server.admin_dsn, "iothub"), autocommit=True) as conn:
         migrate.migrate(conn)
     try:
         yield server
@@ -191,7 +177,7 @@ def local_mosquitto(tmp_path: Path) -> Iterator[services.LocalMosquitto]:
     try:
         broker = services.LocalMosquitto(tmp_path / "mosquitto")
     except services.ServiceUnavailable as exc:
-        pytest.skip(f"cannot start a throwaway Mosquitto here: {exc}")
+        skips.unavailable(f"cannot start a throwaway Mosquitto here: {exc}")
     broker.start()
     try:
         yield broker

@@ -18,7 +18,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from iothub import cli, exitcodes
-from tests.support import services
+from tests.support import services, skips
 
 # The six steps as the seed describes them, as `--dry-run` must print them.
 EXPECTED_STEPS = [
@@ -38,7 +38,7 @@ EXPECTED_STEPS = [
 def _needs_timescaledb(request: pytest.FixtureRequest, timescaledb_available: bool) -> None:
     """Skip tests marked `timescaledb` when the server lacks the extension, saying why."""
     if request.node.get_closest_marker("timescaledb") and not timescaledb_available:
-        pytest.skip(
+        skips.skip_for_timescaledb(
             "needs the TimescaleDB extension on the test server (pg_available_extensions has no "
             "'timescaledb'); set IOTHUB_TEST_DATABASE_URL to a TimescaleDB server to run it"
         )
@@ -326,6 +326,7 @@ def test_command_with_no_flags(
 # --- Extension checks (TestSetupTimescaleDBExtensionChecks) ----------------------------------
 
 
+@pytest.mark.without_timescaledb
 def test_extension_not_available_exits_with_error(
     db_url: str,
     conn: psycopg.Connection,
@@ -335,7 +336,9 @@ def test_extension_not_available_exits_with_error(
 ) -> None:
     """Without the extension on the server: exit EXTENSION_UNAVAILABLE, one line, no change."""
     if timescaledb_available:
-        pytest.skip("this server has TimescaleDB; the error path needs one without it")
+        skips.skip_for_timescaledb(
+            "this server has TimescaleDB; the error path needs one without it"
+        )
     before = snapshot(conn)
     result = run(monkeypatch, capsys, db_url)
     assert result.code == exitcodes.EXTENSION_UNAVAILABLE == 3

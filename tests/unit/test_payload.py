@@ -6,6 +6,7 @@ import json
 import math
 import random
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from ingestor.payload import (
     check_value,
     encode_value,
     parse_message,
+    rule_value,
 )
 from ingestor.reasons import Reason
 
@@ -859,3 +861,139 @@ def test_check_value_never_raises() -> None:
         if problem is not None:
             assert INTERNAL_ERROR not in problem[1]
             _assert_one_line(problem[1])
+
+
+# --- exact numbers and RFC 3339 times ------------------------------------------------------------
+
+
+def _one_value(number: str) -> object:
+    result = parse(b'{"metrics": {"a": ' + number.encode() + b"}}")
+    assert result.rejections == ()
+    (reading,) = result.readings
+    return reading.value
+
+
+@pytest.mark.parametrize(
+    ("number", "stored"),
+    [
+        ("23.5", '{"t":"numeric","v":23.5}'),
+        ("0.1", '{"t":"numeric","v":0.1}'),
+        ("23.50", '{"t":"numeric","v":23.5}'),  # the same number: no Decimal needed
+        ("1E5", '{"t":"numeric","v":100000.0}'),
+        ("1e-400", '{"t":"numeric","v":1E-400}'),
+        ("4.9e-325", '{"t":"numeric","v":4.9E-325}'),  # below the smallest subnormal double
+        (
+            "123456789012345678901234567890.5",
+            '{"t":"numeric","v":123456789012345678901234567890.5}',
+        ),
+        ("3.14159265358979323846", '{"t":"numeric","v":3.14159265358979323846}'),
+        ("1.00000000000000000001e10", '{"t":"numeric","v":10000000000.0000000001}'),
+        ("-0", '{"t":"numeric","v":0}'),
+        ("123456789012345678901234567890", '{"t":"numeric","v":123456789012345678901234567890}'),
+    ],
+)
+def test_numbers_keep_every_digit_on_the_way_to_value_jsonb(number: str, stored: str) -> None:
+    """What a double cannot hold (underflow, more than 17 digits) is kept as a Decimal of the
+    sent text; the jsonb text has the number's exact value, and check_value accepts it."""
+    value = _one_value(number)
+    assert check_value(value, "numeric", LIMITS) is None
+    encoded = encode_value(value, "numeric")  # type: ignore[arg-type]
+    assert Decimal(json.loads(encoded, parse_float=Decimal)["v"]) == Decimal(number)
+    assert json.loads(encoded, parse_float=Decimal) == json.loads(stored, parse_float=Decimal)
+
+
+def test_a_decimal_value_renders_with_its_unit() -> None:
+    """The object form with a unit keeps the digits too."""
+    result = parse(b'{"metrics": {"a": {"value": 1e-400, "unit": "m\\u00b3"}}}')
+    (reading,) = result.readings
+    assert encode_value(reading.value, "numeric", reading.unit) == (
+        '{"t":"numeric","v":1E-400,"u":"m³"}'
+    )
+
+
+def test_the_rule_engine_gets_the_nearest_double() -> None:
+    """Rules compare doubles: rule_value turns an exact Decimal into a float, others unchanged."""
+    value = _one_value("123456789012345678901234567890.5")
+    assert isinstance(value, Decimal)
+    assert rule_value(value) == pytest.approx(1.2345678901234568e29)
+    assert type(rule_value(value)) is float
+    assert rule_value(1e-400 * 0) == 0.0 and rule_value(7) == 7 and rule_value("x") == "x"
+
+
+@pytest.mark.parametrize(
+    ("number", "detail"),
+    [
+        ("1e400", "exceeds the magnitude limit 1e+100"),
+        ("-1.5e100", "exceeds the magnitude limit 1e+100"),
+        ("1." + "1" * 100, "has 101 significant digits (limit 100)"),
+        ("1e-1001", "has a digit 1001 places after the decimal point (limit 1000)"),
+        ("0." + "0" * 1000 + "1", "has a digit 1001 places after the decimal point"),
+    ],
+)
+def test_numbers_that_cannot_be_kept_are_value_too_large(number: str, detail: str) -> None:
+    """Too large, too many digits or too fine a step: value_too_large, never a rounded value."""
+    problem = check_value(_one_value(number), "numeric", LIMITS)
+    assert problem is not None and problem[0] is Reason.value_too_large
+    assert detail in problem[1]
+    assert len(problem[1]) < 200  # a long number is shortened in the detail
+
+
+def test_zeros_and_long_numbers_do_not_count_as_digits() -> None:
+    """Trailing zeros are not significant digits, and a zero has no finest digit."""
+    assert check_value(_one_value("1" + "0" * 99 + ".000"), "numeric", LIMITS) is None
+    assert check_value(_one_value("0e-5000"), "numeric", LIMITS) is None
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        ("2026-01-27t12:00:00z", datetime(2026, 1, 27, 12, tzinfo=UTC)),
+        ("2026-01-27T12:00:00z", datetime(2026, 1, 27, 12, tzinfo=UTC)),
+        ("2026-01-27t13:00:00+01:00", datetime(2026, 1, 27, 12, tzinfo=UTC)),
+        ("2026-01-27T11:59:59.123456789Z", datetime(2026, 1, 27, 11, 59, 59, 123456, tzinfo=UTC)),
+        ("2026-01-27T11:59:59.9999999Z", datetime(2026, 1, 27, 11, 59, 59, 999999, tzinfo=UTC)),
+        ("2026-01-27T12:00:00-00:00", datetime(2026, 1, 27, 12, tzinfo=UTC)),
+        ("2026-01-26T23:59:60Z", datetime(2026, 1, 26, 23, 59, 59, 999999, tzinfo=UTC)),
+        ("2026-01-27T00:59:60.5+01:00", datetime(2026, 1, 26, 23, 59, 59, 999999, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_forms_are_accepted(ts: str, expected: datetime) -> None:
+    """Lower-case t and z, fractions of any length (cut to microseconds), -00:00, and a leap
+    second at 23:59:60 UTC (as its last microsecond) are RFC 3339 and are accepted."""
+    result = parse({"ts": ts, "metrics": {"a": 1}})
+    assert result.rejections == ()
+    (reading,) = result.readings
+    assert reading.ts == expected
+
+
+@pytest.mark.parametrize(
+    ("ts", "why"),
+    [
+        ("2026-W05-2T12:00:00Z", "is ISO 8601 but not RFC 3339"),  # ISO week date
+        ("2026-027T12:00:00Z", "is neither ISO 8601"),  # ordinal date
+        ("2026-01-27T12:00Z", "is ISO 8601 but not RFC 3339"),  # no seconds
+        ("20260127T120000Z", "is ISO 8601 but not RFC 3339"),  # basic format
+        ("2026-01-27T12:00:00+0100", "is ISO 8601 but not RFC 3339"),  # offset without colon
+        ("2026-01-27T12:00:00+01", "is ISO 8601 but not RFC 3339"),
+        ("2026-01-27T12:00:00,5Z", "is ISO 8601 but not RFC 3339"),  # comma fraction
+        ("2026-01-27T12:00:00.Z", "is ISO 8601 but not RFC 3339"),  # a point without digits
+        ("2026-01-27T12:00:00", "has no UTC offset"),
+        ("2026-01-27T12:00:60Z", "has second 60 outside a leap second"),
+        ("2026-02-30T12:00:00Z", "is neither ISO 8601"),
+        ("٢٠٢٦-01-27T12:00:00Z", "is neither ISO 8601"),  # non-ASCII digits
+    ],
+)
+def test_other_iso_8601_forms_are_bad_timestamp(ts: str, why: str) -> None:
+    """Week and ordinal dates, reduced, basic and comma forms are not RFC 3339: bad_timestamp,
+    with a detail that says so."""
+    rejection = rejected(parse({"ts": ts, "metrics": {"a": 1}}))
+    assert rejection.reason is Reason.bad_timestamp
+    assert why in rejection.detail
+
+
+def test_an_epoch_with_more_digits_than_a_double_is_exact_to_the_microsecond() -> None:
+    """Nanosecond epoch seconds (a Decimal) round to the microsecond, without a float between."""
+    (reading,) = parse(b'{"ts": 1769515199.123456789, "metrics": {"a": 1}}').readings
+    assert reading.ts == datetime(2026, 1, 27, 11, 59, 59, 123457, tzinfo=UTC)
+    bad = rejected(parse(b'{"ts": 1e400, "metrics": {"a": 1}}'))
+    assert bad.reason is Reason.bad_timestamp and "out of range as a Unix epoch" in bad.detail
