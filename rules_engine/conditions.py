@@ -42,7 +42,10 @@ class InvalidRule(Exception):
         *,
         rule_id: int | None = None,
         problems: Sequence[str] = (),
+        reason: str = "invalid",
     ) -> None:
+        # A stable code for logs and metrics (rule_json.REASONS): what kind of problem it is.
+        self.reason = reason
         self.problems: tuple[str, ...] = tuple(problems) or ((detail,) if detail else ())
         self.detail = detail or "; ".join(self.problems) or (self.__doc__ or "")
         self.rule_id = rule_id

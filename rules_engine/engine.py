@@ -36,7 +36,7 @@ from ingestor.catalog import Snapshot
 from ingestor.hooks import HookResult, StoredReading
 from iothub import db
 from iothub.metrics import Metrics
-from rules_engine import actions_model, evaluator, templates
+from rules_engine import actions_model, evaluator, rule_json, templates
 from rules_engine.conditions import InvalidRule
 from rules_engine.no_data import NoDataWorker
 from rules_engine.outbox import OutboxWorker
@@ -70,11 +70,16 @@ def fingerprint(condition: Any, data_type: str) -> str:
 class RuleCache:
     """The active, valid rules by device_metric; reloaded when marked stale."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+        if metrics is not None:
+            for reason in rule_json.REASONS:
+                metrics.rules_invalid.labels(reason=reason).set(0)
         self._lock = threading.Lock()
         self._stale = True
         self._by_dm: dict[int, tuple[RuleEntry, ...]] = {}
         self._reported: set[tuple[int, str]] = set()
+        self.invalid: Counter[str] = Counter()  # active rules skipped by the last load, by reason
         self.generation = 0  # counts loads: what depends on the rule set can tell it changed
 
     def mark_stale(self) -> None:
@@ -96,12 +101,12 @@ class RuleCache:
 
     def _load(self, conn: psycopg.Connection) -> dict[int, tuple[RuleEntry, ...]]:
         by_dm: dict[int, list[RuleEntry]] = defaultdict(list)
-        invalid = 0
+        invalid: Counter[str] = Counter()
         for (
             rule_id,
             name,
-            condition,
-            action,
+            condition_text,
+            action_text,
             dm_id,
             data_type,
             serial,
@@ -109,29 +114,82 @@ class RuleCache:
             metric,
         ) in conn.execute(queries["load_rules"]):
             try:
+                compiled, condition = rule_json.compile_stored(
+                    rule_id, name, condition_text, action_text, data_type
+                )
                 fp = fingerprint(condition, data_type)
-            except (ValueError, RecursionError):
-                fp = f"unprintable-{rule_id}"
-            try:
-                compiled = evaluator.compile_rule(rule_id, name, condition, action, data_type)
-            except (InvalidRule, ValueError, TypeError, OverflowError, RecursionError) as exc:
+            except InvalidRule as exc:
                 # Whatever a stored rule holds, it costs that rule only, never the batch.
-                invalid += 1
-                if (rule_id, fp) not in self._reported:
-                    self._reported.add((rule_id, fp))
-                    log.error("rule_invalid", rule_id=rule_id, rule_name=name, problem=str(exc))
+                invalid[exc.reason] += 1
+                self._report(
+                    rule_id,
+                    name,
+                    f"{condition_text}|{action_text}|{data_type}",
+                    reason=exc.reason,
+                    problem=str(exc),
+                )
+                continue
+            except Exception as exc:  # a bug; still this rule's problem only
+                invalid[rule_json.CRASHED] += 1
+                self._report(
+                    rule_id,
+                    name,
+                    f"{condition_text}|{action_text}|{data_type}",
+                    reason=rule_json.CRASHED,
+                    problem=repr(exc)[:300],
+                )
                 continue
             by_dm[dm_id].append(RuleEntry(compiled, dm_id, fp, serial, dev_name, metric))
+        self.invalid = invalid
+        if self._metrics is not None:
+            for reason in rule_json.REASONS:
+                self._metrics.rules_invalid.labels(reason=reason).set(invalid[reason])
         log.info(
             "rules_loaded",
             rules=sum(len(v) for v in by_dm.values()),
-            invalid=invalid,
+            invalid=sum(invalid.values()),
             device_metrics=len(by_dm),
         )
         return {dm: tuple(entries) for dm, entries in by_dm.items()}
 
+    def _report(
+        self,
+        rule_id: int,
+        name: str,
+        version_of: str,
+        *,
+        reason: str,
+        problem: str,
+    ) -> None:
+        """Log an invalid rule once per version of it (each reload would repeat it)."""
+        version = hashlib.sha256(version_of.encode()).hexdigest()[:16]
+        if (rule_id, version) in self._reported:
+            return
+        self._reported.add((rule_id, version))
+        log.error("rule_invalid", rule_id=rule_id, rule_name=name, reason=reason, problem=problem)
+
 
 _TS = attrgetter("ts")
+# Log event names of rule_failed() by stage (stable: operations.md lists them).
+_FAILURE_EVENTS = {
+    "evaluate": "rule_evaluation_failed",
+    "no_data": "rule_no_data_failed",
+    "render": "rule_render_failed",
+}
+_EVENT_ID_PENDING = -1  # the event id in outbox targets rendered before the event is inserted
+
+
+def _with_event_id(
+    rows: list[tuple[str, dict[str, Any]]], event_id: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """Outbox targets rendered before the insert, with the event's id put in."""
+    for _kind, target in rows:
+        body = target.get("body")
+        if isinstance(body, dict) and body.get("event_id") == _EVENT_ID_PENDING:
+            body["event_id"] = event_id
+    return rows
+
+
 _INITIAL = evaluator.RuleState.initial()
 
 
@@ -144,10 +202,13 @@ def _own_part(state: evaluator.RuleState) -> evaluator.RuleState:
     )
 
 
-def _parse_state(rule_id: int, dm: int, raw: Any) -> evaluator.RuleState | None:
+def _parse_state(rule_id: int, dm: int, text: str | None) -> evaluator.RuleState | None:
     try:
+        raw = rule_json.parse(text)
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"a rule state must be a JSON object, got {type(raw).__name__}")
         return _own_part(evaluator.RuleState.from_json(raw))
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # RuleJsonError is a ValueError
         log.warning("rule_state_reset", rule_id=rule_id, device_metric_id=dm, why=str(exc))
         return None
 
@@ -322,13 +383,30 @@ class RuleEngine:
         self.settings = settings
         self.metrics = metrics
         self.tz = settings.tz
-        self.cache = RuleCache()
+        self.cache = RuleCache(metrics)
         self.states = StateCache()
         self._states_generation = -1
+        self._failures_logged: set[tuple[str, int, str]] = set()
         self.catalog_seen = threading.Event()  # the catalogue listener has loaded once
         # Seconds the ingestion is behind (the service sets it): the no-data timer must not take
         # readings still waiting in the queue for a silence.
         self.backlog_age: Callable[[], float] = lambda: 0.0
+
+    def rule_failed(self, stage: str, entry: RuleEntry, exc: Exception, **context: object) -> None:
+        """Count a rule's failed evaluation; log it with its traceback once per rule version
+        and stage (a rule that fails on every batch must not flood the log)."""
+        self.metrics.rule_failures.labels(stage=stage).inc()
+        key = (stage, entry.rule.rule_id, entry.fingerprint)
+        if key in self._failures_logged:
+            return
+        self._failures_logged.add(key)
+        log.error(
+            _FAILURE_EVENTS[stage],
+            rule_id=entry.rule.rule_id,
+            error=f"{type(exc).__name__}: {exc}"[:300],
+            exc_info=exc,
+            **context,
+        )
 
     def on_catalog_change(self, snapshot: Snapshot, tables: frozenset[str]) -> None:
         if tables & RELOAD_TABLES:
@@ -382,12 +460,7 @@ class RuleEngine:
                 except Exception as exc:
                     # A rule that fails (a bug, or a value it cannot take) loses its own effects
                     # for this batch, never the telemetry or the other rules'.
-                    log.exception(
-                        "rule_evaluation_failed",
-                        rule_id=entry.rule.rule_id,
-                        device_metric_id=dm,
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
+                    self.rule_failed("evaluate", entry, exc, device_metric_id=dm)
                     continue
                 state, fired = outcome
                 transitions.extend((entry, t) for t in fired)
@@ -557,6 +630,30 @@ class RuleEngine:
     ) -> None:
         cls.save_states(conn, [(entry, state)])
 
+    def _render(
+        self, entry: RuleEntry, transition: evaluator.Transition
+    ) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+        """The event's message and its outbox targets (event_id still a placeholder). A rule
+        whose templates cannot be rendered still gets its event, with a plain message, and
+        no delivery; the other events of the batch are not touched."""
+        try:
+            template = actions_model.message_template(entry.rule.action)
+            message = templates.render(
+                template, render_context(entry, transition.value, transition.ts)
+            )
+            rows = outbox_rows(
+                entry,
+                _EVENT_ID_PENDING,
+                transition.kind,
+                transition,
+                message,
+                smtp_to=self.settings.smtp_to,
+            )
+        except Exception as exc:
+            self.rule_failed("render", entry, exc, kind=transition.kind)
+            return f"{entry.rule.name}: {transition.kind} (message could not be rendered)", []
+        return message, rows
+
     def write_event(
         self, conn: psycopg.Connection, entry: RuleEntry, transition: evaluator.Transition
     ) -> None:
@@ -571,14 +668,11 @@ class RuleEngine:
         many events (a storm of transitions must not cost a round trip each)."""
         if not transitions:
             return
-        messages = []
         event_params = []
+        targets: list[list[tuple[str, dict[str, Any]]]] = []
         for entry, transition in transitions:
-            template = actions_model.message_template(entry.rule.action)
-            message = templates.render(
-                template, render_context(entry, transition.value, transition.ts)
-            )
-            messages.append(message)
+            message, rows = self._render(entry, transition)
+            targets.append(rows)
             context = {
                 "value": transition.value,
                 "ts": transition.ts.isoformat(),
@@ -612,17 +706,10 @@ class RuleEngine:
                     "kind": kind,
                     "target": Jsonb(target),
                 }
-                for event_id, (entry, transition), message in zip(
-                    event_ids, transitions, messages, strict=True
+                for event_id, (entry, _transition), rows in zip(
+                    event_ids, transitions, targets, strict=True
                 )
-                for kind, target in outbox_rows(
-                    entry,
-                    event_id,
-                    transition.kind,
-                    transition,
-                    message,
-                    smtp_to=self.settings.smtp_to,
-                )
+                for kind, target in _with_event_id(rows, event_id)
             ]
             if outbox_params:
                 cur.executemany(queries["insert_outbox"], outbox_params)

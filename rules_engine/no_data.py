@@ -72,7 +72,12 @@ class NoDataWorker(EngineThread):
                 for dm in dms:
                     for entry in watched[dm]:
                         state = states[dm].state_for(entry)
-                        result = evaluator.check_no_data(entry.rule, state, now, engine.tz)
+                        try:
+                            result = evaluator.check_no_data(entry.rule, state, now, engine.tz)
+                        except Exception as exc:
+                            # One rule's failure must not stop the timer for the others.
+                            engine.rule_failed("no_data", entry, exc, device_metric_id=dm)
+                            continue
                         for transition in result.transitions:
                             engine.write_event(conn, entry, transition)
                             engine.metrics.events.labels(kind=transition.kind).inc()

@@ -1,6 +1,8 @@
 -- name: load_rules
--- Active rules with what evaluation and messages need about their binding.
-SELECT r.id, r.name, r.condition, r.action, r.device_metric_id, m.data_type::text,
+-- Active rules with what evaluation and messages need about their binding. The documents come
+-- as text: decoding them is rule_json's job, within bounds (a jsonb nested thousands deep would
+-- make any recursive decoder raise while the rows are fetched, outside any one rule).
+SELECT r.id, r.name, r.condition::text, r.action::text, r.device_metric_id, m.data_type::text,
        d.serial_id, d.name, m.metric_type::text
 FROM rules r
 JOIN device_metrics dm ON dm.id = r.device_metric_id
@@ -33,7 +35,8 @@ FROM rule_cursors
 WHERE device_metric_id = ANY(%(ids)s)
 
 -- name: load_states
-SELECT rule_id, device_metric_id, fingerprint, state
+-- The state as text, decoded within bounds (rule_json): a hand-edited row costs its rule only.
+SELECT rule_id, device_metric_id, fingerprint, state::text
 FROM rule_states
 WHERE device_metric_id = ANY(%(ids)s)
 

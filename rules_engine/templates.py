@@ -17,6 +17,9 @@ from pydantic import JsonValue
 
 PLACEHOLDERS: Final = frozenset({"device_name", "serial_id", "metric", "value", "ts", "rule_name"})
 
+MAX_RENDERED_CHARS: Final = 16_384  # characters of one rendered template
+TRUNCATED: Final = "…"  # ends a rendered template that was cut at MAX_RENDERED_CHARS
+
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -31,16 +34,36 @@ def _text(value: object) -> str:
 
 
 def render(template: str, context: Mapping[str, object]) -> str:
-    """Replace `{name}` by `context[name]`; never raises and never evaluates the template."""
+    """Replace `{name}` by `context[name]`; never raises and never evaluates the template.
 
-    def replace(found: re.Match[str]) -> str:
+    The result is at most MAX_RENDERED_CHARS long (cut with TRUNCATED): a template that repeats
+    `{value}` hundreds of times over a long string value must not make an event or a message
+    of megabytes."""
+    parts: list[str] = []
+    size = 0
+    end = 0
+    for found in _TOKEN.finditer(template):
         written = found.group(0)
-        if written in ("{{", "}}"):
-            return written[0]
         name = found.group(1)
-        return _text(context[name]) if name in context else written
-
-    return _TOKEN.sub(replace, template)
+        if written in ("{{", "}}"):
+            replacement = written[0]
+        elif name in context:
+            replacement = _text(context[name])
+        else:
+            replacement = written
+        for piece in (template[end : found.start()], replacement):
+            parts.append(piece)
+            size += len(piece)
+        end = found.end()
+        if size > MAX_RENDERED_CHARS:
+            break
+    else:
+        parts.append(template[end:])
+        size += len(template) - end
+    text = "".join(parts)
+    if size > MAX_RENDERED_CHARS:
+        return text[: MAX_RENDERED_CHARS - len(TRUNCATED)] + TRUNCATED
+    return text
 
 
 def render_json(document: JsonValue, context: Mapping[str, object]) -> JsonValue:
@@ -65,4 +88,11 @@ def unknown_placeholders(template: str) -> tuple[str, ...]:
     return tuple(name for name in placeholders(template) if name not in PLACEHOLDERS)
 
 
-__all__ = ["PLACEHOLDERS", "placeholders", "render", "render_json", "unknown_placeholders"]
+__all__ = [
+    "MAX_RENDERED_CHARS",
+    "PLACEHOLDERS",
+    "placeholders",
+    "render",
+    "render_json",
+    "unknown_placeholders",
+]

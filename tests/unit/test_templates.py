@@ -100,3 +100,13 @@ def test_placeholders_are_listed_and_unknown_ones_flagged() -> None:
     template = "{device_name} {valeu} {value} {device_name} {{ts}} {x:1}"
     assert templates.placeholders(template) == ("device_name", "valeu", "value")
     assert templates.unknown_placeholders(template) == ("valeu",)
+
+
+def test_rendering_is_bounded_however_often_a_long_value_repeats() -> None:
+    """A template of 585 `{value}` over a 1,024-character value renders at most
+    MAX_RENDERED_CHARS characters, cut with an ellipsis, instead of 600,000."""
+    long_value = "x" * 1024
+    rendered = templates.render("{value}" * 585, {"value": long_value})
+    assert len(rendered) == templates.MAX_RENDERED_CHARS
+    assert rendered.endswith(templates.TRUNCATED)
+    assert templates.render("a{value}b", {"value": long_value}) == f"a{long_value}b"
