@@ -474,6 +474,7 @@ def build(settings: Settings, notifier: SystemdNotifier | None = None) -> Ingest
         pool=pool,
     )
     rules.backlog_age = service.oldest_unacked_age
+    rules.intake_since = service.intake.connected_since
     return service
 
 

@@ -50,6 +50,7 @@ LOCK_CLASS = 0x1074  # first key of pg_advisory_xact_lock(int, int): "iothub rul
 RELOAD_TABLES = frozenset({"*", "rules", "devices", "metrics", "device_metrics"})
 PRELOAD_TIMEOUT = 30.0  # seconds to get a connection for loading the rules at start
 CATALOG_POLL = 0.1  # seconds between checks for a stop while the preloader awaits the catalogue
+NO_INTAKE = datetime.min.replace(tzinfo=UTC)  # intake_since() of an engine run without one
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,9 @@ class DmStates:
     last_ts: datetime | None = None
     last_value: evaluator.Value | None = None
     rules: dict[int, tuple[str, evaluator.RuleState]] = field(default_factory=dict)
+    # When the service last received a reading of it, on its own clock: silence is judged on
+    # this, never on device time (a device clock running behind would look silent early).
+    last_received: datetime | None = None
 
     def state_for(self, entry: RuleEntry) -> evaluator.RuleState:
         stored = self.rules.get(entry.rule.rule_id)
@@ -237,10 +241,14 @@ class DmStates:
             own.nodes,
         )
 
-    def advanced(self, newest: evaluator.Observation) -> DmStates:
+    def advanced(self, newest: evaluator.Observation, received: datetime) -> DmStates:
         """A copy moved to a newer reading, for the rules to update (this one stays as it was,
         in case the batch's writes fail)."""
-        return DmStates(self.version, newest.ts, newest.value, dict(self.rules))
+        return DmStates(self.version, newest.ts, newest.value, dict(self.rules), received)
+
+    def heard(self, received: datetime) -> DmStates:
+        """A copy that only records a receipt (every reading of the batch was late)."""
+        return DmStates(self.version, self.last_ts, self.last_value, dict(self.rules), received)
 
 
 class StateCache:
@@ -282,6 +290,22 @@ class StateCache:
         """Forget device_metrics that have no rules any more."""
         for dm in [dm for dm in self._by_dm if dm not in keep]:
             del self._by_dm[dm]
+
+
+def not_ahead(
+    rows: Sequence[StoredReading], now: datetime
+) -> tuple[Sequence[evaluator.Observation], int]:
+    """The readings to evaluate, none later than the service's clock, and how many were folded.
+
+    A reading up to `future_tolerance` ahead is stored, but evaluated as of `now`: were it
+    evaluated at its own time, the cursor would move past the clock and every on-time reading
+    after it would count as late. Several ahead in one batch are one moment, so only the newest
+    of them is evaluated; the others are counted late. `rows` are sorted by time."""
+    if rows[-1].ts <= now:
+        return rows, 0
+    ahead = bisect_right(rows, now, key=_TS)
+    newest = rows[-1]
+    return [*rows[:ahead], evaluator.Reading(now, newest.value)], len(rows) - ahead - 1
 
 
 def render_context(entry: RuleEntry, value: object, ts: datetime) -> dict[str, object]:
@@ -391,6 +415,10 @@ class RuleEngine:
         # Seconds the ingestion is behind (the service sets it): the no-data timer must not take
         # readings still waiting in the queue for a silence.
         self.backlog_age: Callable[[], float] = lambda: 0.0
+        # Since when the intake has been connected to the broker (None: it is not), set by the
+        # service; silence is not judged from before it. Without an intake: no such bound.
+        self.intake_since: Callable[[], datetime | None] = lambda: NO_INTAKE
+        self.clock: Callable[[], datetime] = utcnow  # the service's clock (receipt times)
 
     def rule_failed(self, stage: str, entry: RuleEntry, exc: Exception, **context: object) -> None:
         """Count a rule's failed evaluation; log it with its traceback once per rule version
@@ -439,6 +467,9 @@ class RuleEngine:
         self.lock(conn, relevant)
         self.states.refresh(conn, relevant)
         late = 0
+        # One clock reading per batch: when these readings were received, and the bound no
+        # reading's time may pass when it is evaluated (see not_ahead).
+        now = self.clock()
         transitions: list[tuple[RuleEntry, evaluator.Transition]] = []
         changed: list[tuple[RuleEntry, evaluator.RuleState]] = []
         after: dict[int, DmStates] = {}
@@ -451,9 +482,12 @@ class RuleEngine:
             cut = 0 if known.last_ts is None else bisect_right(dm_rows, known.last_ts, key=_TS)
             late += cut  # not newer than the last evaluated reading: stored, state unmoved
             if cut == len(dm_rows):
+                after[dm] = known.heard(now)  # late readings still show the device talking
                 continue
-            fresh = evaluator.Series(dm_rows[cut:], dm_rows[0].data_type)
-            moved = known.advanced(fresh[-1])
+            in_time, folded = not_ahead(dm_rows[cut:], now)
+            late += folded
+            fresh = evaluator.Series(in_time, dm_rows[0].data_type)
+            moved = known.advanced(fresh[-1], now)
             for entry in rules[dm]:
                 try:
                     outcome = self._evaluate(entry, known, fresh)
@@ -570,8 +604,9 @@ class RuleEngine:
         """What the rules of these device_metrics remember, read from the database."""
         ids = list(device_metric_ids)
         found = {dm: DmStates() for dm in ids}
-        for dm, version, last_ts, last_value in conn.execute(queries["load_cursors"], {"ids": ids}):
-            found[dm] = DmStates(version, last_ts, last_value)
+        cursors = conn.execute(queries["load_cursors"], {"ids": ids})
+        for dm, version, last_ts, last_value, last_received in cursors:
+            found[dm] = DmStates(version, last_ts, last_value, last_received=last_received)
         for rule_id, dm, fp, raw in conn.execute(queries["load_states"], {"ids": ids}):
             state = _parse_state(rule_id, dm, raw)
             if state is not None:
@@ -587,14 +622,15 @@ class RuleEngine:
         row = conn.execute(queries["next_cursor_version"]).fetchone()
         assert row is not None
         version = int(row[0])
-        ids, stamps, values = [], [], []
+        ids, stamps, values, received = [], [], [], []
         for dm, known in after.items():
             ids.append(dm)
             stamps.append(known.last_ts)
             values.append(json.dumps(known.last_value))
+            received.append(known.last_received)
         conn.execute(
             queries["save_cursors"],
-            {"version": version, "ids": ids, "ts": stamps, "values": values},
+            {"version": version, "ids": ids, "ts": stamps, "values": values, "received": received},
         )
         return version
 

@@ -652,11 +652,14 @@ def _next_in_window(moment: datetime, cond: Condition, tz: ZoneInfo) -> datetime
     return start.astimezone(moment.tzinfo)
 
 
-def _silence_limit(cond: conditions.NoData, state: RuleState, tz: ZoneInfo) -> datetime | None:
-    """When a no_data rule fires if nothing arrives before; None when it cannot fire."""
+def _silence_limit(
+    cond: conditions.NoData, state: RuleState, tz: ZoneInfo, since: datetime | None = None
+) -> datetime | None:
+    """When a no_data rule fires if nothing arrives before; None when it cannot fire. The
+    silence counts from `since` (default: the last reading's time)."""
     if state.status == "firing" or state.last_ts is None:
         return None  # already firing, or nothing ever seen: no reference point for a silence
-    moment = state.last_ts + _minutes(cond.minutes)
+    moment = (since or state.last_ts) + _minutes(cond.minutes)
     if cond.cooldown_minutes and state.last_triggered is not None:
         moment = max(moment, state.last_triggered + _minutes(cond.cooldown_minutes))
     return _next_in_window(moment, cond, tz)
@@ -681,9 +684,12 @@ def _step_no_data(
         silence = conditions.format_number(
             round((reading.ts - (state.last_ts or reading.ts)).total_seconds() / 60, 1)
         )
+        # The timer fires on the service's clock, the reading carries the device's: one running
+        # behind must not make the alarm end before it began.
+        resolved_at = max(reading.ts, state.last_triggered or reading.ts)
         transitions.append(
             Transition(
-                "resolved", reading.ts, reading.value, f"reading after {silence} min of silence"
+                "resolved", resolved_at, reading.value, f"reading after {silence} min of silence"
             )
         )
     after = dataclasses.replace(
@@ -692,15 +698,27 @@ def _step_no_data(
     return StepResult(after, tuple(transitions), late=False)
 
 
-def check_no_data(rule: CompiledRule, state: RuleState, now: datetime, tz: ZoneInfo) -> StepResult:
+def check_no_data(
+    rule: CompiledRule,
+    state: RuleState,
+    now: datetime,
+    tz: ZoneInfo,
+    *,
+    silent_since: datetime | None = None,
+) -> StepResult:
     """The timer path: fire a no_data rule whose silence passed its limit before `now`.
 
-    A no-op for other rules, for a rule already FIRING, and before the first reading."""
+    `silent_since` is when the silence began on the same clock as `now` (the service passes
+    its last receipt of a reading, or its own reconnect if later); by default the last
+    reading's time, which is right for a replay of stored readings. A no-op for other rules,
+    for a rule already FIRING, and before the first reading."""
     _require_aware(now, "now")
+    if silent_since is not None:
+        _require_aware(silent_since, "silent_since")
     cond = rule.condition
     if not isinstance(cond, conditions.NoData):
         return StepResult(state, (), late=False)
-    limit = _silence_limit(cond, state, tz)
+    limit = _silence_limit(cond, state, tz, silent_since)
     if limit is None or not limit < now:
         return StepResult(state, (), late=False)
     fired = dataclasses.replace(state, status="firing", last_triggered=limit)

@@ -30,7 +30,7 @@ ORDER BY device_metric_id
 FOR NO KEY UPDATE
 
 -- name: load_cursors
-SELECT device_metric_id, version, last_ts, last_value
+SELECT device_metric_id, version, last_ts, last_value, last_received
 FROM rule_cursors
 WHERE device_metric_id = ANY(%(ids)s)
 
@@ -45,12 +45,15 @@ SELECT nextval('rule_cursor_version')
 
 -- name: save_cursors
 -- One statement for all device_metrics of a batch, all with the same new version.
-INSERT INTO rule_cursors (device_metric_id, last_ts, last_value, version, updated_at)
-SELECT c.dm, c.ts, c.value::jsonb, %(version)s, now()
-FROM unnest(%(ids)s::int[], %(ts)s::timestamptz[], %(values)s::text[]) AS c (dm, ts, value)
+-- `received`: the service's clock at the batch (what the no-data timer judges silence on).
+INSERT INTO rule_cursors (device_metric_id, last_ts, last_value, version, updated_at,
+                          last_received)
+SELECT c.dm, c.ts, c.value::jsonb, %(version)s, now(), coalesce(c.received, now())
+FROM unnest(%(ids)s::int[], %(ts)s::timestamptz[], %(values)s::text[],
+            %(received)s::timestamptz[]) AS c (dm, ts, value, received)
 ON CONFLICT (device_metric_id) DO UPDATE
 SET last_ts = EXCLUDED.last_ts, last_value = EXCLUDED.last_value, version = EXCLUDED.version,
-    updated_at = EXCLUDED.updated_at
+    updated_at = EXCLUDED.updated_at, last_received = EXCLUDED.last_received
 
 -- name: insert_event
 INSERT INTO events ("timestamp", rule_id, kind, device_metric_id, context)
