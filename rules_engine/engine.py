@@ -80,6 +80,7 @@ class RuleCache:
         self._stale = True
         self._by_dm: dict[int, tuple[RuleEntry, ...]] = {}
         self._reported: set[tuple[int, str]] = set()
+        self._still_invalid: set[tuple[int, str]] = set()  # filled by each load
         self.invalid: Counter[str] = Counter()  # active rules skipped by the last load, by reason
         self.generation = 0  # counts loads: what depends on the rule set can tell it changed
 
@@ -103,6 +104,7 @@ class RuleCache:
     def _load(self, conn: psycopg.Connection) -> dict[int, tuple[RuleEntry, ...]]:
         by_dm: dict[int, list[RuleEntry]] = defaultdict(list)
         invalid: Counter[str] = Counter()
+        self._still_invalid = set()
         for (
             rule_id,
             name,
@@ -142,6 +144,8 @@ class RuleCache:
                 continue
             by_dm[dm_id].append(RuleEntry(compiled, dm_id, fp, serial, dev_name, metric))
         self.invalid = invalid
+        # Remembered only while the rule stays invalid in that version: edits do not pile up.
+        self._reported &= self._still_invalid
         if self._metrics is not None:
             for reason in rule_json.REASONS:
                 self._metrics.rules_invalid.labels(reason=reason).set(invalid[reason])
@@ -164,6 +168,7 @@ class RuleCache:
     ) -> None:
         """Log an invalid rule once per version of it (each reload would repeat it)."""
         version = hashlib.sha256(version_of.encode()).hexdigest()[:16]
+        self._still_invalid.add((rule_id, version))
         if (rule_id, version) in self._reported:
             return
         self._reported.add((rule_id, version))
