@@ -21,6 +21,8 @@ from iothub.metrics import Metrics
 from rules_engine import rule_json
 from rules_engine.engine import RuleEngine
 from rules_engine.no_data import NoDataWorker
+from tests.integration.test_seed import run as run_seed
+from tests.integration.test_seed import seeded
 from tests.support.daemon import make_service, running
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
 
@@ -213,3 +215,22 @@ def test_the_daemon_ingests_and_runs_sound_rules_beside_hostile_ones(
     finally:
         pub.close()
     assert handle.exit_code == exitcodes.OK
+
+
+def test_seed_sees_a_deep_seeded_rule_as_changed(
+    db_url: str,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`iothub seed` compares the seeded rules with what is stored: a seeded rule made 3,000
+    deep is a difference (the run refuses, exit 4), and --force restores it; neither dies."""
+    seeded(monkeypatch, capsys, db_url)
+    row = conn.execute("SELECT id FROM rules ORDER BY id LIMIT 1").fetchone()
+    assert row
+    conn.execute("UPDATE rules SET condition = %s::jsonb WHERE id = %s", (DEEP_CONDITION, row[0]))
+    refused = run_seed(monkeypatch, capsys, db_url)
+    assert refused.code == exitcodes.REFUSED
+    assert "condition" in refused.events("seed_refused")[0]["differences"][0]
+    assert run_seed(monkeypatch, capsys, db_url, "--force").code == exitcodes.OK
+    assert run_seed(monkeypatch, capsys, db_url).code == exitcodes.OK
