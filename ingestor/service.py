@@ -135,6 +135,7 @@ class IngestService:
         self.stats = Stats()
         self._writer_done = threading.Event()
         self._abandoned = False  # a batch was left to the broker at stop: not a clean exit
+        self._writer_crashed = False  # what it held was left to the broker: not flushed either
         self._writer_heartbeat = time.monotonic()
         self._writing_since: float | None = None
         self._prepared: queue.Queue[batch_mod.Batch | None] = queue.Queue(maxsize=1)
@@ -182,7 +183,7 @@ class IngestService:
         self.request_stop()
         deadline = time.monotonic() + self.settings.shutdown_timeout
         flushed = self._writer_done.wait(max(0.0, deadline - time.monotonic()))
-        flushed = flushed and not self._abandoned
+        flushed = flushed and not self._abandoned and not self._writer_crashed
         if not flushed:
             log.error(
                 "shutdown_timeout",
@@ -257,6 +258,7 @@ class IngestService:
             self._writer_loop()
         except Exception as exc:
             self.fatal = f"writer crashed: {type(exc).__name__}: {exc}"
+            self._writer_crashed = True
             log.exception("writer_crashed")
             self.stop_event.set()
             self.intake.close_intake()
@@ -281,6 +283,7 @@ class IngestService:
             self._prepare_loop()
         except Exception as exc:
             self.fatal = f"writer crashed: {type(exc).__name__}: {exc}"
+            self._writer_crashed = True
             log.exception("writer_crashed", stage="prepare")
             self.stop_event.set()
             self.intake.close_intake()

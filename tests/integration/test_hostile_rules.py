@@ -5,7 +5,7 @@ that reads rules (the engine's cache in a batch, the no-data timer, `iothub rule
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +15,8 @@ from psycopg_pool import ConnectionPool
 from structlog.testing import capture_logs
 
 from config.settings import Settings
-from ingestor.hooks import StoredReading
+from ingestor.hooks import HookResult, StoredReading
+from ingestor.service import IngestService
 from iothub import cli, exitcodes
 from iothub.metrics import Metrics
 from rules_engine import rule_json
@@ -234,3 +235,34 @@ def test_seed_sees_a_deep_seeded_rule_as_changed(
     assert "condition" in refused.events("seed_refused")[0]["differences"][0]
     assert run_seed(monkeypatch, capsys, db_url, "--force").code == exitcodes.OK
     assert run_seed(monkeypatch, capsys, db_url).code == exitcodes.OK
+
+
+class CrashingHook:
+    """A batch hook with a bug: it raises something that is not a database error."""
+
+    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+        raise RuntimeError("a bug in the hook")
+
+    def on_failed(self) -> None:
+        pass
+
+
+def test_a_crashed_writer_does_not_report_a_flushed_stop(
+    make_settings: Callable[..., Settings], db_url: str, broker_url: str, unique: str
+) -> None:
+    """When the writer crashes (exit 70), its batch is left to the broker, so the stop line
+    says flushed false instead of claiming a clean flush."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    serial = fleet.serials[0]
+    service = IngestService(make_settings(), hook=CrashingHook())
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        with capture_logs() as logs, running(service) as handle:
+            body = {"ts": datetime.now(UTC).isoformat(), "metrics": {"temperature": 20.0}}
+            pub.publish(f"t{unique}/devices/{serial}/telemetry", body)
+            assert wait_for(lambda: any(e["event"] == "writer_crashed" for e in logs))
+            handle.thread.join(30)
+    finally:
+        pub.close()
+    assert handle.exit_code == exitcodes.CRASH
+    assert [e["flushed"] for e in logs if e["event"] == "service_stopped"] == [False]
