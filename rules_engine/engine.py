@@ -417,8 +417,8 @@ class RuleEngine:
         self._states_generation = -1
         self._failures_logged: set[tuple[str, int, str]] = set()
         self.catalog_seen = threading.Event()  # the catalogue listener has loaded once
-        # Seconds the ingestion is behind (the service sets it): the no-data timer must not take
-        # readings still waiting in the queue for a silence.
+        # Seconds the ingestion is behind (the service sets it): beyond no_data_max_backlog the
+        # no-data timer gives no verdict, since readings still waiting are not a silence.
         self.backlog_age: Callable[[], float] = lambda: 0.0
         # Since when the intake has been connected to the broker (None: it is not), set by the
         # service; silence is not judged from before it. Without an intake: no such bound.

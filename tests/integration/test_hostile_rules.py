@@ -19,7 +19,7 @@ from ingestor.hooks import HookResult, StoredReading
 from ingestor.service import IngestService
 from iothub import cli, exitcodes
 from iothub.metrics import Metrics
-from rules_engine import rule_json
+from rules_engine import evaluator, rule_json, templates
 from rules_engine.engine import RuleEngine
 from rules_engine.no_data import NoDataWorker
 from tests.integration.test_seed import run as run_seed
@@ -266,3 +266,74 @@ def test_a_crashed_writer_does_not_report_a_flushed_stop(
         pub.close()
     assert handle.exit_code == exitcodes.CRASH
     assert [e["flushed"] for e in logs if e["event"] == "service_stopped"] == [False]
+
+
+def test_a_no_data_rule_that_raises_costs_only_itself(
+    db_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in one no_data rule's check (injected: no valid input raises there) skips that
+    rule for the pass, logged once and counted; the other no_data rule still fires."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    temp = fleet.bindings[(fleet.serials[0], "temperature")]
+    silent = json.dumps({"type": "no_data", "minutes": 10})
+    broken = insert_rule(db_url, temp, "Broken", silent, json.dumps(NOTIFY))
+    sound = insert_rule(db_url, temp, "Sound", silent, json.dumps(NOTIFY))
+    metrics = Metrics()
+    engine = RuleEngine(Settings(database_url=db_url), metrics)
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        engine.on_inserted(conn, [reading(temp, datetime.now(UTC), 20.0)])
+    real = evaluator.check_no_data
+
+    def check_no_data(rule: evaluator.CompiledRule, *args: Any, **kw: Any) -> Any:
+        if rule.rule_id == broken:
+            raise ZeroDivisionError("a bug")
+        return real(rule, *args, **kw)
+
+    monkeypatch.setattr(evaluator, "check_no_data", check_no_data)
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    with (
+        ConnectionPool(db_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool,
+        capture_logs() as logs,
+    ):
+        worker = NoDataWorker(engine, pool)
+        assert worker.check(later) == 1
+        assert worker.check(later + timedelta(minutes=1)) == 0  # sound one is firing already
+    assert [e["rule_id"] for e in logs if e["event"] == "rule_no_data_failed"] == [broken]
+    assert count(db_url, "SELECT count(*) FROM events WHERE rule_id = %s", sound) == 1
+    failures = metrics.registry.get_sample_value
+    assert failures("iothub_rule_failures_total", {"stage": "no_data"}) == 2
+
+
+def test_a_rule_whose_message_cannot_be_rendered_still_gets_its_event(
+    db_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while rendering one rule's message (injected) writes that rule's event with a
+    plain message and no delivery; the other rule's event and delivery are untouched."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    temp = fleet.bindings[(fleet.serials[0], "temperature")]
+    poison = {"type": "notify", "channel": "email", "message": "POISON {value}"}
+    broken = insert_rule(db_url, temp, "Broken", json.dumps(HOT), json.dumps(poison))
+    sound = insert_rule(db_url, temp, "Sound", json.dumps(HOT), json.dumps(NOTIFY))
+    real = templates.render
+
+    def render(template: str, context: Any, **kw: Any) -> str:
+        if template.startswith("POISON"):
+            raise MemoryError("a bug")
+        return real(template, context, **kw)
+
+    monkeypatch.setattr(templates, "render", render)
+    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    with (
+        psycopg.connect(db_url, autocommit=True) as conn,
+        capture_logs() as logs,
+        conn.transaction(),
+    ):
+        result = engine.on_inserted(conn, [reading(temp, datetime.now(UTC), 30.0)])
+    assert result.events == {"triggered": 2}
+    assert [e["rule_id"] for e in logs if e["event"] == "rule_render_failed"] == [broken]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        messages = dict(conn.execute("SELECT rule_id, context->>'message' FROM events").fetchall())
+        outbox = [r[0] for r in conn.execute("SELECT rule_id FROM action_outbox")]
+    assert messages[broken] == "Broken: triggered (message could not be rendered)"
+    assert messages[sound] == "Sound: 30.0"
+    assert outbox == [sound]

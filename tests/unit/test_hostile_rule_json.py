@@ -1,9 +1,12 @@
 """Randomized hostile rule JSON: loading and compiling raise InvalidRule or nothing; a rule that
-compiles evaluates, fires its timer and renders its messages without raising."""
+compiles evaluates, fires its timer and renders its messages without raising.
+
+IOTHUB_HYPOTHESIS_EXAMPLES sets the examples per test (150; thousands for a long search)."""
 
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -60,7 +63,7 @@ TYPES = (
 )
 OPERATORS = (">", ">=", "<", "<=", "==", "!=", "in", "contains", "inside", "outside", "AND", "OR")
 SETTINGS = settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("IOTHUB_HYPOTHESIS_EXAMPLES", "150")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
