@@ -182,18 +182,6 @@ _FAILURE_EVENTS = {
     "no_data": "rule_no_data_failed",
     "render": "rule_render_failed",
 }
-_EVENT_ID_PENDING = -1  # the event id in outbox targets rendered before the event is inserted
-
-
-def _with_event_id(
-    rows: list[tuple[str, dict[str, Any]]], event_id: int
-) -> list[tuple[str, dict[str, Any]]]:
-    """Outbox targets rendered before the insert, with the event's id put in."""
-    for _kind, target in rows:
-        body = target.get("body")
-        if isinstance(body, dict) and body.get("event_id") == _EVENT_ID_PENDING:
-            body["event_id"] = event_id
-    return rows
 
 
 _INITIAL = evaluator.RuleState.initial()
@@ -671,20 +659,27 @@ class RuleEngine:
     ) -> None:
         cls.save_states(conn, [(entry, state)])
 
-    def _render(
-        self, entry: RuleEntry, transition: evaluator.Transition
-    ) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
-        """The event's message and its outbox targets (event_id still a placeholder). A rule
-        whose templates cannot be rendered still gets its event, with a plain message, and
-        no delivery; the other events of the batch are not touched."""
+    def _message(self, entry: RuleEntry, transition: evaluator.Transition) -> str | None:
+        """The event's rendered message; None when it cannot be rendered (a bug: the event is
+        still written, with a plain message and no delivery, and the batch's other events are
+        not touched)."""
         try:
             template = actions_model.message_template(entry.rule.action)
-            message = templates.render(
+            return templates.render(
                 template, render_context(entry, transition.value, transition.ts)
             )
-            rows = outbox_rows(
+        except Exception as exc:
+            self.rule_failed("render", entry, exc, kind=transition.kind)
+            return None
+
+    def _deliveries(
+        self, entry: RuleEntry, event_id: int, transition: evaluator.Transition, message: str
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The event's outbox targets; none when they cannot be rendered (logged, counted)."""
+        try:
+            return outbox_rows(
                 entry,
-                _EVENT_ID_PENDING,
+                event_id,
                 transition.kind,
                 transition,
                 message,
@@ -692,8 +687,7 @@ class RuleEngine:
             )
         except Exception as exc:
             self.rule_failed("render", entry, exc, kind=transition.kind)
-            return f"{entry.rule.name}: {transition.kind} (message could not be rendered)", []
-        return message, rows
+            return []
 
     def write_event(
         self, conn: psycopg.Connection, entry: RuleEntry, transition: evaluator.Transition
@@ -710,10 +704,12 @@ class RuleEngine:
         if not transitions:
             return
         event_params = []
-        targets: list[list[tuple[str, dict[str, Any]]]] = []
+        messages: list[str | None] = []
         for entry, transition in transitions:
-            message, rows = self._render(entry, transition)
-            targets.append(rows)
+            message = self._message(entry, transition)
+            messages.append(message)
+            if message is None:
+                message = f"{entry.rule.name}: {transition.kind} (message could not be rendered)"
             context = {
                 "value": transition.value,
                 "ts": transition.ts.isoformat(),
@@ -747,10 +743,11 @@ class RuleEngine:
                     "kind": kind,
                     "target": Jsonb(target),
                 }
-                for event_id, (entry, _transition), rows in zip(
-                    event_ids, transitions, targets, strict=True
+                for event_id, (entry, transition), message in zip(
+                    event_ids, transitions, messages, strict=True
                 )
-                for kind, target in _with_event_id(rows, event_id)
+                if message is not None
+                for kind, target in self._deliveries(entry, event_id, transition, message)
             ]
             if outbox_params:
                 cur.executemany(queries["insert_outbox"], outbox_params)
