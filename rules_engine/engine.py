@@ -533,8 +533,9 @@ class RuleEngine:
                 )
             )
         # validated: the ingestor checked each value against its metric's data_type.
+        # Silence is the no-data timer's to judge, on the service's clock (see no_data.py).
         after, transitions, _late = evaluator.step_many(
-            entry.rule, state, readings, self.tz, validated=True
+            entry.rule, state, readings, self.tz, validated=True, device_time_silence=False
         )
         fired.extend(transitions)
         own = _own_part(after)

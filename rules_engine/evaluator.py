@@ -384,14 +384,25 @@ def _cooled_down(cond: Condition, state: RuleState, moment: datetime) -> bool:
     return moment - state.last_triggered >= _minutes(cond.cooldown_minutes)
 
 
-def step(rule: CompiledRule, state: RuleState, reading: Observation, tz: ZoneInfo) -> StepResult:
-    """Advance the state by one reading (the next one in device-time order)."""
+def step(
+    rule: CompiledRule,
+    state: RuleState,
+    reading: Observation,
+    tz: ZoneInfo,
+    *,
+    device_time_silence: bool = True,
+) -> StepResult:
+    """Advance the state by one reading (the next one in device-time order).
+
+    `device_time_silence`: a no_data rule records a gap in device time longer than its limit as
+    a triggered/resolved pair (a replay). The service passes False: there the timer judges
+    silence on the service's clock, and a device clock that jumps is not a silence."""
     _require_aware(reading.ts, "reading.ts")
     _check_value(rule.data_type, reading.value)
     if state.last_ts is not None and reading.ts <= state.last_ts:
         return StepResult(state, (), late=True)
     if isinstance(rule.condition, conditions.NoData):
-        return _step_no_data(rule.condition, state, reading, tz)
+        return _step_no_data(rule.condition, state, reading, tz, gaps=device_time_silence)
 
     cond = rule.condition
     evaluation = _Evaluation(reading, state, tz)
@@ -578,18 +589,20 @@ def step_many(
     tz: ZoneInfo,
     *,
     validated: bool = False,
+    device_time_silence: bool = True,
 ) -> tuple[RuleState, list[Transition], list[Observation]]:
     """step() over readings in device-time order: the new state, the transitions, and the late
     readings. The same result as calling step() for each; for conditions without history of
     their own, step() runs only at readings that can change the state (the ingestion hot path
     evaluates every reading of every rule), and given a `Series` none runs at all when its
     ranges show that no reading can. `validated`: the caller has checked every reading's
-    time zone and value type once, for all rules (the ingestor has)."""
+    time zone and value type once, for all rules (the ingestor has). `device_time_silence`:
+    as for step()."""
     transitions: list[Transition] = []
     late: list[Observation] = []
     if not _flips_only(rule, state):
         for reading in readings:
-            result = step(rule, state, reading, tz)
+            result = step(rule, state, reading, tz, device_time_silence=device_time_silence)
             if result.late:
                 late.append(reading)
             transitions.extend(result.transitions)
@@ -671,10 +684,10 @@ def _no_data_triggered(cond: conditions.NoData, state: RuleState, moment: dateti
 
 
 def _step_no_data(
-    cond: conditions.NoData, state: RuleState, reading: Observation, tz: ZoneInfo
+    cond: conditions.NoData, state: RuleState, reading: Observation, tz: ZoneInfo, *, gaps: bool
 ) -> StepResult:
     transitions: list[Transition] = []
-    limit = _silence_limit(cond, state, tz)
+    limit = _silence_limit(cond, state, tz) if gaps else None
     if limit is not None and limit < reading.ts:
         # The silence before this reading was long enough and no timer caught it (the service
         # was down, or this is a backtest): record it, so live runs and replays agree.

@@ -228,3 +228,17 @@ def test_migration_7_takes_the_receipt_time_from_the_last_cursor_write(empty_db_
             "WHERE table_name = 'rule_cursors' AND column_name = 'last_received'"
         ).fetchone()
         assert nullable == ("NO",)
+
+
+def test_a_device_clock_jumping_forward_is_not_a_silence(db_url: str, unique: str) -> None:
+    """Two readings received a moment apart whose device times are 30 minutes apart (the
+    device's clock was corrected) write no triggered/resolved pair on a 10-minute no_data
+    rule: in the service, silence is the timer's to judge, on the service's clock."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    dm = fleet.bindings[(fleet.serials[0], "temperature")]
+    add_rule(db_url, dm, {"type": "no_data", "minutes": 10}, "Silent")
+    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    now = datetime.now(UTC)
+    feed(db_url, engine, dm, now - timedelta(minutes=31), 20.0)
+    feed(db_url, engine, dm, now - timedelta(minutes=1), 20.0)
+    assert events(db_url) == []
