@@ -242,3 +242,24 @@ def test_a_device_clock_jumping_forward_is_not_a_silence(db_url: str, unique: st
     feed(db_url, engine, dm, now - timedelta(minutes=31), 20.0)
     feed(db_url, engine, dm, now - timedelta(minutes=1), 20.0)
     assert events(db_url) == []
+
+
+def test_readings_ahead_in_one_batch_are_evaluated_once_at_the_clock(
+    db_url: str, unique: str
+) -> None:
+    """Two readings ahead of the service's clock in one batch: the newest is evaluated, as of
+    the clock, the other counts as late; the cursor stays at the clock."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    dm = fleet.bindings[(fleet.serials[0], "temperature")]
+    add_rule(db_url, dm, {"type": "threshold", "operator": ">", "value": 50}, "Hot")
+    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    clock = datetime.now(UTC).replace(microsecond=0)
+    engine.clock = lambda: clock
+    ahead = [reading(dm, clock + timedelta(minutes=m), v) for m, v in ((2, 20.0), (4, 80.0))]
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        result = engine.on_inserted(conn, ahead)
+    assert (result.events, result.late) == ({"triggered": 1}, 1)
+    assert [(kind, ts) for kind, ts, _reason in events(db_url)] == [("triggered", clock)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT last_ts, last_value FROM rule_cursors").fetchone()
+    assert row == (clock, 80.0)
