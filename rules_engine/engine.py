@@ -207,6 +207,21 @@ def _parse_state(rule_id: int, dm: int, text: str | None) -> evaluator.RuleState
         return None
 
 
+def _parse_value(dm: int, text: str | None) -> evaluator.Value | None:
+    """A cursor's last value; None (no previous value: `delta` waits for the next reading)
+    when it is not a scalar within bounds."""
+    try:
+        value = rule_json.parse(text)
+    except rule_json.RuleJsonError as exc:
+        why = str(exc)
+    else:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        why = f"not a single value: {type(value).__name__}"
+    log.warning("rule_cursor_value_reset", device_metric_id=dm, why=why)
+    return None
+
+
 @dataclass
 class DmStates:
     """What the rules of one device_metric remember: the newest evaluated reading (its
@@ -599,7 +614,8 @@ class RuleEngine:
         ids = list(device_metric_ids)
         found = {dm: DmStates() for dm in ids}
         cursors = conn.execute(queries["load_cursors"], {"ids": ids})
-        for dm, version, last_ts, last_value, last_received in cursors:
+        for dm, version, last_ts, value_text, last_received in cursors:
+            last_value = _parse_value(dm, value_text)
             found[dm] = DmStates(version, last_ts, last_value, last_received=last_received)
         for rule_id, dm, fp, raw in conn.execute(queries["load_states"], {"ids": ids}):
             state = _parse_state(rule_id, dm, raw)

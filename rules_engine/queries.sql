@@ -30,7 +30,8 @@ ORDER BY device_metric_id
 FOR NO KEY UPDATE
 
 -- name: load_cursors
-SELECT device_metric_id, version, last_ts, last_value, last_received
+-- The value as text, decoded within bounds (rule_json): a hand-edited row costs its rules only.
+SELECT device_metric_id, version, last_ts, last_value::text, last_received
 FROM rule_cursors
 WHERE device_metric_id = ANY(%(ids)s)
 

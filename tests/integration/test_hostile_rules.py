@@ -337,3 +337,24 @@ def test_a_rule_whose_message_cannot_be_rendered_still_gets_its_event(
     assert messages[broken] == "Broken: triggered (message could not be rendered)"
     assert messages[sound] == "Sound: 30.0"
     assert outbox == [sound]
+
+
+def test_a_deep_cursor_value_is_reset_not_fatal(db_url: str, unique: str) -> None:
+    """A rule_cursors row whose last value was edited by hand into a deep document is read as
+    "no previous value" (rule_cursor_value_reset); the batch and its rules go on."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    temp = fleet.bindings[(fleet.serials[0], "temperature")]
+    insert_rule(db_url, temp, "Hot", json.dumps(HOT), json.dumps(NOTIFY))
+    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    ts = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        with conn.transaction():
+            engine.on_inserted(conn, [reading(temp, ts, 20.0)])
+        conn.execute("UPDATE rule_cursors SET last_value = %s::jsonb", (nested(),))
+        engine.on_failed()  # forget the states kept in memory, as after a restart
+        with capture_logs() as logs, conn.transaction():
+            result = engine.on_inserted(conn, [reading(temp, ts + timedelta(seconds=1), 31.0)])
+    assert [e["device_metric_id"] for e in logs if e["event"] == "rule_cursor_value_reset"] == [
+        temp
+    ]
+    assert result.events == {"triggered": 1}
