@@ -53,6 +53,7 @@ DEFAULT_HTTP_PORT = 9108
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds
 DEFAULT_STATS_INTERVAL = 10.0  # seconds
 DEFAULT_NO_DATA_CHECK = 10.0  # seconds
+DEFAULT_NO_DATA_MAX_BACKLOG = 5.0  # seconds: older unacknowledged messages defer no_data verdicts
 DEFAULT_OUTBOX_POLL = 0.5  # seconds
 DEFAULT_OUTBOX_MAX_ATTEMPTS = 8
 DEFAULT_WEBHOOK_TIMEOUT = 5.0  # seconds: the whole delivery, first byte to last, on the wall clock
@@ -194,6 +195,7 @@ class Settings(BaseSettings):
     # --- rules and actions
     timezone: str = Field(default="UTC", description="time zone of rule time restrictions")
     no_data_check_interval: float = Field(default=DEFAULT_NO_DATA_CHECK, gt=0)
+    no_data_max_backlog: float = Field(default=DEFAULT_NO_DATA_MAX_BACKLOG, gt=0)
     outbox_poll_interval: float = Field(default=DEFAULT_OUTBOX_POLL, gt=0)
     outbox_max_attempts: int = Field(default=DEFAULT_OUTBOX_MAX_ATTEMPTS, ge=1)
     webhook_timeout: float = Field(

@@ -23,6 +23,7 @@ import collections
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -68,6 +69,7 @@ class MqttIntake:
         self._ack_lock = threading.Lock()
         self._generation = 0
         self._connected = False
+        self._connected_at: datetime | None = None  # wall clock of the last connect
         self.ever_connected = threading.Event()
         self.session_lost = 0  # reconnects on which the broker had no session for us
         # Why the intake cannot do its job (set on the MQTT thread, read by the service, which
@@ -127,6 +129,13 @@ class MqttIntake:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    def connected_since(self) -> datetime | None:
+        """When the current connection to the broker was made (None: not connected). What the
+        broker queued for us before it arrives after it: the no-data timer counts no silence
+        from before this moment."""
+        with self._ack_lock:
+            return self._connected_at if self._connected else None
 
     # --- what the writer uses
 
@@ -248,6 +257,7 @@ class MqttIntake:
             with self._ack_lock:
                 self._generation += 1
                 self._connected = True
+                self._connected_at = datetime.now(UTC)
             if flags.session_present:
                 self._forget_redelivered()
             if not flags.session_present and self._generation > 1:

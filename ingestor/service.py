@@ -162,6 +162,7 @@ class IngestService:
         self.stats = Stats()
         self._writer_done = threading.Event()
         self._abandoned = False  # a batch was left to the broker at stop: not a clean exit
+        self._writer_crashed = False  # what it held was left to the broker: not flushed either
         self._writer_heartbeat = time.monotonic()
         self._writing_since: float | None = None
         self._last_commit = time.monotonic()  # a batch committed, for the stall check
@@ -233,7 +234,7 @@ class IngestService:
         self.request_stop()
         deadline = time.monotonic() + self.settings.shutdown_timeout
         flushed = self._writer_done.wait(max(0.0, deadline - time.monotonic()))
-        flushed = flushed and not self._abandoned
+        flushed = flushed and not self._abandoned and not self._writer_crashed
         if not flushed:
             log.error(
                 "shutdown_timeout",
@@ -338,6 +339,7 @@ class IngestService:
             self._writer_loop()
         except Exception as exc:
             self.fatal = f"writer crashed: {type(exc).__name__}: {exc}"
+            self._writer_crashed = True
             log.exception("writer_crashed")
             self.stop_event.set()
             self.intake.close_intake()
@@ -362,6 +364,7 @@ class IngestService:
             self._prepare_loop()
         except Exception as exc:
             self.fatal = f"writer crashed: {type(exc).__name__}: {exc}"
+            self._writer_crashed = True
             log.exception("writer_crashed", stage="prepare")
             self.stop_event.set()
             self.intake.close_intake()
@@ -586,6 +589,7 @@ def build(settings: Settings, notifier: SystemdNotifier | None = None) -> Ingest
         pool=pool,
     )
     rules.backlog_age = service.oldest_unacked_age
+    rules.intake_since = service.intake.connected_since
     return service
 
 

@@ -162,6 +162,22 @@ class Metrics:
             "iothub_db_connected", "1 while the database is reachable, else 0", registry=r
         )
 
+        # --- rules (label values are set by the rule engine, which owns the reasons)
+        self.rules_invalid = Gauge(
+            "iothub_rules_invalid",
+            "Active rules skipped by the last load of the rules because they are invalid, "
+            "by reason (rules_engine/rule_json.py)",
+            ["reason"],
+            registry=r,
+        )
+        self.rule_failures = Counter(
+            "iothub_rule_failures_total",
+            "Rule evaluations that failed and cost that rule its effects for one batch or "
+            "timer pass, by stage (evaluate, no_data, render)",
+            ["stage"],
+            registry=r,
+        )
+
         for reason in rejection_reasons:
             self.rejected.labels(reason=reason)
         for kind in event_kinds:

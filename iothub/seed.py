@@ -53,7 +53,7 @@ from iothub.seed_data import (
     IncidentSpec,
     Value,
 )
-from rules_engine import actions_model, conditions, evaluator, templates
+from rules_engine import actions_model, conditions, evaluator, rule_json, templates
 from schema import queries as queries_mod
 
 log = structlog.get_logger(__name__)
@@ -398,6 +398,28 @@ class StoredRule:
     action: Any
     is_active: bool
 
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> StoredRule:
+        """The documents come as text and are decoded within bounds: one a user made hostile
+        (nested thousands deep) only differs from the seed's, it cannot stop the command."""
+        rule_id, device_metric_id, name, description, condition, action, is_active = row
+        return cls(
+            rule_id,
+            device_metric_id,
+            name,
+            description,
+            _document(condition),
+            _document(action),
+            is_active,
+        )
+
+
+def _document(text: str | None) -> Any:
+    try:
+        return rule_json.parse(text)
+    except rule_json.RuleJsonError as exc:
+        return f"<unreadable: {exc.reason}>"  # never equal to a seeded document
+
 
 @dataclass(frozen=True)
 class Found:
@@ -456,7 +478,7 @@ def find_seeded(conn: psycopg.Connection) -> Found:
         if (r.serial_id, r.metric) in bindings
     ]
     rules = tuple(
-        StoredRule(*row)
+        StoredRule.from_row(row)
         for row in conn.execute(
             queries["seeded_rules"],
             {"binding_ids": [p[0] for p in pairs], "names": [p[1] for p in pairs]},

@@ -42,8 +42,10 @@ JOIN unnest(%(serials)s::text[], %(metric_types)s::text[]) AS s(serial_id, metri
     ON d.serial_id = s.serial_id AND m.metric_type = s.metric_type::citext
 
 -- name: seeded_rules
--- Rules on the seeded bindings whose name is a seeded rule name of that binding.
-SELECT r.id, r.device_metric_id, r.name::text, r.description, r.condition, r.action, r.is_active
+-- Rules on the seeded bindings whose name is a seeded rule name of that binding. Condition and
+-- action as text, decoded within bounds (rules_engine/rule_json.py), never by the driver.
+SELECT r.id, r.device_metric_id, r.name::text, r.description, r.condition::text,
+       r.action::text, r.is_active
 FROM rules AS r
 JOIN unnest(%(binding_ids)s::int[], %(names)s::text[]) AS s(device_metric_id, name)
     ON r.device_metric_id = s.device_metric_id AND r.name = s.name

@@ -23,7 +23,7 @@ import structlog
 
 from config.settings import Settings
 from iothub import db, exitcodes
-from rules_engine import actions_model, conditions, evaluator, templates
+from rules_engine import actions_model, conditions, evaluator, rule_json, templates
 from rules_engine.conditions import DataType, InvalidRule
 from schema import queries as queries_mod
 
@@ -52,8 +52,8 @@ class RuleRow:
     id: int
     name: str
     is_active: bool
-    condition: Any
-    action: Any
+    condition: str | None  # JSON text, decoded within bounds by rule_json
+    action: str | None
     device_metric_id: int
     data_type: str
     serial_id: str
@@ -153,11 +153,12 @@ def _with_connection(
 def check_rule(rule: RuleRow) -> tuple[bool, str]:
     """(valid, what to print after the rule's label)."""
     try:
-        compiled = evaluator.compile_rule(
-            rule.id, rule.name, rule.condition, rule.action, cast(DataType, rule.data_type)
+        compiled, _condition = rule_json.compile_stored(
+            rule.id, rule.name, rule.condition, rule.action, rule.data_type
         )
     except InvalidRule as exc:
-        return False, f"INVALID: {exc.detail}"
+        bound = "" if exc.reason == rule_json.INVALID else f" [{exc.reason}]"
+        return False, f"INVALID: {exc.detail}{bound}"
     warnings = template_warnings(compiled.action)
     return True, "ok" + (f" (warning: {'; '.join(warnings)})" if warnings else "")
 
@@ -228,9 +229,11 @@ class BacktestPlan:
         condition = None
         if args.condition is not None:
             try:
-                condition = json.loads(args.condition)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"--condition is not valid JSON: {exc}") from None
+                condition = rule_json.parse(args.condition)
+            except rule_json.RuleJsonError as exc:
+                if exc.reason == rule_json.BAD_JSON:
+                    raise UsageError(f"--condition is not valid JSON: {exc}") from None
+                raise UsageError(f"--condition is not accepted ({exc.reason}): {exc}") from None
         by_names = args.device is not None or args.metric is not None
         if by_names and (args.device is None or args.metric is None):
             raise UsageError("--device and --metric go together")
@@ -335,11 +338,13 @@ def backtest(conn: psycopg.Connection, plan: BacktestPlan, tz: ZoneInfo) -> int:
             return exitcodes.FAILURE
         rule_id = rule_row.id if rule_row else ADHOC_RULE_ID
         name = rule_row.name if rule_row else ADHOC_RULE_NAME
-        condition = (
-            plan.condition if plan.condition is not None else cast(RuleRow, rule_row).condition
-        )
         subject = rule_row.label if rule_row else f"--condition on {binding.label}"
         try:
+            condition = (
+                plan.condition
+                if plan.condition is not None
+                else rule_json.parse_rule(rule_id, cast(RuleRow, rule_row).condition, None)[0]
+            )
             compiled = evaluator.compile_rule(
                 rule_id, name, condition, BACKTEST_ACTION, cast(DataType, binding.data_type)
             )

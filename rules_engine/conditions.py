@@ -28,6 +28,12 @@ MAX_RATE_COUNT: Final = 1000  # readings; a rate window keeps this many timestam
 MAX_COMPOSITE_DEPTH: Final = 4  # nested composites, counting the outermost
 MAX_COMPOSITE_CONDITIONS: Final = 20  # sub-conditions in one composite
 MAX_MINUTES: Final = 366 * 24 * 60  # minutes; anything longer than a year is a typo
+# A whole rule (its condition, sub-conditions and clear): each condition is evaluated on every
+# reading, so 20 per composite and 4 levels alone would allow 160,000 of them.
+MAX_RULE_CONDITIONS: Final = 64
+# Readings all rate windows of a rule keep together (each keeps up to its `count` timestamps in
+# the stored state, which must stay small: rule_json reads at most 64 KiB of it).
+MAX_RULE_RATE_COUNT: Final = MAX_RATE_COUNT
 
 Comparison = Literal[">", ">=", "<", "<=", "==", "!="]
 Ordering = Literal[">", ">=", "<", "<="]
@@ -42,7 +48,10 @@ class InvalidRule(Exception):
         *,
         rule_id: int | None = None,
         problems: Sequence[str] = (),
+        reason: str = "invalid",
     ) -> None:
+        # A stable code for logs and metrics (rule_json.REASONS): what kind of problem it is.
+        self.reason = reason
         self.problems: tuple[str, ...] = tuple(problems) or ((detail,) if detail else ())
         self.detail = detail or "; ".join(self.problems) or (self.__doc__ or "")
         self.rule_id = rule_id
@@ -340,6 +349,7 @@ def parse_condition(raw: object, data_type: DataType, *, rule_id: int | None = N
         problems = validation_problems(exc, "condition", CONDITION_MODELS, "condition")
         raise InvalidRule(rule_id=rule_id, problems=problems) from None
     problems = list(_semantic_problems(condition, data_type, "condition", depth=1, nested=False))
+    problems.extend(_size_problems(condition))
     if problems:
         raise InvalidRule(rule_id=rule_id, problems=problems)
     return condition
@@ -362,6 +372,34 @@ def clear_condition_of(condition: Condition) -> Condition | None:
         )
         return Range(type="range", operator=flipped, min=low, max=high)
     return None
+
+
+def _walk(cond: Condition) -> Iterator[Condition]:
+    """The condition and everything below it (sub-conditions, clear), without recursion."""
+    stack = [cond]
+    while stack:
+        node = stack.pop()
+        yield node
+        if node.clear is not None:
+            stack.append(node.clear)
+        if isinstance(node, Composite):
+            stack.extend(node.conditions)
+
+
+def _size_problems(cond: Condition) -> Iterator[str]:
+    """What one rule costs per reading and in its stored state, bounded for the whole rule."""
+    nodes = list(_walk(cond))
+    if len(nodes) > MAX_RULE_CONDITIONS:
+        yield (
+            f"condition: at most {MAX_RULE_CONDITIONS} conditions in one rule (sub-conditions "
+            f"and clear included), got {len(nodes)}"
+        )
+    kept = sum(node.count for node in nodes if isinstance(node, Rate))
+    if kept > MAX_RULE_RATE_COUNT:
+        yield (
+            f"condition: the rate conditions of one rule may keep at most {MAX_RULE_RATE_COUNT} "
+            f"readings together (the sum of their counts), got {kept}"
+        )
 
 
 def _semantic_problems(

@@ -36,7 +36,7 @@ from ingestor.catalog import Snapshot
 from ingestor.hooks import HookResult, StoredReading
 from iothub import db
 from iothub.metrics import Metrics
-from rules_engine import actions_model, evaluator, templates
+from rules_engine import actions_model, evaluator, rule_json, templates
 from rules_engine.conditions import InvalidRule
 from rules_engine.no_data import NoDataWorker
 from rules_engine.outbox import OutboxWorker
@@ -50,6 +50,7 @@ LOCK_CLASS = 0x1074  # first key of pg_advisory_xact_lock(int, int): "iothub rul
 RELOAD_TABLES = frozenset({"*", "rules", "devices", "metrics", "device_metrics"})
 PRELOAD_TIMEOUT = 30.0  # seconds to get a connection for loading the rules at start
 CATALOG_POLL = 0.1  # seconds between checks for a stop while the preloader awaits the catalogue
+NO_INTAKE = datetime.min.replace(tzinfo=UTC)  # intake_since() of an engine run without one
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,17 @@ def fingerprint(condition: Any, data_type: str) -> str:
 class RuleCache:
     """The active, valid rules by device_metric; reloaded when marked stale."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+        if metrics is not None:
+            for reason in rule_json.REASONS:
+                metrics.rules_invalid.labels(reason=reason).set(0)
         self._lock = threading.Lock()
         self._stale = True
         self._by_dm: dict[int, tuple[RuleEntry, ...]] = {}
         self._reported: set[tuple[int, str]] = set()
+        self._still_invalid: set[tuple[int, str]] = set()  # filled by each load
+        self.invalid: Counter[str] = Counter()  # active rules skipped by the last load, by reason
         self.generation = 0  # counts loads: what depends on the rule set can tell it changed
 
     def mark_stale(self) -> None:
@@ -96,12 +103,13 @@ class RuleCache:
 
     def _load(self, conn: psycopg.Connection) -> dict[int, tuple[RuleEntry, ...]]:
         by_dm: dict[int, list[RuleEntry]] = defaultdict(list)
-        invalid = 0
+        invalid: Counter[str] = Counter()
+        self._still_invalid = set()
         for (
             rule_id,
             name,
-            condition,
-            action,
+            condition_text,
+            action_text,
             dm_id,
             data_type,
             serial,
@@ -109,29 +117,73 @@ class RuleCache:
             metric,
         ) in conn.execute(queries["load_rules"]):
             try:
+                compiled, condition = rule_json.compile_stored(
+                    rule_id, name, condition_text, action_text, data_type
+                )
                 fp = fingerprint(condition, data_type)
-            except (ValueError, RecursionError):
-                fp = f"unprintable-{rule_id}"
-            try:
-                compiled = evaluator.compile_rule(rule_id, name, condition, action, data_type)
-            except (InvalidRule, ValueError, TypeError, OverflowError, RecursionError) as exc:
+            except InvalidRule as exc:
                 # Whatever a stored rule holds, it costs that rule only, never the batch.
-                invalid += 1
-                if (rule_id, fp) not in self._reported:
-                    self._reported.add((rule_id, fp))
-                    log.error("rule_invalid", rule_id=rule_id, rule_name=name, problem=str(exc))
+                invalid[exc.reason] += 1
+                self._report(
+                    rule_id,
+                    name,
+                    f"{condition_text}|{action_text}|{data_type}",
+                    reason=exc.reason,
+                    problem=str(exc),
+                )
+                continue
+            except Exception as exc:  # a bug; still this rule's problem only
+                invalid[rule_json.CRASHED] += 1
+                self._report(
+                    rule_id,
+                    name,
+                    f"{condition_text}|{action_text}|{data_type}",
+                    reason=rule_json.CRASHED,
+                    problem=repr(exc)[:300],
+                )
                 continue
             by_dm[dm_id].append(RuleEntry(compiled, dm_id, fp, serial, dev_name, metric))
+        self.invalid = invalid
+        # Remembered only while the rule stays invalid in that version: edits do not pile up.
+        self._reported &= self._still_invalid
+        if self._metrics is not None:
+            for reason in rule_json.REASONS:
+                self._metrics.rules_invalid.labels(reason=reason).set(invalid[reason])
         log.info(
             "rules_loaded",
             rules=sum(len(v) for v in by_dm.values()),
-            invalid=invalid,
+            invalid=sum(invalid.values()),
             device_metrics=len(by_dm),
         )
         return {dm: tuple(entries) for dm, entries in by_dm.items()}
 
+    def _report(
+        self,
+        rule_id: int,
+        name: str,
+        version_of: str,
+        *,
+        reason: str,
+        problem: str,
+    ) -> None:
+        """Log an invalid rule once per version of it (each reload would repeat it)."""
+        version = hashlib.sha256(version_of.encode()).hexdigest()[:16]
+        self._still_invalid.add((rule_id, version))
+        if (rule_id, version) in self._reported:
+            return
+        self._reported.add((rule_id, version))
+        log.error("rule_invalid", rule_id=rule_id, rule_name=name, reason=reason, problem=problem)
+
 
 _TS = attrgetter("ts")
+# Log event names of rule_failed() by stage (stable: operations.md lists them).
+_FAILURE_EVENTS = {
+    "evaluate": "rule_evaluation_failed",
+    "no_data": "rule_no_data_failed",
+    "render": "rule_render_failed",
+}
+
+
 _INITIAL = evaluator.RuleState.initial()
 
 
@@ -144,12 +196,30 @@ def _own_part(state: evaluator.RuleState) -> evaluator.RuleState:
     )
 
 
-def _parse_state(rule_id: int, dm: int, raw: Any) -> evaluator.RuleState | None:
+def _parse_state(rule_id: int, dm: int, text: str | None) -> evaluator.RuleState | None:
     try:
+        raw = rule_json.parse(text)
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"a rule state must be a JSON object, got {type(raw).__name__}")
         return _own_part(evaluator.RuleState.from_json(raw))
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # RuleJsonError is a ValueError
         log.warning("rule_state_reset", rule_id=rule_id, device_metric_id=dm, why=str(exc))
         return None
+
+
+def _parse_value(dm: int, text: str | None) -> evaluator.Value | None:
+    """A cursor's last value; None (no previous value: `delta` waits for the next reading)
+    when it is not a scalar within bounds."""
+    try:
+        value = rule_json.parse(text)
+    except rule_json.RuleJsonError as exc:
+        why = str(exc)
+    else:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        why = f"not a single value: {type(value).__name__}"
+    log.warning("rule_cursor_value_reset", device_metric_id=dm, why=why)
+    return None
 
 
 @dataclass
@@ -162,6 +232,9 @@ class DmStates:
     last_ts: datetime | None = None
     last_value: evaluator.Value | None = None
     rules: dict[int, tuple[str, evaluator.RuleState]] = field(default_factory=dict)
+    # When the service last received a reading of it, on its own clock: silence is judged on
+    # this, never on device time (a device clock running behind would look silent early).
+    last_received: datetime | None = None
 
     def state_for(self, entry: RuleEntry) -> evaluator.RuleState:
         stored = self.rules.get(entry.rule.rule_id)
@@ -176,10 +249,14 @@ class DmStates:
             own.nodes,
         )
 
-    def advanced(self, newest: evaluator.Observation) -> DmStates:
+    def advanced(self, newest: evaluator.Observation, received: datetime) -> DmStates:
         """A copy moved to a newer reading, for the rules to update (this one stays as it was,
         in case the batch's writes fail)."""
-        return DmStates(self.version, newest.ts, newest.value, dict(self.rules))
+        return DmStates(self.version, newest.ts, newest.value, dict(self.rules), received)
+
+    def heard(self, received: datetime) -> DmStates:
+        """A copy that only records a receipt (every reading of the batch was late)."""
+        return DmStates(self.version, self.last_ts, self.last_value, dict(self.rules), received)
 
 
 class StateCache:
@@ -221,6 +298,22 @@ class StateCache:
         """Forget device_metrics that have no rules any more."""
         for dm in [dm for dm in self._by_dm if dm not in keep]:
             del self._by_dm[dm]
+
+
+def not_ahead(
+    rows: Sequence[StoredReading], now: datetime
+) -> tuple[Sequence[evaluator.Observation], int]:
+    """The readings to evaluate, none later than the service's clock, and how many were folded.
+
+    A reading up to `future_tolerance` ahead is stored, but evaluated as of `now`: were it
+    evaluated at its own time, the cursor would move past the clock and every on-time reading
+    after it would count as late. Several ahead in one batch are one moment, so only the newest
+    of them is evaluated; the others are counted late. `rows` are sorted by time."""
+    if rows[-1].ts <= now:
+        return rows, 0
+    ahead = bisect_right(rows, now, key=_TS)
+    newest = rows[-1]
+    return [*rows[:ahead], evaluator.Reading(now, newest.value)], len(rows) - ahead - 1
 
 
 def render_context(entry: RuleEntry, value: object, ts: datetime) -> dict[str, object]:
@@ -322,13 +415,34 @@ class RuleEngine:
         self.settings = settings
         self.metrics = metrics
         self.tz = settings.tz
-        self.cache = RuleCache()
+        self.cache = RuleCache(metrics)
         self.states = StateCache()
         self._states_generation = -1
+        self._failures_logged: set[tuple[str, int, str]] = set()
         self.catalog_seen = threading.Event()  # the catalogue listener has loaded once
-        # Seconds the ingestion is behind (the service sets it): the no-data timer must not take
-        # readings still waiting in the queue for a silence.
+        # Seconds the ingestion is behind (the service sets it): beyond no_data_max_backlog the
+        # no-data timer gives no verdict, since readings still waiting are not a silence.
         self.backlog_age: Callable[[], float] = lambda: 0.0
+        # Since when the intake has been connected to the broker (None: it is not), set by the
+        # service; silence is not judged from before it. Without an intake: no such bound.
+        self.intake_since: Callable[[], datetime | None] = lambda: NO_INTAKE
+        self.clock: Callable[[], datetime] = utcnow  # the service's clock (receipt times)
+
+    def rule_failed(self, stage: str, entry: RuleEntry, exc: Exception, **context: object) -> None:
+        """Count a rule's failed evaluation; log it with its traceback once per rule version
+        and stage (a rule that fails on every batch must not flood the log)."""
+        self.metrics.rule_failures.labels(stage=stage).inc()
+        key = (stage, entry.rule.rule_id, entry.fingerprint)
+        if key in self._failures_logged:
+            return
+        self._failures_logged.add(key)
+        log.error(
+            _FAILURE_EVENTS[stage],
+            rule_id=entry.rule.rule_id,
+            error=f"{type(exc).__name__}: {exc}"[:300],
+            exc_info=exc,
+            **context,
+        )
 
     def on_catalog_change(self, snapshot: Snapshot, tables: frozenset[str]) -> None:
         if tables & RELOAD_TABLES:
@@ -361,6 +475,9 @@ class RuleEngine:
         self.lock(conn, relevant)
         self.states.refresh(conn, relevant)
         late = 0
+        # One clock reading per batch: when these readings were received, and the bound no
+        # reading's time may pass when it is evaluated (see not_ahead).
+        now = self.clock()
         transitions: list[tuple[RuleEntry, evaluator.Transition]] = []
         changed: list[tuple[RuleEntry, evaluator.RuleState]] = []
         after: dict[int, DmStates] = {}
@@ -373,21 +490,19 @@ class RuleEngine:
             cut = 0 if known.last_ts is None else bisect_right(dm_rows, known.last_ts, key=_TS)
             late += cut  # not newer than the last evaluated reading: stored, state unmoved
             if cut == len(dm_rows):
+                after[dm] = known.heard(now)  # late readings still show the device talking
                 continue
-            fresh = evaluator.Series(dm_rows[cut:], dm_rows[0].data_type)
-            moved = known.advanced(fresh[-1])
+            in_time, folded = not_ahead(dm_rows[cut:], now)
+            late += folded
+            fresh = evaluator.Series(in_time, dm_rows[0].data_type)
+            moved = known.advanced(fresh[-1], now)
             for entry in rules[dm]:
                 try:
                     outcome = self._evaluate(entry, known, fresh)
                 except Exception as exc:
                     # A rule that fails (a bug, or a value it cannot take) loses its own effects
                     # for this batch, never the telemetry or the other rules'.
-                    log.exception(
-                        "rule_evaluation_failed",
-                        rule_id=entry.rule.rule_id,
-                        device_metric_id=dm,
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
+                    self.rule_failed("evaluate", entry, exc, device_metric_id=dm)
                     continue
                 state, fired = outcome
                 transitions.extend((entry, t) for t in fired)
@@ -433,8 +548,9 @@ class RuleEngine:
                 )
             )
         # validated: the ingestor checked each value against its metric's data_type.
+        # Silence is the no-data timer's to judge, on the service's clock (see no_data.py).
         after, transitions, _late = evaluator.step_many(
-            entry.rule, state, readings, self.tz, validated=True
+            entry.rule, state, readings, self.tz, validated=True, device_time_silence=False
         )
         fired.extend(transitions)
         own = _own_part(after)
@@ -497,8 +613,10 @@ class RuleEngine:
         """What the rules of these device_metrics remember, read from the database."""
         ids = list(device_metric_ids)
         found = {dm: DmStates() for dm in ids}
-        for dm, version, last_ts, last_value in conn.execute(queries["load_cursors"], {"ids": ids}):
-            found[dm] = DmStates(version, last_ts, last_value)
+        cursors = conn.execute(queries["load_cursors"], {"ids": ids})
+        for dm, version, last_ts, value_text, last_received in cursors:
+            last_value = _parse_value(dm, value_text)
+            found[dm] = DmStates(version, last_ts, last_value, last_received=last_received)
         for rule_id, dm, fp, raw in conn.execute(queries["load_states"], {"ids": ids}):
             state = _parse_state(rule_id, dm, raw)
             if state is not None:
@@ -514,14 +632,15 @@ class RuleEngine:
         row = conn.execute(queries["next_cursor_version"]).fetchone()
         assert row is not None
         version = int(row[0])
-        ids, stamps, values = [], [], []
+        ids, stamps, values, received = [], [], [], []
         for dm, known in after.items():
             ids.append(dm)
             stamps.append(known.last_ts)
             values.append(json.dumps(known.last_value))
+            received.append(known.last_received)
         conn.execute(
             queries["save_cursors"],
-            {"version": version, "ids": ids, "ts": stamps, "values": values},
+            {"version": version, "ids": ids, "ts": stamps, "values": values, "received": received},
         )
         return version
 
@@ -557,6 +676,36 @@ class RuleEngine:
     ) -> None:
         cls.save_states(conn, [(entry, state)])
 
+    def _message(self, entry: RuleEntry, transition: evaluator.Transition) -> str | None:
+        """The event's rendered message; None when it cannot be rendered (a bug: the event is
+        still written, with a plain message and no delivery, and the batch's other events are
+        not touched)."""
+        try:
+            template = actions_model.message_template(entry.rule.action)
+            return templates.render(
+                template, render_context(entry, transition.value, transition.ts)
+            )
+        except Exception as exc:
+            self.rule_failed("render", entry, exc, kind=transition.kind)
+            return None
+
+    def _deliveries(
+        self, entry: RuleEntry, event_id: int, transition: evaluator.Transition, message: str
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The event's outbox targets; none when they cannot be rendered (logged, counted)."""
+        try:
+            return outbox_rows(
+                entry,
+                event_id,
+                transition.kind,
+                transition,
+                message,
+                smtp_to=self.settings.smtp_to,
+            )
+        except Exception as exc:
+            self.rule_failed("render", entry, exc, kind=transition.kind)
+            return []
+
     def write_event(
         self, conn: psycopg.Connection, entry: RuleEntry, transition: evaluator.Transition
     ) -> None:
@@ -571,14 +720,13 @@ class RuleEngine:
         many events (a storm of transitions must not cost a round trip each)."""
         if not transitions:
             return
-        messages = []
         event_params = []
+        messages: list[str | None] = []
         for entry, transition in transitions:
-            template = actions_model.message_template(entry.rule.action)
-            message = templates.render(
-                template, render_context(entry, transition.value, transition.ts)
-            )
+            message = self._message(entry, transition)
             messages.append(message)
+            if message is None:
+                message = f"{entry.rule.name}: {transition.kind} (message could not be rendered)"
             context = {
                 "value": transition.value,
                 "ts": transition.ts.isoformat(),
@@ -615,14 +763,8 @@ class RuleEngine:
                 for event_id, (entry, transition), message in zip(
                     event_ids, transitions, messages, strict=True
                 )
-                for kind, target in outbox_rows(
-                    entry,
-                    event_id,
-                    transition.kind,
-                    transition,
-                    message,
-                    smtp_to=self.settings.smtp_to,
-                )
+                if message is not None
+                for kind, target in self._deliveries(entry, event_id, transition, message)
             ]
             if outbox_params:
                 cur.executemany(queries["insert_outbox"], outbox_params)

@@ -384,14 +384,25 @@ def _cooled_down(cond: Condition, state: RuleState, moment: datetime) -> bool:
     return moment - state.last_triggered >= _minutes(cond.cooldown_minutes)
 
 
-def step(rule: CompiledRule, state: RuleState, reading: Observation, tz: ZoneInfo) -> StepResult:
-    """Advance the state by one reading (the next one in device-time order)."""
+def step(
+    rule: CompiledRule,
+    state: RuleState,
+    reading: Observation,
+    tz: ZoneInfo,
+    *,
+    device_time_silence: bool = True,
+) -> StepResult:
+    """Advance the state by one reading (the next one in device-time order).
+
+    `device_time_silence`: a no_data rule records a gap in device time longer than its limit as
+    a triggered/resolved pair (a replay). The service passes False: there the timer judges
+    silence on the service's clock, and a device clock that jumps is not a silence."""
     _require_aware(reading.ts, "reading.ts")
     _check_value(rule.data_type, reading.value)
     if state.last_ts is not None and reading.ts <= state.last_ts:
         return StepResult(state, (), late=True)
     if isinstance(rule.condition, conditions.NoData):
-        return _step_no_data(rule.condition, state, reading, tz)
+        return _step_no_data(rule.condition, state, reading, tz, gaps=device_time_silence)
 
     cond = rule.condition
     evaluation = _Evaluation(reading, state, tz)
@@ -578,18 +589,20 @@ def step_many(
     tz: ZoneInfo,
     *,
     validated: bool = False,
+    device_time_silence: bool = True,
 ) -> tuple[RuleState, list[Transition], list[Observation]]:
     """step() over readings in device-time order: the new state, the transitions, and the late
     readings. The same result as calling step() for each; for conditions without history of
     their own, step() runs only at readings that can change the state (the ingestion hot path
     evaluates every reading of every rule), and given a `Series` none runs at all when its
     ranges show that no reading can. `validated`: the caller has checked every reading's
-    time zone and value type once, for all rules (the ingestor has)."""
+    time zone and value type once, for all rules (the ingestor has). `device_time_silence`:
+    as for step()."""
     transitions: list[Transition] = []
     late: list[Observation] = []
     if not _flips_only(rule, state):
         for reading in readings:
-            result = step(rule, state, reading, tz)
+            result = step(rule, state, reading, tz, device_time_silence=device_time_silence)
             if result.late:
                 late.append(reading)
             transitions.extend(result.transitions)
@@ -652,11 +665,14 @@ def _next_in_window(moment: datetime, cond: Condition, tz: ZoneInfo) -> datetime
     return start.astimezone(moment.tzinfo)
 
 
-def _silence_limit(cond: conditions.NoData, state: RuleState, tz: ZoneInfo) -> datetime | None:
-    """When a no_data rule fires if nothing arrives before; None when it cannot fire."""
+def _silence_limit(
+    cond: conditions.NoData, state: RuleState, tz: ZoneInfo, since: datetime | None = None
+) -> datetime | None:
+    """When a no_data rule fires if nothing arrives before; None when it cannot fire. The
+    silence counts from `since` (default: the last reading's time)."""
     if state.status == "firing" or state.last_ts is None:
         return None  # already firing, or nothing ever seen: no reference point for a silence
-    moment = state.last_ts + _minutes(cond.minutes)
+    moment = (since or state.last_ts) + _minutes(cond.minutes)
     if cond.cooldown_minutes and state.last_triggered is not None:
         moment = max(moment, state.last_triggered + _minutes(cond.cooldown_minutes))
     return _next_in_window(moment, cond, tz)
@@ -668,10 +684,10 @@ def _no_data_triggered(cond: conditions.NoData, state: RuleState, moment: dateti
 
 
 def _step_no_data(
-    cond: conditions.NoData, state: RuleState, reading: Observation, tz: ZoneInfo
+    cond: conditions.NoData, state: RuleState, reading: Observation, tz: ZoneInfo, *, gaps: bool
 ) -> StepResult:
     transitions: list[Transition] = []
-    limit = _silence_limit(cond, state, tz)
+    limit = _silence_limit(cond, state, tz) if gaps else None
     if limit is not None and limit < reading.ts:
         # The silence before this reading was long enough and no timer caught it (the service
         # was down, or this is a backtest): record it, so live runs and replays agree.
@@ -681,9 +697,12 @@ def _step_no_data(
         silence = conditions.format_number(
             round((reading.ts - (state.last_ts or reading.ts)).total_seconds() / 60, 1)
         )
+        # The timer fires on the service's clock, the reading carries the device's: one running
+        # behind must not make the alarm end before it began.
+        resolved_at = max(reading.ts, state.last_triggered or reading.ts)
         transitions.append(
             Transition(
-                "resolved", reading.ts, reading.value, f"reading after {silence} min of silence"
+                "resolved", resolved_at, reading.value, f"reading after {silence} min of silence"
             )
         )
     after = dataclasses.replace(
@@ -692,15 +711,27 @@ def _step_no_data(
     return StepResult(after, tuple(transitions), late=False)
 
 
-def check_no_data(rule: CompiledRule, state: RuleState, now: datetime, tz: ZoneInfo) -> StepResult:
+def check_no_data(
+    rule: CompiledRule,
+    state: RuleState,
+    now: datetime,
+    tz: ZoneInfo,
+    *,
+    silent_since: datetime | None = None,
+) -> StepResult:
     """The timer path: fire a no_data rule whose silence passed its limit before `now`.
 
-    A no-op for other rules, for a rule already FIRING, and before the first reading."""
+    `silent_since` is when the silence began on the same clock as `now` (the service passes
+    its last receipt of a reading, or its own reconnect if later); by default the last
+    reading's time, which is right for a replay of stored readings. A no-op for other rules,
+    for a rule already FIRING, and before the first reading."""
     _require_aware(now, "now")
+    if silent_since is not None:
+        _require_aware(silent_since, "silent_since")
     cond = rule.condition
     if not isinstance(cond, conditions.NoData):
         return StepResult(state, (), late=False)
-    limit = _silence_limit(cond, state, tz)
+    limit = _silence_limit(cond, state, tz, silent_since)
     if limit is None or not limit < now:
         return StepResult(state, (), late=False)
     fired = dataclasses.replace(state, status="firing", last_triggered=limit)

@@ -3,30 +3,40 @@
 A silence produces no reading, so no batch would ever evaluate it: this worker checks on a
 timer, under the same per-device_metric advisory lock as the batch transaction, and writes the
 event and state in one transaction. The next reading resolves it (in the batch path).
+
+Silence is judged on the service's clock only: it counts from the later of the last receipt of
+a reading of the device_metric (`rule_cursors.last_received`) and the moment this process's
+intake last connected to the broker (what the broker queued for us while we were away is not a
+silence), and there is no verdict at all while the intake is disconnected or the writer holds a
+message older than `no_data_max_backlog` (readings still on their way are not a silence either).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import psycopg
 import structlog
-from psycopg_pool import PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ingestor.backoff import Backoff
 from rules_engine import conditions, evaluator
 from rules_engine.threads import EngineThread
 
 if TYPE_CHECKING:
-    from rules_engine.engine import RuleEntry
+    from rules_engine.engine import RuleEngine, RuleEntry
 
 log = structlog.get_logger(__name__)
 
 
 class NoDataWorker(EngineThread):
     name = "iothub-no-data"
+
+    def __init__(self, engine: RuleEngine, pool: ConnectionPool) -> None:
+        super().__init__(engine, pool)
+        self._deferring: str | None = None  # why the last pass gave no verdict (None: it did)
 
     def _run(self) -> None:
         backoff = Backoff()
@@ -49,12 +59,29 @@ class NoDataWorker(EngineThread):
                 backoff.next()
                 log.exception("no_data_check_crashed")
 
+    def _deferred(self, why: str | None, **context: object) -> bool:
+        """Whether this pass gives no verdict; logs when deferring starts and ends."""
+        if why != self._deferring:
+            if why is None:
+                log.info("no_data_check_resumed", deferred=self._deferring)
+            else:
+                log.info("no_data_check_deferred", why=why, **context)
+            self._deferring = why
+        return why is not None
+
     def check(self, now: datetime) -> int:
         """One pass over every no_data rule; returns how many fired."""
         engine = self._engine
-        # Judge silence only up to what has been ingested: after an outage the queue holds
-        # readings that would otherwise count as silence and raise false alarms.
-        now -= timedelta(seconds=engine.backlog_age())
+        backlog = engine.backlog_age()
+        limit = engine.settings.no_data_max_backlog
+        connected_at = engine.intake_since()
+        if connected_at is None:
+            self._deferred("intake_disconnected")
+            return 0
+        if backlog > limit:
+            self._deferred("backlog", backlog_s=round(backlog, 1), limit_s=limit)
+            return 0
+        self._deferred(None)
         fired = 0
         with self._pool.connection() as conn:
             rules = engine.cache.current(conn)
@@ -70,9 +97,19 @@ class NoDataWorker(EngineThread):
                 engine.lock(conn, dms)
                 states = engine.load_states(conn, dms)
                 for dm in dms:
+                    known = states[dm]
+                    heard = known.last_received or known.last_ts
+                    since = None if heard is None else max(heard, connected_at)
                     for entry in watched[dm]:
-                        state = states[dm].state_for(entry)
-                        result = evaluator.check_no_data(entry.rule, state, now, engine.tz)
+                        state = known.state_for(entry)
+                        try:
+                            result = evaluator.check_no_data(
+                                entry.rule, state, now, engine.tz, silent_since=since
+                            )
+                        except Exception as exc:
+                            # One rule's failure must not stop the timer for the others.
+                            engine.rule_failed("no_data", entry, exc, device_metric_id=dm)
+                            continue
                         for transition in result.transitions:
                             engine.write_event(conn, entry, transition)
                             engine.metrics.events.labels(kind=transition.kind).inc()

@@ -1,6 +1,8 @@
 -- name: load_rules
--- Active rules with what evaluation and messages need about their binding.
-SELECT r.id, r.name, r.condition, r.action, r.device_metric_id, m.data_type::text,
+-- Active rules with what evaluation and messages need about their binding. The documents come
+-- as text: decoding them is rule_json's job, within bounds (a jsonb nested thousands deep would
+-- make any recursive decoder raise while the rows are fetched, outside any one rule).
+SELECT r.id, r.name, r.condition::text, r.action::text, r.device_metric_id, m.data_type::text,
        d.serial_id, d.name, m.metric_type::text
 FROM rules r
 JOIN device_metrics dm ON dm.id = r.device_metric_id
@@ -28,12 +30,14 @@ ORDER BY device_metric_id
 FOR NO KEY UPDATE
 
 -- name: load_cursors
-SELECT device_metric_id, version, last_ts, last_value
+-- The value as text, decoded within bounds (rule_json): a hand-edited row costs its rules only.
+SELECT device_metric_id, version, last_ts, last_value::text, last_received
 FROM rule_cursors
 WHERE device_metric_id = ANY(%(ids)s)
 
 -- name: load_states
-SELECT rule_id, device_metric_id, fingerprint, state
+-- The state as text, decoded within bounds (rule_json): a hand-edited row costs its rule only.
+SELECT rule_id, device_metric_id, fingerprint, state::text
 FROM rule_states
 WHERE device_metric_id = ANY(%(ids)s)
 
@@ -42,12 +46,15 @@ SELECT nextval('rule_cursor_version')
 
 -- name: save_cursors
 -- One statement for all device_metrics of a batch, all with the same new version.
-INSERT INTO rule_cursors (device_metric_id, last_ts, last_value, version, updated_at)
-SELECT c.dm, c.ts, c.value::jsonb, %(version)s, now()
-FROM unnest(%(ids)s::int[], %(ts)s::timestamptz[], %(values)s::text[]) AS c (dm, ts, value)
+-- `received`: the service's clock at the batch (what the no-data timer judges silence on).
+INSERT INTO rule_cursors (device_metric_id, last_ts, last_value, version, updated_at,
+                          last_received)
+SELECT c.dm, c.ts, c.value::jsonb, %(version)s, now(), coalesce(c.received, now())
+FROM unnest(%(ids)s::int[], %(ts)s::timestamptz[], %(values)s::text[],
+            %(received)s::timestamptz[]) AS c (dm, ts, value, received)
 ON CONFLICT (device_metric_id) DO UPDATE
 SET last_ts = EXCLUDED.last_ts, last_value = EXCLUDED.last_value, version = EXCLUDED.version,
-    updated_at = EXCLUDED.updated_at
+    updated_at = EXCLUDED.updated_at, last_received = EXCLUDED.last_received
 
 -- name: insert_event
 INSERT INTO events ("timestamp", rule_id, kind, device_metric_id, context)

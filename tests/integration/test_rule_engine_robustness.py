@@ -77,7 +77,8 @@ def test_a_rule_deleted_after_the_cache_loaded_costs_nothing(db_url: str, unique
 
 def test_no_data_waits_for_the_backlog(db_url: str, unique: str) -> None:
     """While ingestion is behind, silence is judged only up to what was ingested: a device whose
-    readings are still queued does not raise a no_data alarm."""
+    readings are still queued does not raise a no_data alarm. Silence counts from when the
+    service received the last reading, on its own clock."""
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     dm = fleet.bindings[(fleet.serials[0], "temperature")]
     add_rule(db_url, dm, {"type": "no_data", "minutes": 10}, "Silent")
@@ -86,10 +87,15 @@ def test_no_data_waits_for_the_backlog(db_url: str, unique: str) -> None:
     last = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
     with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
         engine.on_inserted(conn, [reading(dm, last, 20.0)])
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT last_received FROM rule_cursors").fetchone()
+        assert row
+        received: datetime = row[0]
+    later = received + timedelta(minutes=11)
     with ConnectionPool(db_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
         worker = NoDataWorker(engine, pool)
         engine.backlog_age = lambda: 3600.0  # an hour of readings still waiting in the queue
-        assert worker.check(datetime.now(UTC)) == 0
+        assert worker.check(later) == 0
         engine.backlog_age = lambda: 0.0
-        assert worker.check(datetime.now(UTC)) == 1
-    assert events(db_url) == [("triggered", last + timedelta(minutes=10))]
+        assert worker.check(later) == 1
+    assert events(db_url) == [("triggered", received + timedelta(minutes=10))]

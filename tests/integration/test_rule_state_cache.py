@@ -102,9 +102,11 @@ def test_a_no_data_alarm_raised_by_the_timer_is_seen_by_the_batch(db_url: str, u
     dm = binding(db_url, unique)
     add_rule(db_url, dm, {"type": "no_data", "minutes": 10}, "Silent")
     engine = new_engine(db_url)
+    engine.clock = lambda: at(0)  # the service's clock agrees with the device's
     feed(db_url, engine, dm, (0, 20.0))
     with ConnectionPool(db_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
         assert NoDataWorker(engine, pool).check(at(30)) == 1
+    engine.clock = lambda: at(40)
     feed(db_url, engine, dm, (40, 20.0))
     assert events(db_url) == [("triggered", at(10)), ("resolved", at(40))]
 

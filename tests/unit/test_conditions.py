@@ -420,3 +420,19 @@ def test_composites_nest_only_so_deep() -> None:
         raw = {"type": "composite", "operator": "AND", "conditions": [raw]}
     with pytest.raises(InvalidRule, match="composites nest at most 4 deep"):
         parse_condition(raw, "numeric", rule_id=1)
+
+
+def test_a_rule_is_bounded_as_a_whole() -> None:
+    """Composites within their own limits can still multiply: a rule holds at most
+    MAX_RULE_CONDITIONS conditions, and its rate windows keep at most MAX_RULE_RATE_COUNT
+    readings together (each is evaluated on every reading and kept in the state)."""
+    leaf = {"type": "threshold", "operator": ">", "value": 1}
+    wide = {"type": "composite", "operator": "OR", "conditions": [leaf] * 20}
+    nested = {"type": "composite", "operator": "OR", "conditions": [wide] * 4}  # 85 conditions
+    with pytest.raises(InvalidRule, match="at most 64 conditions in one rule"):
+        parse_condition(nested, "numeric")
+    rate = {"type": "rate", "count": 1000, "duration_minutes": 1}
+    rates = {"type": "composite", "operator": "AND", "conditions": [rate, rate]}
+    with pytest.raises(InvalidRule, match="keep at most 1000 readings together"):
+        parse_condition(rates, "numeric")
+    parse_condition({"type": "composite", "operator": "OR", "conditions": [wide] * 3}, "numeric")

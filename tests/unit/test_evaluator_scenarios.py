@@ -432,6 +432,31 @@ def test_no_data_fires_on_the_timer_and_resolves_on_the_next_reading() -> None:
     assert resolved.state.status == "ok"
 
 
+def test_no_data_silence_counts_from_the_given_moment() -> None:
+    """With `silent_since` (the service's receipt time) the silence is measured from it, not
+    from the reading's device time: a device clock 3 minutes behind does not look silent."""
+    rule = make_rule(SILENCE)
+    state = step(rule, RuleState.initial(), Reading(at("00:00"), 1), UTC_ZONE).state
+    received = at("00:03")  # the device's clock is 3 minutes behind the service's
+    assert check_no_data(rule, state, at("00:16"), UTC_ZONE).transitions != ()
+    assert (
+        check_no_data(rule, state, at("00:16"), UTC_ZONE, silent_since=received).transitions == ()
+    )
+    fired = check_no_data(rule, state, at("00:19"), UTC_ZONE, silent_since=received)
+    assert [(t.kind, label(t.ts)) for t in fired.transitions] == [(T, "00:18")]
+
+
+def test_no_data_never_resolves_before_it_triggered() -> None:
+    """A reading whose device time is before the timer's trigger (its clock runs behind)
+    resolves the alarm at the trigger's time, not earlier."""
+    rule = make_rule(SILENCE)
+    state = step(rule, RuleState.initial(), Reading(at("00:00"), 1), UTC_ZONE).state
+    fired = check_no_data(rule, state, at("00:19"), UTC_ZONE, silent_since=at("00:03"))
+    resolved = step(rule, fired.state, Reading(at("00:17"), 2), UTC_ZONE)
+    assert [(t.kind, label(t.ts), t.value) for t in resolved.transitions] == [(R, "00:18", 2)]
+    assert resolved.state.last_ts == at("00:17")
+
+
 def test_no_data_in_a_replay_finds_the_gaps() -> None:
     """A backtest reports each gap longer than the limit as a triggered/resolved pair."""
     rows: list[Row] = [("00:00", 1), ("00:10", 1), ("00:40", 1), ("00:50", 1), ("01:06", 1)]

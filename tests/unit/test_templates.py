@@ -100,3 +100,32 @@ def test_placeholders_are_listed_and_unknown_ones_flagged() -> None:
     template = "{device_name} {valeu} {value} {device_name} {{ts}} {x:1}"
     assert templates.placeholders(template) == ("device_name", "valeu", "value")
     assert templates.unknown_placeholders(template) == ("valeu",)
+
+
+def test_rendering_is_bounded_however_often_a_long_value_repeats() -> None:
+    """A template of 585 `{value}` over a 1,024-character value renders at most
+    MAX_RENDERED_CHARS characters, cut with an ellipsis, instead of 600,000."""
+    long_value = "x" * 1024
+    rendered = templates.render("{value}" * 585, {"value": long_value})
+    assert len(rendered) == templates.MAX_RENDERED_CHARS
+    assert rendered.endswith(templates.TRUNCATED)
+    assert templates.render("a{value}b", {"value": long_value}) == f"a{long_value}b"
+
+
+def test_a_rendered_payload_is_bounded_as_a_whole() -> None:
+    """A payload of 1,000 strings each rendering to 16 KiB stays within
+    MAX_RENDERED_DOCUMENT_CHARS in all; its shape and its first strings are kept."""
+    long_value = "x" * 1024
+    payload = {"items": [{"text": "{value}" * 585, "n": i} for i in range(1000)]}
+    rendered = render_json(payload, {"value": long_value})
+    assert isinstance(rendered, dict)
+    items = rendered["items"]
+    assert isinstance(items, list) and len(items) == 1000
+    texts = [item["text"] for item in items if isinstance(item, dict)]
+    assert sum(len(t) for t in texts if isinstance(t, str)) <= (
+        templates.MAX_RENDERED_DOCUMENT_CHARS + len(texts) * len(templates.TRUNCATED)
+    )
+    first = texts[0]
+    assert isinstance(first, str)
+    assert len(first) == templates.MAX_RENDERED_CHARS and first.endswith(templates.TRUNCATED)
+    assert [item["n"] for item in items if isinstance(item, dict)] == list(range(1000))
