@@ -59,7 +59,7 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from schema import migrate  # noqa: E402
 
 try:  # the throwaway servers are moving from the test support package into iothub
-    from iothub.localservers import LocalMosquitto, LocalPostgres
+    from iothub.devtools.localservers import LocalMosquitto, LocalPostgres
 except ImportError:
     from tests.support.services import LocalMosquitto, LocalPostgres
 
@@ -529,7 +529,7 @@ class Bench:
         env.update(self.daemon_env)
         with self.log_of(name).open("ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "iothub.cli", "run"],
+                [sys.executable, "-m", "iothub.cli.main", "run"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -39,10 +39,10 @@ from ingest_bench import PG_SETTINGS, RULE_ACTION, RULES  # noqa: E402
 
 from config.settings import Settings  # noqa: E402
 from ingestor.hooks import StoredReading  # noqa: E402
-from iothub.localservers import LocalPostgres  # noqa: E402
+from iothub.devtools.localservers import LocalPostgres  # noqa: E402
 from iothub.metrics import Metrics  # noqa: E402
-from rules_engine import evaluator  # noqa: E402
 from rules_engine.engine import RuleEngine  # noqa: E402
+from rules_engine.evaluate import step as evaluator  # noqa: E402
 from schema import migrate  # noqa: E402
 
 DEVICES = 100

@@ -29,7 +29,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from ingestor import topics
+from config import topics
 
 ENV_PREFIX = "IOTHUB_"
 TEST_PREFIX = "IOTHUB_TEST_"  # the test suite's own variables, not settings

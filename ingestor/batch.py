@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from config.topics import TopicRouter
 from ingestor import payload
 from ingestor.catalog import Snapshot
 from ingestor.hooks import StoredReading
 from ingestor.messages import InboundMessage
 from ingestor.reasons import Reason
-from ingestor.topics import TopicRouter
 
 MAX_BATCH_READINGS = 50_000  # readings (rows + rejections) per batch, before the last message
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch, before the last message

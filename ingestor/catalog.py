@@ -17,7 +17,7 @@ from typing import Literal
 import psycopg
 import structlog
 
-from schema import queries as queries_mod
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("ingestor")

@@ -34,9 +34,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from config.settings import Settings
+from config.topics import TopicRouter
+from ingestor import mqtt as mqttclient
 from ingestor.messages import InboundMessage
-from ingestor.topics import TopicRouter
-from iothub import mqttclient
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from config.settings import Settings
 from ingestor.backoff import Backoff
 from iothub.metrics import Metrics
-from schema import queries as queries_mod
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("ingestor", "retention.sql")

@@ -23,7 +23,7 @@ from config.settings import Settings
 from ingestor.batch import Batch, RejectedMessage, RejectRow, Row
 from ingestor.hooks import BatchHook, HookResult, StoredReading
 from ingestor.reasons import Reason
-from schema import queries as queries_mod
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("ingestor")

@@ -34,14 +34,16 @@ from psycopg_pool import ConnectionPool
 from config.settings import Settings
 from ingestor.catalog import Snapshot
 from ingestor.hooks import HookResult, StoredReading
-from iothub import db
 from iothub.metrics import Metrics
-from rules_engine import actions_model, evaluator, rule_json, templates
-from rules_engine.conditions import InvalidRule
+from rules_engine.actions.outbox import OutboxWorker
+from rules_engine.evaluate import step as evaluator
+from rules_engine.model import actions as actions_model
+from rules_engine.model import rule_json, templates
+from rules_engine.model.conditions import InvalidRule
 from rules_engine.no_data import NoDataWorker
-from rules_engine.outbox import OutboxWorker
-from rules_engine.threads import EngineThread
-from schema import queries as queries_mod
+from rules_engine.workers import EngineThread
+from schema import db
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("rules_engine")

@@ -22,8 +22,9 @@ import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ingestor.backoff import Backoff
-from rules_engine import conditions, evaluator
-from rules_engine.threads import EngineThread
+from rules_engine.evaluate import step as evaluator
+from rules_engine.model import conditions
+from rules_engine.workers import EngineThread
 
 if TYPE_CHECKING:
     from rules_engine.engine import RuleEngine, RuleEntry

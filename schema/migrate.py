@@ -10,7 +10,7 @@ from importlib import resources
 import psycopg
 import structlog
 
-from schema import queries as queries_mod
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 

@@ -27,8 +27,9 @@ import structlog
 from psycopg.errors import Diagnostic
 
 from config.settings import Settings
-from iothub import db, exitcodes
-from schema import queries as queries_mod
+from iothub import exitcodes
+from schema import db
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 

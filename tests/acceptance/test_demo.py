@@ -76,7 +76,7 @@ def test_demo_starts_its_own_servers_shows_the_pipeline_and_cleans_up() -> None:
     env["IOTHUB_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     env["IOTHUB_MQTT_URL"] = f"mqtt://127.0.0.1:{free_port()}"
     done = subprocess.run(
-        [sys.executable, "-m", "iothub.cli", "demo", "--duration", str(DEMO_SECONDS)],
+        [sys.executable, "-m", "iothub.cli.main", "demo", "--duration", str(DEMO_SECONDS)],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,

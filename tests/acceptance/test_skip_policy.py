@@ -87,7 +87,7 @@ SUITE_FIXTURES = "tests.conftest"  # the suite's own fixtures, with the policy t
 # (which cannot be uninstalled here: their constructors raise what they raise there).
 WITHOUT_BINARIES = """
 import pytest
-from iothub.localservers import ServiceUnavailable
+from iothub.devtools.localservers import ServiceUnavailable
 from tests.support import services
 
 def _not_installed(*args, **kwargs):

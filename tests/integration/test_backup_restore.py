@@ -14,7 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from iothub import cli, exitcodes
+from iothub import exitcodes
+from iothub.cli import main as cli
 from tests.conftest import drop_database
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"

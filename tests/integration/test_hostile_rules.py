@@ -16,11 +16,13 @@ from structlog.testing import capture_logs
 
 from config.settings import Settings
 from ingestor.hooks import HookResult, StoredReading
-from ingestor.service import IngestService
-from iothub import cli, exitcodes
+from iothub import exitcodes
+from iothub.cli import main as cli
+from iothub.daemon.service import IngestService
 from iothub.metrics import Metrics
-from rules_engine import evaluator, rule_json, templates
 from rules_engine.engine import RuleEngine
+from rules_engine.evaluate import step as evaluator
+from rules_engine.model import rule_json, templates
 from rules_engine.no_data import NoDataWorker
 from tests.integration.test_seed import run as run_seed
 from tests.integration.test_seed import seeded

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from iothub.http import HealthServer
+from iothub.daemon.http import HealthServer
 from iothub.metrics import Metrics
 
 TIMEOUT = 5.0  # seconds per request

@@ -11,10 +11,10 @@ from pathlib import Path
 import psycopg
 
 from config.settings import Settings
+from config.topics import TopicRouter
 from ingestor.intake import MqttIntake
 from ingestor.messages import InboundMessage
-from ingestor.service import IngestService
-from ingestor.topics import TopicRouter
+from iothub.daemon.service import IngestService
 from tests.integration.test_faults import daemon_env
 from tests.support.daemon import running
 from tests.support.faults import Daemon

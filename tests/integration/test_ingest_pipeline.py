@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from config.settings import Settings
-from ingestor.service import IngestService
+from iothub.daemon.service import IngestService
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
 
 

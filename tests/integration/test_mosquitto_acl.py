@@ -28,8 +28,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.settings import DEFAULT_CLIENT_ID, DEFAULT_MAX_PAYLOAD, Settings
-from iothub import mqttclient
-from rules_engine import outbox
+from ingestor import mqtt as mqttclient
+from rules_engine.actions import outbox
 
 MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "mosquitto"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

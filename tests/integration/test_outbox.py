@@ -25,12 +25,11 @@ import structlog
 from psycopg.types.json import Jsonb
 
 from config.settings import Settings
-from ingestor.service import IngestService
-from iothub import db, mqttclient
+from ingestor import mqtt as mqttclient
+from iothub.daemon.service import IngestService
 from iothub.metrics import Metrics
-from rules_engine import egress, evaluator, outbox
-from rules_engine.engine import RuleEntry, outbox_rows
-from rules_engine.outbox import (
+from rules_engine.actions import egress, outbox
+from rules_engine.actions.outbox import (
     DeliveryFailed,
     Mailer,
     OutboxWorker,
@@ -38,6 +37,9 @@ from rules_engine.outbox import (
     WebhookTarget,
     retry_delay,
 )
+from rules_engine.engine import RuleEntry, outbox_rows
+from rules_engine.evaluate import step as evaluator
+from schema import db
 from tests.support.daemon import running
 from tests.support.fleet import make_fleet, wait_for
 

@@ -11,7 +11,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from iothub import cli, exitcodes, query
+from iothub import exitcodes
+from iothub.cli import main as cli
+from iothub.cli import query
 
 ROWS = 200_000
 BINDINGS = 50  # 25 devices x 2 metrics

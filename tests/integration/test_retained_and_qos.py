@@ -16,8 +16,9 @@ import psycopg
 from structlog.testing import capture_logs
 
 from config.settings import Settings
-from ingestor.service import IngestService
-from iothub import exitcodes, mqttclient
+from ingestor import mqtt as mqttclient
+from iothub import exitcodes
+from iothub.daemon.service import IngestService
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
 from tests.support.services import LocalMosquitto
 

@@ -14,8 +14,8 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
-from ingestor import service as service_mod
 from ingestor.hooks import StoredReading
+from iothub.daemon import service as service_mod
 from iothub.metrics import Metrics
 from rules_engine.engine import RuleEngine
 from rules_engine.no_data import NoDataWorker

@@ -7,7 +7,8 @@ import re
 import psycopg
 import pytest
 
-from iothub import cli, exitcodes
+from iothub import exitcodes
+from iothub.cli import main as cli
 
 
 def test_seeded_rules_are_valid_and_backtests_match_the_seeded_events(

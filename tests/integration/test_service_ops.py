@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import Settings
-from ingestor.service import IngestService
-from iothub.systemd import SystemdNotifier
+from iothub.daemon.service import IngestService
+from iothub.daemon.systemd import SystemdNotifier
 from tests.support.daemon import running
 from tests.support.fleet import Publisher, make_fleet, wait_for
 from tests.support.services import LocalMosquitto

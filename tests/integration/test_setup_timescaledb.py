@@ -17,7 +17,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from iothub import cli, exitcodes
+from iothub import exitcodes
+from iothub.cli import main as cli
 from tests.support import services, skips
 
 # The six steps as the seed describes them, as `--dry-run` must print them.

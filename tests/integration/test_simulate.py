@@ -13,10 +13,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from config.settings import Settings
+from config.topics import TopicRouter
+from ingestor import mqtt as mqttclient
 from ingestor import payload
-from ingestor.topics import TopicRouter
-from iothub import exitcodes, mqttclient, seed, seed_data, simulate
-from iothub.simulate import SimDevice, SimMetric
+from iothub import exitcodes
+from iothub.devtools.seed import data as seed_data
+from iothub.devtools.seed import store as seed
+from iothub.devtools.simulator import publisher as simulate
+from iothub.devtools.simulator.publisher import SimDevice, SimMetric
 from tests.support.fleet import wait_for
 
 ALL_METRICS = tuple(SimMetric(m.metric_type, m.data_type) for m in seed_data.METRICS)

@@ -23,10 +23,9 @@ from psycopg import sql
 
 from config.settings import Settings
 from ingestor import retention
-from ingestor.service import IngestService
-from iothub import db
+from iothub.daemon.service import IngestService
 from iothub.metrics import Metrics
-from schema import migrate
+from schema import db, migrate
 from tests.support.daemon import running
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
 from tests.support.services import LocalMosquitto

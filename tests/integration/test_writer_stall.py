@@ -19,8 +19,8 @@ import psycopg
 from structlog.testing import capture_logs
 
 from config.settings import Settings
-from ingestor.service import IngestService
 from iothub import exitcodes
+from iothub.daemon.service import IngestService
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
 
 STOP_TIMEOUT = 30.0  # seconds

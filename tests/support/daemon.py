@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from config.settings import Settings
-from ingestor.service import IngestService
+from iothub.daemon.service import IngestService
 from iothub.metrics import Metrics
 from rules_engine.engine import RuleEngine
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psycopg
 
-from iothub import mqttclient
+from ingestor import mqtt as mqttclient
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ class Daemon:
         env.update(self.env)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "iothub.cli", *self.args],
+            [sys.executable, "-m", "iothub.cli.main", *self.args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from iothub import mqttclient
+from ingestor import mqtt as mqttclient
 
 METRICS = {"temperature": "numeric", "humidity": "numeric", "status": "str", "online": "boolean"}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 
-from iothub.localservers import (
+from iothub.devtools.localservers import (
     START_TIMEOUT,
     LocalMosquitto,
     LocalPostgres,

@@ -9,9 +9,11 @@ from datetime import UTC, datetime
 import pytest
 
 from config.settings import ConfigError, load_settings
-from rules_engine import actions_model, egress, evaluator
-from rules_engine.conditions import InvalidRule
+from rules_engine.actions import egress
 from rules_engine.engine import RuleEntry, outbox_rows
+from rules_engine.evaluate import step as evaluator
+from rules_engine.model import actions as actions_model
+from rules_engine.model.conditions import InvalidRule
 
 TS = datetime(2026, 1, 27, 12, 0, tzinfo=UTC)
 CONDITION = {"type": "string_match", "operator": "!=", "value": "OK"}

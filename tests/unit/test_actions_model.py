@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from rules_engine import actions_model
-from rules_engine.actions_model import MqttAction, NotifyAction, WebhookAction, parse_action
-from rules_engine.conditions import InvalidRule
+from rules_engine.model import actions as actions_model
+from rules_engine.model.actions import MqttAction, NotifyAction, WebhookAction, parse_action
+from rules_engine.model.conditions import InvalidRule
 
 NOTIFY = {
     "type": "notify",

@@ -7,10 +7,10 @@ import time
 import tracemalloc
 from datetime import UTC, datetime
 
+from config.topics import TopicRouter
 from ingestor import batch, payload
 from ingestor.catalog import Binding, Device, Snapshot
 from ingestor.messages import InboundMessage
-from ingestor.topics import TopicRouter
 
 ROUTER = TopicRouter.from_strings(["devices/{serial_id}/telemetry"])
 SERIAL = "SN-1"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from rules_engine import conditions
-from rules_engine.conditions import DataType, InvalidRule, parse_condition
+from rules_engine.model import conditions
+from rules_engine.model.conditions import DataType, InvalidRule, parse_condition
 
 ORIGINAL_FORMS: list[tuple[dict[str, Any], DataType]] = [
     ({"type": "threshold", "operator": ">", "value": 27.5, "duration_minutes": 10}, "numeric"),

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from config.settings import ENV_PREFIX, Settings, load_settings
-from iothub import cli
+from iothub.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -374,7 +374,9 @@ def test_dockerfile_copy_sources_exist() -> None:
 def test_dockerfile_copies_what_pip_install_needs() -> None:
     """pyproject.toml, its readme, and every package it lists are copied before `pip install .`."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = {"pyproject.toml", *project["tool"]["setuptools"]["packages"]}
+    # The top-level packages: each include pattern of packages.find is "<package>*".
+    found = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    needed = {"pyproject.toml", *(pattern.rstrip("*") for pattern in found)}
     readme = project["project"].get("readme")
     if isinstance(readme, str):
         needed.add(readme)

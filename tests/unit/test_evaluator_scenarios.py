@@ -10,8 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from rules_engine.conditions import DataType, InvalidRule
-from rules_engine.evaluator import (
+from rules_engine.evaluate.step import (
     CompiledRule,
     Reading,
     RuleState,
@@ -21,6 +20,7 @@ from rules_engine.evaluator import (
     replay,
     step,
 )
+from rules_engine.model.conditions import DataType, InvalidRule
 
 UTC_ZONE = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -14,10 +14,12 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rules_engine import actions_model, evaluator, rule_json
-from rules_engine.conditions import DATA_TYPES, InvalidRule
 from rules_engine.engine import RuleEntry, outbox_rows, render_context
-from rules_engine.templates import render
+from rules_engine.evaluate import step as evaluator
+from rules_engine.model import actions as actions_model
+from rules_engine.model import rule_json
+from rules_engine.model.conditions import DATA_TYPES, InvalidRule
+from rules_engine.model.templates import render
 
 TZ = ZoneInfo("Europe/Berlin")
 T0 = datetime(2026, 1, 27, 12, 0, tzinfo=UTC)

@@ -6,8 +6,8 @@ import paho.mqtt.client as mqtt
 from structlog.testing import capture_logs
 
 from config.settings import Settings
+from config.topics import TopicRouter
 from ingestor.intake import MqttIntake
-from ingestor.topics import TopicRouter
 
 
 def make_intake(**overrides: object) -> MqttIntake:

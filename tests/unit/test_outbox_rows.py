@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from rules_engine import evaluator
 from rules_engine.engine import RuleEntry, outbox_rows
+from rules_engine.evaluate import step as evaluator
 
 TS = datetime(2026, 1, 27, 12, 0, tzinfo=UTC)
 CONDITION = {"type": "threshold", "operator": ">", "value": 27.5}

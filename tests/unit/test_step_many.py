@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from rules_engine import evaluator
+from rules_engine.evaluate import step as evaluator
 
 TZ = ZoneInfo("Europe/Berlin")
 T0 = datetime(2026, 1, 27, 21, 0, tzinfo=UTC)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from iothub.systemd import SystemdNotifier
+from iothub.daemon.systemd import SystemdNotifier
 
 RECV_TIMEOUT = 2.0  # seconds; datagrams on a local socket arrive at once
 

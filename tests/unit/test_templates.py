@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from rules_engine import templates
-from rules_engine.templates import render, render_json
+from rules_engine.model import templates
+from rules_engine.model.templates import render, render_json
 
 CONTEXT: dict[str, object] = {
     "device_name": "Boiler room",

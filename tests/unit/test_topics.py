@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingestor.topics import DEFAULT_PATTERNS, TopicMatch, TopicPattern, TopicRouter
+from config.topics import DEFAULT_PATTERNS, TopicMatch, TopicPattern, TopicRouter
 
 PER_DEVICE = TopicPattern.parse("devices/{serial_id}/telemetry")
 SHARED = TopicPattern.parse("telemetry")

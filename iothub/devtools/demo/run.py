@@ -54,11 +54,15 @@ from psycopg import sql
 
 from config.settings import Settings
 from ingestor import catalog
-from ingestor import service as service_mod
-from iothub import exitcodes, localservers, logs, mqttclient, seed, simulate
+from ingestor import mqtt as mqttclient
+from iothub import exitcodes, logs
+from iothub.daemon import service as service_mod
+from iothub.devtools import localservers
+from iothub.devtools.seed import store as seed
+from iothub.devtools.simulator import publisher as simulate
 from iothub.metrics import REJECTION_REASONS
 from schema import migrate
-from schema import queries as queries_mod
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +84,7 @@ TICK: Final = 0.1  # seconds: how often waits look at the stop flag
 DEMO_DATABASE: Final = "iothub_demo"  # name of the database on a throwaway server
 PREFIX: Final = "iothub-demo"
 
-queries = queries_mod.load("iothub", "demo.sql")
+queries = queries_mod.load("iothub.devtools.demo", "demo.sql")
 
 
 class Interrupted(Exception):

@@ -46,9 +46,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.settings import DEFAULT_MAX_PAYLOAD, Settings
+from config.topics import TopicPattern
 from ingestor import catalog
-from ingestor.topics import TopicPattern
-from iothub import db, exitcodes, mqttclient, seed_data
+from ingestor import mqtt as mqttclient
+from iothub import exitcodes
+from iothub.devtools.seed import data as seed_data
+from schema import db
 
 log = structlog.get_logger(__name__)
 

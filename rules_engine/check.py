@@ -22,10 +22,13 @@ import psycopg
 import structlog
 
 from config.settings import Settings
-from iothub import db, exitcodes
-from rules_engine import actions_model, conditions, evaluator, rule_json, templates
-from rules_engine.conditions import DataType, InvalidRule
-from schema import queries as queries_mod
+from iothub import exitcodes
+from rules_engine.evaluate import step as evaluator
+from rules_engine.model import actions as actions_model
+from rules_engine.model import conditions, rule_json, templates
+from rules_engine.model.conditions import DataType, InvalidRule
+from schema import db
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("rules_engine", "commands.sql")

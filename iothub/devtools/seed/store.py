@@ -35,8 +35,9 @@ from psycopg.types.json import Jsonb
 from pydantic import JsonValue
 
 from config.settings import Settings
-from iothub import db, exitcodes, passwords
-from iothub.seed_data import (
+from iothub import exitcodes
+from iothub.devtools.seed import passwords
+from iothub.devtools.seed.data import (
     BINDINGS,
     DAYS,
     DEVICES,
@@ -53,12 +54,15 @@ from iothub.seed_data import (
     IncidentSpec,
     Value,
 )
-from rules_engine import actions_model, conditions, evaluator, rule_json, templates
-from schema import queries as queries_mod
+from rules_engine.evaluate import step as evaluator
+from rules_engine.model import actions as actions_model
+from rules_engine.model import conditions, rule_json, templates
+from schema import db
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 
-queries = queries_mod.load("iothub", "seed.sql")
+queries = queries_mod.load("iothub.devtools.seed", "seed.sql")
 
 SEED_LOCK_KEY: Final = 0x107_4B_0002  # advisory lock shared by every `iothub seed`
 INCIDENT_MARGIN: Final = timedelta(minutes=30)  # an incident ends at least this long before "now"

@@ -21,14 +21,17 @@ from iothub import exitcodes, logs
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("ingestor.service", "the daemon: ingestion + rules + actions"),
-    "migrate": ("schema.commands", "apply schema migrations"),
+    "run": ("iothub.daemon.service", "the daemon: ingestion + rules + actions"),
+    "migrate": ("iothub.cli.migrate", "apply schema migrations"),
     "setup-timescaledb": ("schema.timescale", "hypertable, compression and retention"),
-    "seed": ("iothub.seed", "load the development data set (idempotent)"),
-    "simulate": ("iothub.simulate", "simulated devices publishing telemetry"),
-    "demo": ("iothub.demo", "the whole pipeline on this machine, then a summary"),
-    "rules": ("rules_engine.commands", "check rules; backtest a rule over stored history"),
-    "query": ("iothub.query", "the seed's example queries: last readings, recent readings"),
+    "seed": ("iothub.devtools.seed.store", "load the development data set (idempotent)"),
+    "simulate": ("iothub.devtools.simulator.publisher", "simulated devices publishing telemetry"),
+    "demo": ("iothub.devtools.demo.run", "the whole pipeline on this machine, then a summary"),
+    "rules": ("rules_engine.check", "check rules; backtest a rule over stored history"),
+    "query": (
+        "iothub.cli.query",
+        "the seed's example queries: last readings, recent readings",
+    ),
 }
 
 

@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from rules_engine import templates
-from rules_engine.conditions import InvalidRule, show, validation_problems
+from rules_engine.model import templates
+from rules_engine.model.conditions import InvalidRule, show, validation_problems
 
 DEFAULT_MESSAGE: Final = "{rule_name}: {metric} = {value} on {device_name} ({serial_id}) at {ts}"
 MAX_TEMPLATE_CHARS: Final = 4000  # characters; a message or topic template longer is a mistake

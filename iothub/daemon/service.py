@@ -34,13 +34,13 @@ import structlog
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
+from config.topics import TopicRouter
 from ingestor import batch as batch_mod
 from ingestor import catalog, payload, retention
 from ingestor.backoff import Backoff
 from ingestor.hooks import BatchHook, NoHook
 from ingestor.intake import MqttIntake, held_bytes
 from ingestor.messages import InboundMessage
-from ingestor.topics import TopicRouter
 from ingestor.writer import (
     BatchTimedOut,
     BatchWriter,
@@ -48,11 +48,12 @@ from ingestor.writer import (
     WriteResult,
     connection_setup,
 )
-from iothub import db, exitcodes
-from iothub.http import HealthServer
+from iothub import exitcodes
+from iothub.daemon.http import HealthServer
+from iothub.daemon.systemd import SystemdNotifier
 from iothub.metrics import Metrics
-from iothub.systemd import SystemdNotifier
 from rules_engine import engine
+from schema import db
 
 log = structlog.get_logger(__name__)
 

@@ -56,14 +56,15 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
 from config.settings import Settings
+from ingestor import mqtt as mqttclient
 from ingestor.backoff import Backoff
-from iothub import mqttclient
 from iothub.metrics import Metrics
-from rules_engine import actions_model, egress
-from schema import queries as queries_mod
+from rules_engine.actions import egress
+from rules_engine.model import actions as actions_model
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
-queries = queries_mod.load("rules_engine", "outbox.sql")
+queries = queries_mod.load("rules_engine.actions", "outbox.sql")
 
 CLAIM_BATCH: Final = 50  # rows claimed (and leased) per pass
 BATCH_BUDGET: Final = 15.0  # seconds: past this no row is started; the rest is released

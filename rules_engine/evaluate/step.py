@@ -26,9 +26,10 @@ from pydantic import (
     ValidationError,
 )
 
-from rules_engine import actions_model, conditions
-from rules_engine.actions_model import Action
-from rules_engine.conditions import Condition, DataType
+from rules_engine.model import actions as actions_model
+from rules_engine.model import conditions
+from rules_engine.model.actions import Action
+from rules_engine.model.conditions import Condition, DataType
 
 Status = Literal["ok", "pending", "firing"]
 Value = float | bool | str

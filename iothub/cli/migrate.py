@@ -8,8 +8,8 @@ import psycopg
 import structlog
 
 from config.settings import Settings
-from iothub import db, exitcodes
-from schema import migrate
+from iothub import exitcodes
+from schema import db, migrate
 
 log = structlog.get_logger(__name__)
 

@@ -20,12 +20,13 @@ import psycopg
 import structlog
 
 from config.settings import Settings
-from iothub import db, exitcodes
-from schema import queries as queries_mod
+from iothub import exitcodes
+from schema import db
+from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 
-queries = queries_mod.load("iothub", "query.sql")
+queries = queries_mod.load("iothub.cli", "query.sql")
 
 DEFAULT_LIMIT: Final = 100  # readings, as in the seed's example
 DEFAULT_HOURS: Final = 24.0  # hours, as in the seed's example
