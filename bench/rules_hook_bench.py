@@ -9,7 +9,7 @@ modes measured in one run:
 - re-read: every device_metric's states are read again each batch, as when another instance
   wrote them in between (two instances taking turns on the same devices);
 - stepwise: states cached, but every rule goes through step_many reading by reading (what the
-  range shortcut of evaluator.Series saves).
+  range shortcut of batch.Series saves).
 
 Workload: 100 devices x 10 numeric metrics, 5 rules on each device_metric (the rules of
 ingest_bench.py), batches of 50 readings per device_metric (50,000 readings) 10 ms apart in
@@ -36,13 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psycopg  # noqa: E402
 import structlog  # noqa: E402
 from ingest_bench import PG_SETTINGS, RULE_ACTION, RULES  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
 
 from config.settings import Settings  # noqa: E402
 from ingestor.hooks import StoredReading  # noqa: E402
 from iothub.devtools.localservers import LocalPostgres  # noqa: E402
-from iothub.metrics import Metrics  # noqa: E402
 from rules_engine.engine import RuleEngine  # noqa: E402
-from rules_engine.evaluate import step as evaluator  # noqa: E402
+from rules_engine.evaluate import batch as evaluate_batch  # noqa: E402
+from rules_engine.metrics import RuleMetrics  # noqa: E402
 from schema import migrate  # noqa: E402
 
 DEVICES = 100
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         dsn = pg.admin_dsn.rsplit("/", 1)[0] + "/iothub"
         dms = fleet(dsn)
         source = batches(dms, args.per_dm)
-        engine = RuleEngine(Settings(database_url=dsn), Metrics())
+        engine = RuleEngine(Settings(database_url=dsn), RuleMetrics(CollectorRegistry()))
         # The first batch compiles the rules, finds no states, and fires the delta rule of
         # every device_metric (the values rise 6,000 per minute): a one-time cost.
         first = run(dsn, engine, source, 1, lambda: None)[0]
@@ -147,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cached = run(dsn, engine, source, args.batches, lambda: None)
         reread = run(dsn, engine, source, args.batches, forget)
-        settles = evaluator.settles
-        evaluator.settles = lambda *a: False  # type: ignore[assignment]
+        settles = evaluate_batch.settles
+        evaluate_batch.settles = lambda *a: False  # type: ignore[assignment]
         try:
             stepwise = run(dsn, engine, source, args.batches, lambda: None)
         finally:
-            evaluator.settles = settles
+            evaluate_batch.settles = settles
         base = statistics.median(cached)
         for name, timings in (("cached", cached), ("re-read", reread), ("stepwise", stepwise)):
             median = statistics.median(timings)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, exposition
 
 from ingestor.reasons import Reason
+from rules_engine.metrics import RuleMetrics
 
 # Every name here is a plain Prometheus name, so the body is the same in text format 0.0.4 and
 # 1.0.0; announcing 0.0.4 keeps older Prometheus servers and other scrapers happy.
@@ -23,9 +24,8 @@ BATCH_SECONDS_BUCKETS = (  # seconds
 
 # Label values known in advance get a series at 0 from the start, so that `rate()` and alerts
 # see the first occurrence instead of a series appearing out of nowhere: the codes of DESIGN
-# section 3 plus the ingestor's storage_error (ingestor/reasons.py), and the event kinds.
+# section 3 plus the ingestor's storage_error (ingestor/reasons.py).
 REJECTION_REASONS = tuple(str(reason) for reason in Reason)
-EVENT_KINDS = ("triggered", "resolved")
 # The tables ingestor/retention.py prunes.
 RETENTION_TABLES = ("rejected_messages", "rejected_payloads", "action_attempts", "action_outbox")
 
@@ -41,7 +41,6 @@ class Metrics:
         self,
         *,
         rejection_reasons: Iterable[str] = REJECTION_REASONS,
-        event_kinds: Iterable[str] = EVENT_KINDS,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -76,17 +75,6 @@ class Metrics:
         self.late = Counter(
             "iothub_readings_late_total",
             "Readings older than the last one evaluated: stored, but not moving rule state",
-            registry=r,
-        )
-
-        # --- rules and actions
-        self.events = Counter(
-            "iothub_events_total", "Rule events written, by kind", ["kind"], registry=r
-        )
-        self.actions_delivered = Counter(
-            "iothub_actions_delivered_total",
-            "Rule action delivery attempts from the outbox, by action kind and outcome",
-            ["kind", "outcome"],
             registry=r,
         )
 
@@ -133,15 +121,6 @@ class Metrics:
             "Age of the oldest message received but not yet acknowledged to the broker",
             registry=r,
         )
-        self.outbox_backlog = Gauge(
-            "iothub_outbox_backlog", "Rule actions waiting in the outbox for delivery", registry=r
-        )
-        self.outbox_worker_stuck = Gauge(
-            "iothub_outbox_worker_stuck",
-            "1 while the outbox worker's current step has overrun its deadline by more than "
-            "outbox_stuck_after, else 0",
-            registry=r,
-        )
         self.mqtt_connected = Gauge(
             "iothub_mqtt_connected", "1 while connected to the MQTT broker, else 0", registry=r
         )
@@ -162,26 +141,11 @@ class Metrics:
             "iothub_db_connected", "1 while the database is reachable, else 0", registry=r
         )
 
-        # --- rules (label values are set by the rule engine, which owns the reasons)
-        self.rules_invalid = Gauge(
-            "iothub_rules_invalid",
-            "Active rules skipped by the last load of the rules because they are invalid, "
-            "by reason (rules_engine/rule_json.py)",
-            ["reason"],
-            registry=r,
-        )
-        self.rule_failures = Counter(
-            "iothub_rule_failures_total",
-            "Rule evaluations that failed and cost that rule its effects for one batch or "
-            "timer pass, by stage (evaluate, no_data, render)",
-            ["stage"],
-            registry=r,
-        )
+        # The rule engine owns its instruments; they share this registry.
+        self.rules = RuleMetrics(r)
 
         for reason in rejection_reasons:
             self.rejected.labels(reason=reason)
-        for kind in event_kinds:
-            self.events.labels(kind=kind)
         for table in RETENTION_TABLES:
             self.retention_deleted.labels(table=table)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import psycopg
 import structlog
@@ -24,10 +23,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ingestor.backoff import Backoff
 from rules_engine.evaluate import step as evaluator
 from rules_engine.model import conditions
-from rules_engine.workers import EngineThread
-
-if TYPE_CHECKING:
-    from rules_engine.engine import RuleEngine, RuleEntry
+from rules_engine.rule_cache import RuleEntry
+from rules_engine.workers import EngineThread, RuleHost
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +32,7 @@ log = structlog.get_logger(__name__)
 class NoDataWorker(EngineThread):
     name = "iothub-no-data"
 
-    def __init__(self, engine: RuleEngine, pool: ConnectionPool) -> None:
+    def __init__(self, engine: RuleHost, pool: ConnectionPool) -> None:
         super().__init__(engine, pool)
         self._deferring: str | None = None  # why the last pass gave no verdict (None: it did)
 
@@ -95,8 +92,8 @@ class NoDataWorker(EngineThread):
                 return 0
             with conn.transaction():
                 dms = sorted(watched)
-                engine.lock(conn, dms)
-                states = engine.load_states(conn, dms)
+                engine.store.lock(conn, dms)
+                states = engine.store.load_states(conn, dms)
                 for dm in dms:
                     known = states[dm]
                     heard = known.last_received or known.last_ts
@@ -109,12 +106,12 @@ class NoDataWorker(EngineThread):
                             )
                         except Exception as exc:
                             # One rule's failure must not stop the timer for the others.
-                            engine.rule_failed("no_data", entry, exc, device_metric_id=dm)
+                            engine.failures.report("no_data", entry, exc, device_metric_id=dm)
                             continue
                         for transition in result.transitions:
-                            engine.write_event(conn, entry, transition)
+                            engine.events.write_event(conn, entry, transition)
                             engine.metrics.events.labels(kind=transition.kind).inc()
                             fired += 1
                         if result.state != state:
-                            engine.save_state(conn, entry, result.state)
+                            engine.store.save_state(conn, entry, result.state)
         return fired

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "seed": ("iothub.devtools.seed.store", "load the development data set (idempotent)"),
     "simulate": ("iothub.devtools.simulator.publisher", "simulated devices publishing telemetry"),
     "demo": ("iothub.devtools.demo.run", "the whole pipeline on this machine, then a summary"),
-    "rules": ("rules_engine.check", "check rules; backtest a rule over stored history"),
+    "rules": ("iothub.cli.rules", "check rules; backtest a rule over stored history"),
     "query": (
         "iothub.cli.query",
         "the seed's example queries: last readings, recent readings",

@@ -489,7 +489,7 @@ class IngestService:
         for reason, count in rejected.items():
             m.rejected.labels(reason=reason).inc(count)
         for kind, count in result.hook.events.items():
-            m.events.labels(kind=kind).inc(count)
+            m.rules.events.labels(kind=kind).inc(count)
         m.late.inc(result.hook.late)
         s = self.stats
         s.messages += n_msgs
@@ -579,7 +579,7 @@ def build(settings: Settings, notifier: SystemdNotifier | None = None) -> Ingest
     """The service with the rule engine plugged in (its hook, workers and rule cache)."""
     metrics = Metrics()
     pool = db.make_pool(settings, "ingest", configure=connection_setup(settings))
-    rules = engine.RuleEngine(settings, metrics)
+    rules = engine.RuleEngine(settings, metrics=metrics.rules)
     service = IngestService(
         settings,
         hook=rules,

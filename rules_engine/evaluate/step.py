@@ -1,45 +1,28 @@
-"""Rule evaluation: each (rule, device_metric) is a state machine OK -> PENDING -> FIRING -> OK,
-advanced one reading at a time by pure functions. The caller keeps the state in the database, in
-the same transaction as the readings, so a restart neither forgets a pending duration nor fires
-twice. docs/rules.md describes the semantics; this module is their single implementation."""
+"""Where a condition is evaluated: each (rule, device_metric) is a state machine
+OK -> PENDING -> FIRING -> OK, advanced one reading at a time by pure functions (`step`), and a
+no_data rule also by the timer (`check_no_data`). docs/rules.md describes the semantics; this
+module is their single implementation."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal, Protocol
 from zoneinfo import ZoneInfo
 
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-)
-
-from rules_engine.model import actions as actions_model
+from rules_engine.evaluate.compile import CompiledRule
+from rules_engine.evaluate.state import NodeState, RuleState, Status, Value
 from rules_engine.model import conditions
-from rules_engine.model.actions import Action
 from rules_engine.model.conditions import Condition, DataType
-
-Status = Literal["ok", "pending", "firing"]
-Value = float | bool | str
-
-STATE_VERSION: Final = 1  # bump when RuleState.to_json changes shape; from_json refuses newer
 
 ROOT_PATH: Final = ""  # node-state key of the top-level condition
 CLEAR_PATH: Final = "clear"  # node-state key of the clear condition
 
-_COMPARE: Final[Mapping[str, Callable[[Any, Any], bool]]] = {
+COMPARE: Final[Mapping[str, Callable[[Any, Any], bool]]] = {
     ">": operator.gt,
     ">=": operator.ge,
     "<": operator.lt,
@@ -67,135 +50,6 @@ class Observation(Protocol):
 
 
 @dataclass(frozen=True)
-class CompiledRule:
-    rule_id: int
-    name: str
-    data_type: DataType
-    condition: Condition
-    action: Action
-    # Derived once: the condition that resolves a FIRING rule (None: "no longer holds").
-    clear_condition: Condition | None = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "clear_condition", conditions.clear_condition_of(self.condition))
-
-
-def compile_rule(
-    rule_id: int, name: str, raw_condition: object, raw_action: object, data_type: DataType
-) -> CompiledRule:
-    """Parse and check a rule row; raises InvalidRule naming the rule and every problem."""
-    problems: list[str] = []
-    condition: Condition | None = None
-    action: Action | None = None
-    try:
-        condition = conditions.parse_condition(raw_condition, data_type, rule_id=rule_id)
-    except conditions.InvalidRule as exc:
-        problems.extend(exc.problems)
-    try:
-        action = actions_model.parse_action(raw_action, rule_id=rule_id)
-    except conditions.InvalidRule as exc:
-        problems.extend(exc.problems)
-    if condition is None or action is None:
-        raise conditions.InvalidRule(rule_id=rule_id, problems=problems)
-    return CompiledRule(rule_id, name, data_type, condition, action)
-
-
-# ---------------------------------------------------------------------------------------------
-# State
-
-
-@dataclass(frozen=True)
-class NodeState:
-    """What one sub-condition remembers between readings."""
-
-    since: datetime | None = None  # first reading of the current run where it held (duration)
-    window: tuple[datetime, ...] = ()  # rate: times of the recent readings, oldest first
-
-    @property
-    def empty(self) -> bool:
-        return self.since is None and not self.window
-
-
-class _NodeJson(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    since: AwareDatetime | None = None
-    window: list[AwareDatetime] = []
-
-
-class _StateJson(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: StrictInt = STATE_VERSION
-    status: Status
-    pending_since: AwareDatetime | None = None
-    last_ts: AwareDatetime | None = None
-    last_value: StrictBool | StrictInt | StrictFloat | StrictStr | None = None
-    last_triggered: AwareDatetime | None = None
-    nodes: dict[str, _NodeJson] = {}
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-@dataclass(frozen=True)
-class RuleState:
-    """Everything a restart must remember about one (rule, device_metric)."""
-
-    status: Status = "ok"
-    pending_since: datetime | None = None  # first reading of the current PENDING run
-    last_ts: datetime | None = None  # device time of the last evaluated reading
-    last_value: Value | None = None  # its value (delta needs it)
-    last_triggered: datetime | None = None  # time of the last triggered event (cooldown)
-    nodes: tuple[tuple[str, NodeState], ...] = ()  # per sub-condition, by path, sorted
-
-    @classmethod
-    def initial(cls) -> RuleState:
-        return cls()
-
-    def node(self, path: str) -> NodeState:
-        return dict(self.nodes).get(path, NodeState())
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "status": self.status,
-            "pending_since": _iso(self.pending_since),
-            "last_ts": _iso(self.last_ts),
-            "last_value": self.last_value,
-            "last_triggered": _iso(self.last_triggered),
-            "nodes": {
-                path: {"since": _iso(node.since), "window": [_iso(ts) for ts in node.window]}
-                for path, node in self.nodes
-            },
-        }
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any] | None) -> RuleState:
-        """Rebuild a state stored by to_json; None gives the initial state.
-
-        Raises ValueError on a malformed or newer state (the caller may then start afresh)."""
-        if raw is None:
-            return cls.initial()
-        try:
-            parsed = _StateJson.model_validate(dict(raw))
-        except (ValidationError, TypeError) as exc:
-            raise ValueError(f"invalid rule state: {exc}") from None
-        if parsed.version > STATE_VERSION:
-            raise ValueError(f"rule state version {parsed.version} is newer than {STATE_VERSION}")
-        return cls(
-            status=parsed.status,
-            pending_since=parsed.pending_since,
-            last_ts=parsed.last_ts,
-            last_value=parsed.last_value,
-            last_triggered=parsed.last_triggered,
-            nodes=tuple(
-                (path, NodeState(node.since, tuple(node.window)))
-                for path, node in sorted(parsed.nodes.items())
-            ),
-        )
-
-
-@dataclass(frozen=True)
 class Transition:
     kind: Literal["triggered", "resolved"]
     ts: datetime  # device time of the reading (no_data: when the silence passed the limit)
@@ -220,12 +74,12 @@ def _text(value: Value | None) -> str:
     return conditions.format_number(value)
 
 
-def _require_aware(moment: datetime, what: str) -> None:
+def require_aware(moment: datetime, what: str) -> None:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"{what} must be timezone-aware, got {moment.isoformat()}")
 
 
-def _check_value(data_type: DataType, value: object) -> None:
+def check_value(data_type: DataType, value: object) -> None:
     if data_type == "numeric":
         fits = (
             isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
@@ -248,7 +102,7 @@ def _minutes(amount: float) -> timedelta:
     return timedelta(minutes=amount)
 
 
-_STATELESS = (
+STATELESS = (
     conditions.Threshold,
     conditions.Range,
     conditions.BooleanCondition,
@@ -256,26 +110,26 @@ _STATELESS = (
 )
 
 
-def _stateless_predicate(cond: Condition, value: Value) -> bool:
+def stateless_predicate(cond: Condition, value: Value) -> bool:
     """What a condition that needs no history says about one value."""
     numeric = not isinstance(value, bool | str)
     if isinstance(cond, conditions.Threshold):
-        return numeric and _COMPARE[cond.operator](value, cond.value)
+        return numeric and COMPARE[cond.operator](value, cond.value)
     if isinstance(cond, conditions.Range):
         inside = numeric and cond.min <= value <= cond.max  # type: ignore[operator]
         return inside if cond.operator == "inside" else not inside
     if isinstance(cond, conditions.BooleanCondition):
-        return _COMPARE[cond.operator](value, cond.value)
+        return COMPARE[cond.operator](value, cond.value)
     if isinstance(cond, conditions.StringMatch):
         if cond.operator == "in":
             return value in cond.value
         if cond.operator == "contains":
             return isinstance(cond.value, str) and cond.value in str(value)
-        return _COMPARE[cond.operator](value, cond.value)
+        return COMPARE[cond.operator](value, cond.value)
     raise TypeError(f"{type(cond).__name__} is not a stateless condition")
 
 
-def _delta_predicate(
+def delta_predicate(
     cond: conditions.Delta,
     previous_ts: datetime | None,
     previous_value: Value | None,
@@ -293,7 +147,7 @@ def _delta_predicate(
     per_minute = (value - previous_value) / elapsed
     if cond.absolute:
         per_minute = abs(per_minute)
-    return _COMPARE[cond.operator](per_minute, cond.value)
+    return COMPARE[cond.operator](per_minute, cond.value)
 
 
 class _Evaluation:
@@ -321,8 +175,8 @@ class _Evaluation:
 
     def predicate(self, cond: Condition, path: str) -> bool:
         """What the condition says about this reading, without its own modifiers."""
-        if isinstance(cond, _STATELESS):
-            return _stateless_predicate(cond, self.reading.value)
+        if isinstance(cond, STATELESS):
+            return stateless_predicate(cond, self.reading.value)
         if isinstance(cond, conditions.Rate):
             return self._rate(cond, path)
         if isinstance(cond, conditions.Delta):
@@ -348,7 +202,7 @@ class _Evaluation:
 
     def _delta(self, cond: conditions.Delta) -> bool:
         previous_ts, previous_value = self.previous
-        return _delta_predicate(cond, previous_ts, previous_value, self.reading)
+        return delta_predicate(cond, previous_ts, previous_value, self.reading)
 
     def node_states(self) -> tuple[tuple[str, NodeState], ...]:
         kept = ((path, node) for path, node in self.new.items() if not node.empty)
@@ -398,8 +252,8 @@ def step(
     `device_time_silence`: a no_data rule records a gap in device time longer than its limit as
     a triggered/resolved pair (a replay). The service passes False: there the timer judges
     silence on the service's clock, and a device clock that jumps is not a silence."""
-    _require_aware(reading.ts, "reading.ts")
-    _check_value(rule.data_type, reading.value)
+    require_aware(reading.ts, "reading.ts")
+    check_value(rule.data_type, reading.value)
     if state.last_ts is not None and reading.ts <= state.last_ts:
         return StepResult(state, (), late=True)
     if isinstance(rule.condition, conditions.NoData):
@@ -445,211 +299,6 @@ def step(
         )
         return StepResult(seen("firing", None, reading.ts), (triggered,), late=False)
     return StepResult(seen("pending", since, state.last_triggered), (), False)
-
-
-def _flips_only(rule: CompiledRule, state: RuleState) -> bool:
-    """Whether this rule's condition needs no history of its own beyond the last reading
-    (threshold, range, boolean, string_match, delta at the top, no hysteresis): then a reading
-    where the predicate agrees with the status (false while OK, true while FIRING) only moves
-    last_ts, whatever the duration, cooldown or time window say."""
-    return (
-        isinstance(rule.condition, (*_STATELESS, conditions.Delta))
-        and rule.clear_condition is None
-        and not state.nodes
-    )
-
-
-class Series(Sequence[Observation]):
-    """One device_metric's readings of a batch, in device-time order, with what all its rules
-    can share: the range of the values and of the changes per minute, each computed once.
-
-    With them step_many() can tell in O(1) per rule that no reading of the batch can move a
-    state (an OK threshold whose bound the batch never reaches), which is the common case."""
-
-    def __init__(self, readings: Sequence[Observation], data_type: DataType) -> None:
-        self._readings = readings
-        self._numeric = data_type == "numeric"
-        self._values: tuple[float, float] | None = None
-        self._values_known = False
-        self._rates: dict[bool, tuple[float, float] | None] = {}
-        self._increasing: bool | None = None
-
-    def __len__(self) -> int:
-        return len(self._readings)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self._readings[index]
-
-    def __iter__(self) -> Iterator[Observation]:
-        return iter(self._readings)
-
-    def increasing(self) -> bool:
-        """Whether device times strictly increase (then no reading is late to another)."""
-        if self._increasing is None:
-            stamps = [r.ts for r in self._readings]
-            self._increasing = all(map(operator.lt, stamps, stamps[1:]))
-        return self._increasing
-
-    def value_range(self) -> tuple[float, float] | None:
-        """(min, max) of the values; None when they are not all numbers."""
-        if not self._values_known:
-            self._values_known = True
-            values = [r.value for r in self._readings]
-            # A set of types, not a test per value: this runs for every batch of every binding.
-            if self._numeric and values and set(map(type, values)) <= _NUMBER_TYPES:
-                numbers: list[float] = values  # type: ignore[assignment]  # checked just above
-                self._values = (min(numbers), max(numbers))
-        return self._values
-
-    def rate_range(self, absolute: bool) -> tuple[float, float] | None:
-        """(min, max) of the change per minute between consecutive readings, computed exactly
-        as _delta_predicate does; None when a pair has no rate (not numbers, not increasing)."""
-        if absolute not in self._rates:
-            self._rates[absolute] = self._compute_rates(absolute)
-        return self._rates[absolute]
-
-    def _compute_rates(self, absolute: bool) -> tuple[float, float] | None:
-        readings = self._readings
-        if len(readings) < 2 or self.value_range() is None or not self.increasing():
-            return None
-        # Increasing times: every elapsed is positive, as _delta_predicate requires.
-        rates = [
-            (b.value - a.value) / ((b.ts - a.ts).total_seconds() / 60)  # type: ignore[operator]
-            for a, b in itertools.pairwise(readings)
-        ]
-        if absolute:
-            rates = [abs(rate) for rate in rates]
-        return min(rates), max(rates)
-
-
-_NUMBER_TYPES: Final = frozenset({int, float})  # not bool: a boolean is no number here
-
-
-_ORDERED: Final = frozenset({">", ">=", "<", "<="})
-
-
-def _agree_all(op: str, bound: float, low: float, high: float, want: bool) -> bool:
-    """Whether `x op bound` is `want` for every x in [low, high] (x taking both ends)."""
-    compare = _COMPARE[op]
-    upward = op in (">", ">=")
-    if want:  # every value satisfies: the least favourable end does
-        return bool(compare(low if upward else high, bound))
-    return not compare(high if upward else low, bound)  # none does: the most favourable fails
-
-
-def _settled(cond: Condition, state: RuleState, series: Series, first: Observation) -> bool | None:
-    """Whether every reading of the series agrees with the state (the predicate false while OK,
-    true while FIRING), so that none can move it; None when the series' ranges cannot tell."""
-    want = state.status == "firing"
-    if isinstance(cond, conditions.Threshold | conditions.Range):
-        bounds = series.value_range()
-        if bounds is None:
-            return None
-        low, high = bounds
-        if isinstance(cond, conditions.Threshold):
-            if cond.operator not in _ORDERED:
-                return None
-            return _agree_all(cond.operator, cond.value, low, high, want)
-        all_inside = cond.min <= low and high <= cond.max
-        none_inside = high < cond.min or low > cond.max
-        if cond.operator == "inside":
-            return all_inside if want else none_inside
-        return none_inside if want else all_inside
-    if isinstance(cond, conditions.Delta) and cond.operator in _ORDERED:
-        # The first reading's change is from the state's last reading; the others' are between
-        # readings of the series, the same for every delta rule of this device_metric.
-        if _delta_predicate(cond, state.last_ts, state.last_value, first) != want:
-            return False
-        if len(series) == 1:
-            return True
-        rates = series.rate_range(cond.absolute)
-        if rates is None:
-            return None
-        return _agree_all(cond.operator, cond.value, rates[0], rates[1], want)
-    return None
-
-
-def settles(rule: CompiledRule, state: RuleState, series: Series) -> bool:
-    """Whether no reading of the series can move this state: step_many would only advance
-    last_ts and last_value to the series' last reading, with no transitions and nothing late.
-    O(1) per rule once the series' ranges are known; False when they cannot tell."""
-    return bool(
-        series
-        and _flips_only(rule, state)
-        and state.status != "pending"  # a PENDING run may reach its duration at any reading
-        and (state.last_ts is None or series[0].ts > state.last_ts)
-        and series.increasing()  # so no reading is late
-        and _settled(rule.condition, state, series, series[0])
-    )
-
-
-def step_many(
-    rule: CompiledRule,
-    state: RuleState,
-    readings: Sequence[Observation],
-    tz: ZoneInfo,
-    *,
-    validated: bool = False,
-    device_time_silence: bool = True,
-) -> tuple[RuleState, list[Transition], list[Observation]]:
-    """step() over readings in device-time order: the new state, the transitions, and the late
-    readings. The same result as calling step() for each; for conditions without history of
-    their own, step() runs only at readings that can change the state (the ingestion hot path
-    evaluates every reading of every rule), and given a `Series` none runs at all when its
-    ranges show that no reading can. `validated`: the caller has checked every reading's
-    time zone and value type once, for all rules (the ingestor has). `device_time_silence`:
-    as for step()."""
-    transitions: list[Transition] = []
-    late: list[Observation] = []
-    if not _flips_only(rule, state):
-        for reading in readings:
-            result = step(rule, state, reading, tz, device_time_silence=device_time_silence)
-            if result.late:
-                late.append(reading)
-            transitions.extend(result.transitions)
-            state = result.state
-        return state, transitions, late
-    cond = rule.condition
-    status, pending_since, last_triggered = state.status, state.pending_since, state.last_triggered
-    last_ts, last_value = state.last_ts, state.last_value
-    if isinstance(readings, Series):
-        if not validated:
-            for reading in readings:
-                _require_aware(reading.ts, "reading.ts")
-                _check_value(rule.data_type, reading.value)
-        if settles(rule, state, readings):
-            last = readings[-1]
-            return (
-                RuleState(status, pending_since, last.ts, last.value, last_triggered, ()),
-                transitions,
-                late,
-            )
-    delta = cond if isinstance(cond, conditions.Delta) else None
-    for reading in readings:
-        if not validated:
-            _require_aware(reading.ts, "reading.ts")
-            _check_value(rule.data_type, reading.value)
-        if last_ts is not None and reading.ts <= last_ts:
-            late.append(reading)
-            continue
-        holds = (
-            _delta_predicate(delta, last_ts, last_value, reading)
-            if delta is not None
-            else _stateless_predicate(cond, reading.value)
-        )
-        if status == "pending" or holds != (status == "firing"):
-            before = RuleState(status, pending_since, last_ts, last_value, last_triggered, ())
-            result = step(rule, before, reading, tz)
-            transitions.extend(result.transitions)
-            status = result.state.status
-            pending_since = result.state.pending_since
-            last_triggered = result.state.last_triggered
-        last_ts, last_value = reading.ts, reading.value
-    return (
-        RuleState(status, pending_since, last_ts, last_value, last_triggered, ()),
-        transitions,
-        late,
-    )
 
 
 def _next_in_window(moment: datetime, cond: Condition, tz: ZoneInfo) -> datetime:
@@ -726,9 +375,9 @@ def check_no_data(
     its last receipt of a reading, or its own reconnect if later); by default the last
     reading's time, which is right for a replay of stored readings. A no-op for other rules,
     for a rule already FIRING, and before the first reading."""
-    _require_aware(now, "now")
+    require_aware(now, "now")
     if silent_since is not None:
-        _require_aware(silent_since, "silent_since")
+        require_aware(silent_since, "silent_since")
     cond = rule.condition
     if not isinstance(cond, conditions.NoData):
         return StepResult(state, (), late=False)
@@ -737,43 +386,3 @@ def check_no_data(
         return StepResult(state, (), late=False)
     fired = dataclasses.replace(state, status="firing", last_triggered=limit)
     return StepResult(fired, (_no_data_triggered(cond, state, limit),), late=False)
-
-
-def replay(
-    rule: CompiledRule,
-    readings: Iterable[Observation],
-    tz: ZoneInfo,
-    state: RuleState | None = None,
-) -> tuple[RuleState, list[Transition]]:
-    """Feed readings to step() in the order given (a backtest); for no_data rules the timer is
-    simulated by check_no_data at each reading's time. Late readings are skipped as in step()."""
-    current = state if state is not None else RuleState.initial()
-    transitions: list[Transition] = []
-    is_no_data = isinstance(rule.condition, conditions.NoData)
-    for reading in readings:
-        if is_no_data:
-            timer = check_no_data(rule, current, reading.ts, tz)
-            current = timer.state
-            transitions.extend(timer.transitions)
-        result = step(rule, current, reading, tz)
-        current = result.state
-        transitions.extend(result.transitions)
-    return current, transitions
-
-
-__all__ = [
-    "CompiledRule",
-    "NodeState",
-    "Observation",
-    "Reading",
-    "RuleState",
-    "Series",
-    "StepResult",
-    "Transition",
-    "check_no_data",
-    "compile_rule",
-    "replay",
-    "settles",
-    "step",
-    "step_many",
-]

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Final, NoReturn, cast
+from typing import Final, NoReturn
 
 from pydantic import JsonValue
 
-from rules_engine.evaluate import step as evaluator
-from rules_engine.model.conditions import DataType, InvalidRule
+from rules_engine.model.conditions import InvalidRule
 
 MAX_TEXT_CHARS: Final = 65_536  # characters of one stored document (condition, action, state)
 MAX_DEPTH: Final = 32  # nested arrays and objects; a composite 4 deep with a clear needs ~12
@@ -164,33 +163,6 @@ def parse_rule(
     return documents[0], documents[1]
 
 
-def compile_stored(
-    rule_id: int,
-    name: str,
-    condition_text: str | None,
-    action_text: str | None,
-    data_type: DataType | str,
-) -> tuple[evaluator.CompiledRule, JsonValue]:
-    """A stored rule, compiled as the engine runs it, and its decoded condition (for the
-    fingerprint). Raises InvalidRule, and only that, whatever the documents hold."""
-    condition, action = parse_rule(rule_id, condition_text, action_text)
-    try:
-        compiled = evaluator.compile_rule(
-            rule_id, name, condition, action, cast(DataType, data_type)
-        )
-    except InvalidRule:
-        raise
-    except Exception as exc:
-        # The documents are within bounds, so this is a bug in validation; it still costs
-        # this rule only.
-        raise InvalidRule(
-            f"cannot be compiled: {type(exc).__name__}: {exc}"[:300],
-            rule_id=rule_id,
-            reason=CRASHED,
-        ) from exc
-    return compiled, condition
-
-
 __all__ = [
     "MAX_DEPTH",
     "MAX_ITEMS",
@@ -199,7 +171,6 @@ __all__ = [
     "MAX_TEXT_CHARS",
     "REASONS",
     "RuleJsonError",
-    "compile_stored",
     "depth",
     "parse",
     "parse_rule",

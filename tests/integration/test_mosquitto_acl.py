@@ -29,7 +29,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from config.settings import DEFAULT_CLIENT_ID, DEFAULT_MAX_PAYLOAD, Settings
 from ingestor import mqtt as mqttclient
-from rules_engine.actions import outbox
+from rules_engine.actions import exceptions, targets
+from rules_engine.actions import mqtt as actions_mqtt
 
 MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "mosquitto"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -599,9 +600,9 @@ def test_action_publisher_never_uses_the_intakes_login(
     intake.subscribe("devices/+/telemetry")
     consumer = _connected(clients, broker, CONSUMER)
     consumer.subscribe("alerts/#")
-    target = outbox.PublishTarget(topic=f"alerts/{DEVICE_1[0]}")
-    shared = outbox.MqttPublisher(Settings(mqtt_url=_login_url(broker.port, SERVICE)), WAIT)
-    own = outbox.MqttPublisher(
+    target = targets.PublishTarget(topic=f"alerts/{DEVICE_1[0]}")
+    shared = actions_mqtt.MqttPublisher(Settings(mqtt_url=_login_url(broker.port, SERVICE)), WAIT)
+    own = actions_mqtt.MqttPublisher(
         Settings(
             mqtt_url=_login_url(broker.port, SERVICE),
             mqtt_actions_url=_login_url(broker.port, ACTIONS),
@@ -610,7 +611,7 @@ def test_action_publisher_never_uses_the_intakes_login(
     )
     payload = _marker()
     try:
-        with pytest.raises(outbox.DeliveryFailed, match="mqtt_actions_url"):
+        with pytest.raises(exceptions.DeliveryFailed, match="mqtt_actions_url"):
             shared.publish(target, b"{}")
         outcome = own.publish(target, payload)
     finally:

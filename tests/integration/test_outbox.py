@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 import structlog
+from prometheus_client import CollectorRegistry
 from psycopg.types.json import Jsonb
 
 from config.settings import Settings
@@ -29,16 +30,16 @@ from ingestor import mqtt as mqttclient
 from iothub.daemon.service import IngestService
 from iothub.metrics import Metrics
 from rules_engine.actions import egress, outbox
-from rules_engine.actions.outbox import (
-    DeliveryFailed,
-    Mailer,
-    OutboxWorker,
-    WebhookSender,
-    WebhookTarget,
-    retry_delay,
-)
-from rules_engine.engine import RuleEntry, outbox_rows
+from rules_engine.actions.email import Mailer
+from rules_engine.actions.exceptions import DeliveryFailed, RefusedTarget
+from rules_engine.actions.outbox import OutboxWorker, retry_delay
+from rules_engine.actions.targets import WebhookTarget
+from rules_engine.actions.webhook import WebhookSender
 from rules_engine.evaluate import step as evaluator
+from rules_engine.evaluate.compile import compile_rule
+from rules_engine.events import outbox_rows
+from rules_engine.metrics import RuleMetrics
+from rules_engine.rule_cache import RuleEntry
 from schema import db
 from tests.support.daemon import running
 from tests.support.fleet import make_fleet, wait_for
@@ -216,7 +217,7 @@ def event(db_url: str, unique: str) -> tuple[int, int]:
 @dataclass
 class Started:
     worker: OutboxWorker
-    metrics: Metrics
+    metrics: RuleMetrics
 
 
 @pytest.fixture
@@ -235,7 +236,7 @@ def start_worker(make_settings: Callable[..., Settings]) -> Iterator[Callable[..
         settings = make_settings(**values)
         pool = db.make_pool(settings, "outbox-test", size=2)
         pool.open(wait=True)
-        metrics = Metrics()
+        metrics = RuleMetrics(CollectorRegistry())
         worker = OutboxWorker(
             settings,
             pool,
@@ -287,7 +288,7 @@ def settled(conn: psycopg.Connection, outbox_id: int) -> Callable[[], bool]:
     return lambda: outbox_row(conn, outbox_id)[0] != "pending"
 
 
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
+def sample(metrics: RuleMetrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
@@ -983,7 +984,7 @@ def test_a_value_that_adds_topic_levels_is_never_published(
     """`alerts/{value}` with the value 'x/y' (no wildcard, a valid topic) is refused as the
     engine wrote it: nothing arrives, and the row fails once naming the placeholder."""
     action = {"type": "mqtt", "topic": f"t{unique}/alerts/{{value}}", "payload": "hot"}
-    rule = evaluator.compile_rule(
+    rule = compile_rule(
         7, "Status", {"type": "string_match", "operator": "!=", "value": "OK"}, action, "str"
     )
     entry = RuleEntry(rule, 3, "fp", "SN-1", "Boiler", "status")
@@ -1197,7 +1198,7 @@ def test_the_daemons_healthz_says_when_the_outbox_worker_is_stuck(
     metrics = Metrics()
     pool = db.make_pool(settings, "outbox-test", size=2)
     pool.open(wait=True)
-    worker = OutboxWorker(settings, pool, metrics)
+    worker = OutboxWorker(settings, pool, metrics.rules)
     service = IngestService(settings, workers=[worker], metrics=metrics)
     try:
         with running(service):
@@ -1243,7 +1244,7 @@ def test_a_name_with_one_private_address_among_public_ones_is_refused(
     monkeypatch.setattr(socket, "getaddrinfo", _resolving([["8.8.8.8", "127.0.0.1"]], port))
     sender = WebhookSender(2.0, egress.AddressPolicy())
     try:
-        with pytest.raises(outbox.RefusedTarget, match=r"127\.0\.0\.1 \(loopback\)"):
+        with pytest.raises(RefusedTarget, match=r"127\.0\.0\.1 \(loopback\)"):
             sender.send(1, WebhookTarget(url=f"http://hooks.example:{port}/x", body={}))
     finally:
         sender.close()

@@ -14,13 +14,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from ingestor import catalog
-from iothub.metrics import Metrics
-from rules_engine.engine import RuleEngine, RulePreloader
+from rules_engine.engine import RuleEngine
+from rules_engine.metrics import RuleMetrics
 from rules_engine.no_data import NoDataWorker
+from rules_engine.preload import RulePreloader
 from tests.integration.test_rule_engine_robustness import HOT, reading
 from tests.integration.test_rules_in_pipeline import add_rule, events
 from tests.support.fleet import make_fleet, wait_for
@@ -44,7 +46,7 @@ def binding(db_url: str, unique: str) -> int:
 
 
 def new_engine(db_url: str) -> RuleEngine:
-    return RuleEngine(Settings(database_url=db_url), Metrics())
+    return RuleEngine(Settings(database_url=db_url), RuleMetrics(CollectorRegistry()))
 
 
 def test_two_instances_take_turns_on_one_binding(db_url: str, unique: str) -> None:
@@ -183,14 +185,14 @@ def test_an_operator_reset_during_a_batch_is_not_overwritten(
         reset_done.set()
 
     reset = threading.Thread(target=operator)
-    save_cursors = engine.save_cursors
+    save_cursors = engine.store.save_cursors
 
     def reset_first(conn: psycopg.Connection, after: Any) -> int | None:
         reset.start()
         assert not reset_done.wait(1.0), "the reset went through under the batch"
         return save_cursors(conn, after)
 
-    monkeypatch.setattr(engine, "save_cursors", reset_first)
+    monkeypatch.setattr(engine.store, "save_cursors", reset_first)
     feed(db_url, engine, dm, (5, 30.0))  # still PENDING; the reset waits for this commit
     monkeypatch.undo()
     reset.join(10)

@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from config.settings import Settings
 from iothub import exitcodes
 from iothub.cli import main as cli
-from rules_engine import check as commands
+from iothub.cli import rules as commands
 from tests.support.fleet import Fleet, make_fleet
 
 T0 = datetime(2026, 1, 27, 12, 0, tzinfo=UTC)

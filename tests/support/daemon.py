@@ -34,7 +34,7 @@ def make_service(settings: Settings, rules: bool = True) -> IngestService:
     if not rules:
         return IngestService(settings)
     metrics = Metrics()
-    engine = RuleEngine(settings, metrics)
+    engine = RuleEngine(settings, metrics=metrics.rules)
     return IngestService(
         settings, hook=engine, on_catalog_change=engine.on_catalog_change, metrics=metrics
     )

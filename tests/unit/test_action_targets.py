@@ -10,10 +10,12 @@ import pytest
 
 from config.settings import ConfigError, load_settings
 from rules_engine.actions import egress
-from rules_engine.engine import RuleEntry, outbox_rows
 from rules_engine.evaluate import step as evaluator
+from rules_engine.evaluate.compile import compile_rule
+from rules_engine.events import outbox_rows
 from rules_engine.model import actions as actions_model
 from rules_engine.model.conditions import InvalidRule
+from rules_engine.rule_cache import RuleEntry
 
 TS = datetime(2026, 1, 27, 12, 0, tzinfo=UTC)
 CONDITION = {"type": "string_match", "operator": "!=", "value": "OK"}
@@ -118,7 +120,7 @@ def test_ordinary_headers_are_kept() -> None:
 
 def rows_for(topic: str, value: object) -> dict[str, object]:
     action = {"type": "mqtt", "topic": topic}
-    rule = evaluator.compile_rule(7, "Status", CONDITION, action, "str")
+    rule = compile_rule(7, "Status", CONDITION, action, "str")
     entry = RuleEntry(rule, 3, "fp", "SN-1", "Boiler", "status")
     transition = evaluator.Transition("triggered", TS, value, "changed")
     ((kind, target),) = outbox_rows(entry, 1, "triggered", transition, "m")

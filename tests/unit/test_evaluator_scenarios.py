@@ -10,16 +10,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from rules_engine.evaluate.step import (
-    CompiledRule,
-    Reading,
-    RuleState,
-    Transition,
-    check_no_data,
-    compile_rule,
-    replay,
-    step,
-)
+from rules_engine.evaluate.compile import CompiledRule, compile_rule
+from rules_engine.evaluate.replay import replay
+from rules_engine.evaluate.state import RuleState
+from rules_engine.evaluate.step import Reading, Transition, check_no_data, step
 from rules_engine.model.conditions import DataType, InvalidRule
 
 UTC_ZONE = ZoneInfo("UTC")

@@ -14,12 +14,16 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rules_engine.engine import RuleEntry, outbox_rows, render_context
+from rules_engine.evaluate import batch as evaluate_batch
 from rules_engine.evaluate import step as evaluator
+from rules_engine.evaluate.compile import CompiledRule, compile_stored
+from rules_engine.evaluate.state import RuleState
+from rules_engine.events import outbox_rows, render_context
 from rules_engine.model import actions as actions_model
 from rules_engine.model import rule_json
 from rules_engine.model.conditions import DATA_TYPES, InvalidRule
 from rules_engine.model.templates import render
+from rules_engine.rule_cache import RuleEntry
 
 TZ = ZoneInfo("Europe/Berlin")
 T0 = datetime(2026, 1, 27, 12, 0, tzinfo=UTC)
@@ -155,13 +159,13 @@ def readings_for(data_type: str, values: list[Any]) -> list[evaluator.Reading]:
     return [evaluator.Reading(T0 + timedelta(minutes=i), v) for i, v in enumerate(fitting)]
 
 
-def _exercise(compiled: evaluator.CompiledRule, values: list[Any]) -> None:
+def _exercise(compiled: CompiledRule, values: list[Any]) -> None:
     """Evaluate, time out and render a compiled rule the way the engine does."""
     entry = RuleEntry(compiled, 1, "fp", "SN-1", "Device", "temperature")
-    state = evaluator.RuleState.initial()
+    state = RuleState.initial()
     readings = readings_for(compiled.data_type, values)
-    state, transitions, _late = evaluator.step_many(compiled, state, readings, TZ)
-    evaluator.RuleState.from_json(state.to_json())
+    state, transitions, _late = evaluate_batch.step_many(compiled, state, readings, TZ)
+    RuleState.from_json(state.to_json())
     timer = evaluator.check_no_data(compiled, state, T0 + timedelta(days=30), TZ)
     for transition in [*transitions, *timer.transitions]:
         message = render(
@@ -194,7 +198,7 @@ def test_hostile_rule_json_is_invalid_or_runs(
 ) -> None:
     """Nothing but InvalidRule escapes loading and compiling; nothing escapes evaluating."""
     try:
-        compiled, _decoded = rule_json.compile_stored(7, "r", condition, action, data_type)
+        compiled, _decoded = compile_stored(7, "r", condition, action, data_type)
     except InvalidRule as exc:
         assert exc.reason in rule_json.REASONS
         assert exc.problems
@@ -214,9 +218,7 @@ def test_rule_like_conditions_compile_or_are_invalid(
     """Condition-shaped documents with any field values: InvalidRule or a rule that runs."""
     action = json.dumps({"type": "notify", "channel": "log", "message": "{value} {ts}"})
     try:
-        compiled, _decoded = rule_json.compile_stored(
-            7, "r", json.dumps(condition), action, data_type
-        )
+        compiled, _decoded = compile_stored(7, "r", json.dumps(condition), action, data_type)
     except InvalidRule as exc:
         assert exc.problems
         return

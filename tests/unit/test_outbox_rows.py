@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from rules_engine.engine import RuleEntry, outbox_rows
 from rules_engine.evaluate import step as evaluator
+from rules_engine.evaluate.compile import compile_rule
+from rules_engine.events import outbox_rows
+from rules_engine.rule_cache import RuleEntry
 
 TS = datetime(2026, 1, 27, 12, 0, tzinfo=UTC)
 CONDITION = {"type": "threshold", "operator": ">", "value": 27.5}
 
 
 def entry(action: object) -> RuleEntry:
-    rule = evaluator.compile_rule(7, "High temp", CONDITION, action, "numeric")
+    rule = compile_rule(7, "High temp", CONDITION, action, "numeric")
     return RuleEntry(rule, 3, "fp", "SN-A1-TEMP-0001", "Server room", "temperature")
 
 

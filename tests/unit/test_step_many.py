@@ -9,7 +9,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from rules_engine.evaluate import batch as evaluate_batch
 from rules_engine.evaluate import step as evaluator
+from rules_engine.evaluate.compile import compile_rule
+from rules_engine.evaluate.state import RuleState
 
 TZ = ZoneInfo("Europe/Berlin")
 T0 = datetime(2026, 1, 27, 21, 0, tzinfo=UTC)
@@ -68,7 +71,7 @@ def test_step_many_equals_step_by_step(data_type: str, condition: dict[str, obje
     """For random sequences with late readings mixed in, and batches split at random points,
     step_many gives the same states, transitions and late readings as step() one by one,
     whether it is given a plain list or a Series (whose ranges let it skip whole batches)."""
-    rule = evaluator.compile_rule(1, "r", condition, NOTIFY, data_type)  # type: ignore[arg-type]
+    rule = compile_rule(1, "r", condition, NOTIFY, data_type)  # type: ignore[arg-type]
     rng = random.Random(hash(str(condition)) & 0xFFFF)
     for trial in range(300):
         readings = []
@@ -79,7 +82,7 @@ def test_step_many_equals_step_by_step(data_type: str, condition: dict[str, obje
             ts = moment - timedelta(minutes=3) if rng.random() < (0.02 if calm else 0.1) else moment
             value = values(data_type, rng, calm)
             readings.append(evaluator.Reading(ts, value))  # type: ignore[arg-type]
-        expected_state = evaluator.RuleState.initial()
+        expected_state = RuleState.initial()
         expected: list[evaluator.Transition] = []
         expected_late = []
         for reading in readings:
@@ -88,17 +91,17 @@ def test_step_many_equals_step_by_step(data_type: str, condition: dict[str, obje
             if result.late:
                 expected_late.append(reading)
             expected_state = result.state
-        state = evaluator.RuleState.initial()
+        state = RuleState.initial()
         got: list[evaluator.Transition] = []
         got_late = []
         cut = rng.randint(0, len(readings))
         for part in (readings[:cut], readings[cut:]):
             given: Sequence[evaluator.Observation] = (
-                evaluator.Series(part, data_type)  # type: ignore[arg-type]
+                evaluate_batch.Series(part, data_type)  # type: ignore[arg-type]
                 if trial % 3
                 else part
             )
-            state, transitions, late = evaluator.step_many(
+            state, transitions, late = evaluate_batch.step_many(
                 rule, state, given, TZ, validated=bool(cut % 2)
             )
             got.extend(transitions)
@@ -120,19 +123,19 @@ def test_series_ranges_skip_batches(
 ) -> None:
     """The shortcut is taken (on calm batches, where no reading can move the state), and where
     it is taken the result is still step()'s: the equivalence test above covers those runs."""
-    rule = evaluator.compile_rule(1, "r", condition, NOTIFY, data_type)  # type: ignore[arg-type]
-    assert evaluator._flips_only(rule, evaluator.RuleState.initial())
+    rule = compile_rule(1, "r", condition, NOTIFY, data_type)  # type: ignore[arg-type]
+    assert evaluate_batch._flips_only(rule, RuleState.initial())
     verdicts: list[bool | None] = []
-    settled = evaluator._settled
+    settled = evaluate_batch._settled
 
     def spy(*args: object) -> bool | None:
         verdict = settled(*args)  # type: ignore[arg-type]
         verdicts.append(verdict)
         return verdict
 
-    monkeypatch.setattr(evaluator, "_settled", spy)
+    monkeypatch.setattr(evaluate_batch, "_settled", spy)
     rng = random.Random(7)
-    state = evaluator.RuleState.initial()
+    state = RuleState.initial()
     moment = T0
     expected_state = state
     for _batch in range(50):
@@ -142,10 +145,10 @@ def test_series_ranges_skip_batches(
             batch.append(evaluator.Reading(moment, rng.choice([23, 23.25, 23.5])))
         for reading in batch:
             expected_state = evaluator.step(rule, expected_state, reading, TZ).state
-        state, _transitions, late = evaluator.step_many(
+        state, _transitions, late = evaluate_batch.step_many(
             rule,
             state,
-            evaluator.Series(batch, data_type),
+            evaluate_batch.Series(batch, data_type),
             TZ,
             validated=True,  # type: ignore[arg-type]
         )

@@ -13,7 +13,7 @@ natural keys only, so the command never reads, changes or deletes anybody else's
   nothing is written.
 
 The sample events are not invented: they are what the rule engine's own evaluator writes when it
-replays each seeded rule over the seeded telemetry (`rules_engine.evaluator.replay`).
+replays each seeded rule over the seeded telemetry (`rules_engine.evaluate.replay`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ from iothub.devtools.seed.data import (
     IncidentSpec,
     Value,
 )
-from rules_engine.evaluate import step as evaluator
+from rules_engine.evaluate import replay, step
+from rules_engine.evaluate.compile import compile_rule
 from rules_engine.model import actions as actions_model
 from rules_engine.model import conditions, rule_json, templates
 from schema import db
@@ -227,12 +228,10 @@ def _sample_events(
     events: list[SampleEvent] = []
     for rule in RULES:
         key = (rule.serial_id, rule.metric)
-        compiled = evaluator.compile_rule(
-            0, rule.name, rule.condition, rule.action, DATA_TYPES[rule.metric]
-        )
+        compiled = compile_rule(0, rule.name, rule.condition, rule.action, DATA_TYPES[rule.metric])
         template = actions_model.message_template(compiled.action)
-        _, transitions = evaluator.replay(
-            compiled, (evaluator.Reading(r.ts, r.value) for r in readings[key]), tz
+        _, transitions = replay.replay(
+            compiled, (step.Reading(r.ts, r.value) for r in readings[key]), tz
         )
         for transition in transitions:
             if transition.kind != "triggered":
