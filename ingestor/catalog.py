@@ -17,6 +17,7 @@ from typing import Literal
 import psycopg
 import structlog
 
+from ingestor.backoff import Backoff
 from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
@@ -113,7 +114,7 @@ class CatalogListener:
         self._ready.set()
 
     def _run(self) -> None:
-        delay = RETRY_MIN
+        backoff = Backoff(initial=RETRY_MIN, maximum=RETRY_MAX)
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True) as conn:
@@ -126,13 +127,15 @@ class CatalogListener:
                         bindings=sum(len(d.bindings) for d in snapshot.devices.values()),
                     )
                     self._publish(snapshot, frozenset({"*"}))
-                    delay = RETRY_MIN
+                    backoff.reset()
                     self._listen(conn)
             except psycopg.Error as exc:
                 self.connected = False
-                log.warning("catalog_listener_retry", error=str(exc).strip(), retry_in=delay)
+                delay = backoff.next()
+                log.warning(
+                    "catalog_listener_retry", error=str(exc).strip(), retry_in=round(delay, 1)
+                )
                 self._stop.wait(delay)
-                delay = min(delay * 2, RETRY_MAX)
             except Exception:
                 # Never let the thread die quietly: the service checks `thread.is_alive()`.
                 self.connected = False
