@@ -12,18 +12,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import psycopg
 import structlog
 
 from ingestor.backoff import Backoff
 from schema import sql as queries_mod
+from schema.types import DataType
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("ingestor")
 
-DataType = Literal["numeric", "str", "boolean"]
 CHANNEL = "iothub_catalog"
 LISTEN_POLL = 0.5  # seconds: how often the listener looks at its stop flag
 RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds: backoff of the listener's reconnect loop

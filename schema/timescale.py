@@ -28,14 +28,13 @@ from psycopg.errors import Diagnostic
 
 from config.settings import Settings
 from iothub import exitcodes
-from schema import db
+from schema import db, locks
 from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 
 queries = queries_mod.load("schema", "timescale.sql")
 
-SETUP_LOCK_KEY: Final = 0x107_4B_0003  # advisory lock shared by every setup-timescaledb
 _STEP_BLOCK = re.compile(r"^step_(\d+)_([a-z_]+)$")
 
 
@@ -194,7 +193,7 @@ def _setup(conn: psycopg.Connection, *, force: bool, debug: bool) -> int:
     current: Step | None = None
     try:
         with conn.transaction():
-            conn.execute(queries["lock_setup"], {"key": SETUP_LOCK_KEY})
+            conn.execute(queries["lock_setup"], {"key": locks.TIMESCALE_SETUP})
             state = read_state(conn)
             if state.available_version is None:
                 log.error("timescaledb_unavailable", detail=UNAVAILABLE)
