@@ -229,14 +229,15 @@ class Settings(BaseSettings):
     stats_interval: float = Field(default=DEFAULT_STATS_INTERVAL, gt=0)
     seed_data: bool = False
 
+    # pydantic-settings calls this hook with keyword arguments: the unused ones keep their names.
     @classmethod
     def settings_customise_sources(
         cls,
-        settings_cls: type[BaseSettings],
+        settings_cls: type[BaseSettings],  # noqa: ARG003
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # No .env or secrets directory: what configures the service is visible in its unit file.
         return (init_settings, env_settings)

@@ -47,7 +47,12 @@ class BatchHook(Protocol):
 class NoHook:
     """Stores telemetry and nothing else (the daemon without rules)."""
 
-    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+    # The BatchHook signature: there is nothing to do with the batch.
+    def on_inserted(
+        self,
+        conn: psycopg.Connection,  # noqa: ARG002
+        rows: Sequence[StoredReading],  # noqa: ARG002
+    ) -> HookResult:
         return HookResult()
 
     def on_failed(self) -> None:

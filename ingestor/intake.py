@@ -235,16 +235,17 @@ class MqttIntake:
                 why="the broker resends them on the resumed session",
             )
 
-    # --- paho callbacks: they hand work over and never raise (`mqtt.guarded`)
+    # --- paho callbacks: they hand work over and never raise (`mqtt.guarded`). paho passes
+    # every argument positionally; those a callback does not need are named with a `_`.
 
     @mqtt.guarded("on_connect")
     def _on_connect(
         self,
         client: mqtt.Client,
-        userdata: Any,
+        _userdata: Any,
         flags: mqtt.ConnectFlags,
         reason_code: mqtt.ReasonCode,
-        properties: mqtt.Properties | None,
+        _properties: mqtt.Properties | None,
     ) -> None:
         if reason_code.is_failure:
             log.error("mqtt_connect_refused", reason=str(reason_code))
@@ -276,11 +277,11 @@ class MqttIntake:
     @mqtt.guarded("on_subscribe")
     def _on_subscribe(
         self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _mid: int,
         reason_codes: list[mqtt.ReasonCode],
-        properties: mqtt.Properties | None,
+        _properties: mqtt.Properties | None,
     ) -> None:
         filters = self._subscribed_filters
         granted = {
@@ -316,11 +317,11 @@ class MqttIntake:
     @mqtt.guarded("on_disconnect")
     def _on_disconnect(
         self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _flags: mqtt.DisconnectFlags,
         reason_code: mqtt.ReasonCode,
-        properties: mqtt.Properties | None,
+        _properties: mqtt.Properties | None,
     ) -> None:
         with self._ack_lock:
             self._generation += 1
@@ -330,7 +331,7 @@ class MqttIntake:
         level("mqtt_disconnected", reason=str(reason_code), pending=self._pending)
 
     @mqtt.guarded("on_message")
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         item = InboundMessage(
             topic=mqtt.message_topic(message),
             payload=bytes(message.payload),

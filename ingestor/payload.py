@@ -297,18 +297,9 @@ def _parse_message(
             Reason.bad_json, f"payload is not valid JSON: {_brief(str(exc))}", serial_hint
         )
 
-    if isinstance(document, dict):
-        elements: list[tuple[Any, str]] = [(document, "")]
-    elif isinstance(document, list):
-        if not document:
-            return _single(Reason.bad_schema, "payload is an empty array", serial_hint)
-        elements = [(element, f"array[{index}]: ") for index, element in enumerate(document)]
-    else:
-        return _single(
-            Reason.bad_schema,
-            f"payload is {_kind(document)}; expected an object or an array of objects",
-            serial_hint,
-        )
+    elements = _elements(document, serial_hint)
+    if isinstance(elements, ParseResult):
+        return elements
 
     # Bound the output (readings + rejections) before building any of it.
     count = 0
@@ -326,6 +317,21 @@ def _parse_message(
     for element, where in elements:
         parser.element(element, where)
     return ParseResult(tuple(parser.readings), tuple(parser.rejections))
+
+
+def _elements(document: Any, serial_hint: str | None) -> list[tuple[Any, str]] | ParseResult:
+    """The message's elements, each with the prefix of its details; or why it has none."""
+    if isinstance(document, dict):
+        return [(document, "")]
+    if isinstance(document, list):
+        if not document:
+            return _single(Reason.bad_schema, "payload is an empty array", serial_hint)
+        return [(element, f"array[{index}]: ") for index, element in enumerate(document)]
+    return _single(
+        Reason.bad_schema,
+        f"payload is {_kind(document)}; expected an object or an array of objects",
+        serial_hint,
+    )
 
 
 class _MessageParser:
