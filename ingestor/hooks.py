@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Protocol
 
 import psycopg
+
+from schema.types import DataType
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +19,7 @@ class StoredReading:
     device_metric_id: int
     ts: datetime
     value: float | int | bool | str
-    data_type: Literal["numeric", "str", "boolean"]
+    data_type: DataType
     serial_id: str
     device_name: str
     metric_type: str
@@ -45,7 +47,12 @@ class BatchHook(Protocol):
 class NoHook:
     """Stores telemetry and nothing else (the daemon without rules)."""
 
-    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+    # The BatchHook signature: there is nothing to do with the batch.
+    def on_inserted(
+        self,
+        conn: psycopg.Connection,  # noqa: ARG002
+        rows: Sequence[StoredReading],  # noqa: ARG002
+    ) -> HookResult:
         return HookResult()
 
     def on_failed(self) -> None:

@@ -41,11 +41,11 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 from ingestor.reasons import Reason
+from schema.types import DATA_TYPES, DataType
 
-DataType: TypeAlias = Literal["numeric", "str", "boolean"]
 # Decimal: a JSON number that no double holds exactly (see _parse_float); int and float otherwise.
 Value: TypeAlias = float | int | Decimal | bool | str
 
@@ -83,7 +83,6 @@ _MESSAGE_KEYS = frozenset({"schema_version", "device", "ts", "metrics"})
 _METRIC_KEYS = frozenset({"value", "ts", "unit"})
 _BOM = b"\xef\xbb\xbf"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_DATA_TYPES = ("numeric", "str", "boolean")
 # PostgreSQL text and jsonb refuse NUL; a lone surrogate (from a "\ud800" escape) is not Unicode
 # and fails UTF-8 encoding on the way to the database.
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
@@ -298,18 +297,9 @@ def _parse_message(
             Reason.bad_json, f"payload is not valid JSON: {_brief(str(exc))}", serial_hint
         )
 
-    if isinstance(document, dict):
-        elements: list[tuple[Any, str]] = [(document, "")]
-    elif isinstance(document, list):
-        if not document:
-            return _single(Reason.bad_schema, "payload is an empty array", serial_hint)
-        elements = [(element, f"array[{index}]: ") for index, element in enumerate(document)]
-    else:
-        return _single(
-            Reason.bad_schema,
-            f"payload is {_kind(document)}; expected an object or an array of objects",
-            serial_hint,
-        )
+    elements = _elements(document, serial_hint)
+    if isinstance(elements, ParseResult):
+        return elements
 
     # Bound the output (readings + rejections) before building any of it.
     count = 0
@@ -327,6 +317,21 @@ def _parse_message(
     for element, where in elements:
         parser.element(element, where)
     return ParseResult(tuple(parser.readings), tuple(parser.rejections))
+
+
+def _elements(document: Any, serial_hint: str | None) -> list[tuple[Any, str]] | ParseResult:
+    """The message's elements, each with the prefix of its details; or why it has none."""
+    if isinstance(document, dict):
+        return [(document, "")]
+    if isinstance(document, list):
+        if not document:
+            return _single(Reason.bad_schema, "payload is an empty array", serial_hint)
+        return [(element, f"array[{index}]: ") for index, element in enumerate(document)]
+    return _single(
+        Reason.bad_schema,
+        f"payload is {_kind(document)}; expected an object or an array of objects",
+        serial_hint,
+    )
 
 
 class _MessageParser:
@@ -643,7 +648,7 @@ def _check_value(value: object, data_type: str, limits: Limits) -> tuple[Reason,
         if problem is not None:
             return Reason.type_mismatch, f"string {_show(value)} {problem}"
         return None
-    return Reason.type_mismatch, f"data_type {_describe(data_type)} is not one of {_DATA_TYPES}"
+    return Reason.type_mismatch, f"data_type {_describe(data_type)} is not one of {DATA_TYPES}"
 
 
 def _check_decimal(value: Decimal, limits: Limits) -> tuple[Reason, str] | None:
@@ -696,7 +701,7 @@ def encode_value(value: Value, data_type: DataType, unit: str | None = None) -> 
 
     Call only with a value ``check_value`` accepted; a non-finite float raises ValueError.
     """
-    if unit is None and data_type in _DATA_TYPES:
+    if unit is None and data_type in DATA_TYPES:
         # The common case without the encoder's machinery (a tenth of the per-reading cost):
         # JSON renders int and float with their repr, exactly as _ENCODER does.
         kind = type(value)

@@ -18,8 +18,9 @@ from rules_engine.evaluate import replay, step
 from rules_engine.evaluate.compile import CompiledRule, compile_rule
 from rules_engine.evaluate.step import Reading, Transition
 from rules_engine.model import conditions, rule_json
-from rules_engine.model.conditions import DataType, InvalidRule
+from rules_engine.model.conditions import InvalidRule
 from schema import sql
+from schema.types import DataType
 
 queries = sql.load("rules_engine", "backtest.sql")
 

@@ -18,12 +18,10 @@ from rules_engine.evaluate.state import RuleState, Value
 from rules_engine.evaluate.step import Observation
 from rules_engine.model import rule_json
 from rules_engine.rule_cache import RuleEntry
-from schema import sql
+from schema import locks, sql
 
 log = structlog.get_logger(__name__)
 queries = sql.load("rules_engine")
-
-LOCK_CLASS: Final = 0x1074  # first key of pg_advisory_xact_lock(int, int): "iothub rule state"
 
 
 INITIAL: Final = RuleState.initial()
@@ -149,7 +147,7 @@ class StateStore:
     def lock(self, conn: psycopg.Connection, device_metric_ids: Sequence[int]) -> None:
         conn.execute(
             queries["lock_device_metrics"],
-            {"lock_class": LOCK_CLASS, "ids": list(device_metric_ids)},
+            {"lock_class": locks.RULE_STATE_CLASS, "ids": list(device_metric_ids)},
         )
 
     def load_states(

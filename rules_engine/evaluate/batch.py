@@ -15,7 +15,8 @@ from rules_engine.evaluate.compile import CompiledRule
 from rules_engine.evaluate.state import RuleState
 from rules_engine.evaluate.step import Observation, Transition
 from rules_engine.model import conditions
-from rules_engine.model.conditions import Condition, DataType
+from rules_engine.model.conditions import Condition
+from schema.types import DataType
 
 
 def _flips_only(rule: CompiledRule, state: RuleState) -> bool:

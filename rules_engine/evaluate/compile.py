@@ -11,7 +11,8 @@ from pydantic import JsonValue
 from rules_engine.model import actions as actions_model
 from rules_engine.model import conditions, rule_json
 from rules_engine.model.actions import Action
-from rules_engine.model.conditions import Condition, DataType, InvalidRule
+from rules_engine.model.conditions import Condition, InvalidRule
+from schema.types import DataType
 
 
 @dataclass(frozen=True)

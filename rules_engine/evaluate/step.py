@@ -6,7 +6,6 @@ module is their single implementation."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,7 +16,9 @@ from zoneinfo import ZoneInfo
 from rules_engine.evaluate.compile import CompiledRule
 from rules_engine.evaluate.state import NodeState, RuleState, Status, Value
 from rules_engine.model import conditions
-from rules_engine.model.conditions import Condition, DataType
+from rules_engine.model.conditions import Condition
+from schema import types
+from schema.types import DataType
 
 ROOT_PATH: Final = ""  # node-state key of the top-level condition
 CLEAR_PATH: Final = "clear"  # node-state key of the clear condition
@@ -80,15 +81,7 @@ def require_aware(moment: datetime, what: str) -> None:
 
 
 def check_value(data_type: DataType, value: object) -> None:
-    if data_type == "numeric":
-        fits = (
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    elif data_type == "boolean":
-        fits = isinstance(value, bool)
-    else:
-        fits = isinstance(value, str)
-    if not fits:
+    if not types.fits(data_type, value):
         # The ingestor validates values against data_type, so this is a caller's bug.
         raise TypeError(f"a {data_type} rule got the reading value {conditions.show(value)}")
 

@@ -221,7 +221,7 @@ def test_bad_input_corpus_is_rejected_and_the_daemon_lives(
     )
     with psycopg.connect(db_url, autocommit=True) as conn:
         rows = conn.execute("SELECT reason, count(*) FROM rejected_messages GROUP BY 1").fetchall()
-    got = dict(rows)
+    got: dict[str, int] = dict(rows)
     expected: dict[str, int] = {}
     for _topic, _payload, reason in corpus:
         expected[reason] = expected.get(reason, 0) + 1

@@ -97,7 +97,7 @@ def test_every_libpq_form_of_a_database_password_is_masked(
 )
 def test_broker_and_smtp_passwords_are_masked(field: str, url: str, shown: str) -> None:
     """User-info and query passwords of the broker and SMTP URLs are masked like the DSN's."""
-    redacted = Settings(**{field: url}).redacted()[field]
+    redacted = Settings(**{field: url}).redacted()[field]  # type: ignore[arg-type]
     assert redacted == shown
 
 

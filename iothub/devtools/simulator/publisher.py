@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from types import FrameType
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Protocol
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -52,10 +52,9 @@ from ingestor import mqtt as mqttclient
 from iothub import exitcodes
 from iothub.devtools.seed import data as seed_data
 from schema import db
+from schema.types import DataType
 
 log = structlog.get_logger(__name__)
-
-DataType = Literal["numeric", "str", "boolean"]
 
 DEFAULT_RATE: Final = 50.0  # messages per second, all devices together
 DEFAULT_DEVICE_COUNT: Final = 10  # generated devices when no database says which exist
