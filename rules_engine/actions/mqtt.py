@@ -8,14 +8,11 @@ import threading
 import time
 from typing import Any, Final
 
-import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import JsonValue
 
 from config.settings import Settings
-from ingestor import mqtt as mqttclient
+from ingestor import mqtt
 from rules_engine.actions import exceptions, sender, targets
 from rules_engine.model import actions as actions_model
 
@@ -38,7 +35,7 @@ class MqttPublisher:
         self._keepalive = settings.mqtt_keepalive
         self._timeout = timeout
         self._stopping = stopping or threading.Event()
-        self._host, self._port = mqttclient.host_port(self._url)
+        self._host, self._port = mqtt.host_port(self._url)
         # A broker that binds client ids to logins (the shipped mosquitto.conf) gives a login one
         # connection: a second one under the intake's login would take the intake's session
         # over and discard its queued telemetry. So that login is never used here.
@@ -56,14 +53,14 @@ class MqttPublisher:
         self._refused: str | None = None  # why the broker last refused the connection
         self._acks_lock = threading.Lock()
         # Reason codes of PUBACK/PUBCOMP by message id; ids wrap at 65535, which bounds it.
-        self._acks: dict[int, ReasonCode] = {}
+        self._acks: dict[int, mqtt.ReasonCode] = {}
 
     @property
     def client_id(self) -> str:
         return self._client_id
 
     def _start(self) -> mqtt.Client:
-        client = mqttclient.make_client(self._url, self._client_id)
+        client = mqtt.make_client(self._url, self._client_id)
         client.reconnect_delay_set(MQTT_RECONNECT_MIN, MQTT_RECONNECT_MAX)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -119,7 +116,7 @@ class MqttPublisher:
         except ValueError as exc:
             raise exceptions.BadTarget(f"cannot publish to {topic!r}: {exc}") from None
         try:
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            if info.rc != mqtt.ERR_SUCCESS:
                 raise exceptions.DeliveryFailed(
                     f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}"
                 )
@@ -150,57 +147,52 @@ class MqttPublisher:
     def close(self) -> None:
         if self._client is not None:
             self._client.disconnect()
-            mqttclient.stop_loop(self._client)
+            mqtt.stop_loop(self._client)
             self._client = None
             self._connected.clear()
 
-    # paho runs these on its network thread: they record and never raise.
+    # paho runs these on its network thread: they record and never raise (`mqtt.guarded`).
+    # paho passes every argument positionally; the ones not needed are named with a `_`.
 
+    @mqtt.guarded("on_connect")
     def _on_connect(
         self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _flags: mqtt.ConnectFlags,
+        reason_code: mqtt.ReasonCode,
+        _properties: mqtt.Properties | None,
     ) -> None:
-        try:
-            if reason_code.is_failure:
-                self._refused = str(reason_code)
-                log.error("actions_mqtt_connect_refused", reason=str(reason_code))
-                return
-            self._refused = None
-            self._connected.set()
-            log.info("actions_mqtt_connected", client_id=self._client_id)
-        except Exception:
-            log.exception("mqtt_callback_failed", callback="on_connect")
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            log.error("actions_mqtt_connect_refused", reason=str(reason_code))
+            return
+        self._refused = None
+        self._connected.set()
+        log.info("actions_mqtt_connected", client_id=self._client_id)
 
+    @mqtt.guarded("on_disconnect")
     def _on_disconnect(
         self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _flags: mqtt.DisconnectFlags,
+        reason_code: mqtt.ReasonCode,
+        _properties: mqtt.Properties | None,
     ) -> None:
-        try:
-            was_connected = self._connected.is_set()
-            self._connected.clear()
-            if was_connected:
-                log.warning("actions_mqtt_disconnected", reason=str(reason_code))
-        except Exception:
-            log.exception("mqtt_callback_failed", callback="on_disconnect")
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected:
+            log.warning("actions_mqtt_disconnected", reason=str(reason_code))
 
+    @mqtt.guarded("on_publish")
     def _on_publish(
         self,
-        client: mqtt.Client,
-        userdata: Any,
+        _client: mqtt.Client,
+        _userdata: Any,
         mid: int,
-        reason_code: ReasonCode,
-        properties: Properties,
+        reason_code: mqtt.ReasonCode,
+        _properties: mqtt.Properties,
     ) -> None:
-        try:
-            with self._acks_lock:
-                self._acks[mid] = reason_code
-        except Exception:
-            log.exception("mqtt_callback_failed", callback="on_publish")
+        with self._acks_lock:
+            self._acks[mid] = reason_code
