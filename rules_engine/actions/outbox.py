@@ -27,7 +27,6 @@ the broker's acknowledgement; `notify` logs the notification and, for the email 
 from __future__ import annotations
 
 import os
-import random
 import socket
 import threading
 import time
@@ -44,6 +43,7 @@ from psycopg_pool import ConnectionPool
 from pydantic import JsonValue
 
 from config.settings import Settings
+from ingestor import backoff
 from ingestor.backoff import Backoff
 from rules_engine.actions import egress, email, exceptions, mqtt, sender, targets, webhook
 from rules_engine.metrics import RuleMetrics
@@ -58,7 +58,6 @@ LEASE_MARGIN: Final = 30.0  # seconds a lease outlasts the longest a pass should
 RETRY_BASE: Final = 1.0  # seconds before the first retry; doubles with each failed attempt
 RETRY_MAX: Final = 300.0  # seconds: the longest wait between two attempts (5 minutes)
 RETRY_JITTER: Final = 0.2  # ±20 %: rows that failed together do not all retry together
-MAX_DOUBLINGS: Final = 30  # 2**30 s is far past RETRY_MAX; a bound keeps the float finite
 LOOP_RETRY_MIN: Final = 0.5  # seconds: first wait after the loop itself failed
 LOOP_RETRY_MAX: Final = 30.0  # seconds
 KINDS: Final = targets.KINDS
@@ -84,9 +83,9 @@ class Outcome:
 
 
 def retry_delay(attempts: int, base: float = RETRY_BASE, maximum: float = RETRY_MAX) -> float:
-    """Seconds before the next attempt, after `attempts` failed ones (jittered, capped)."""
-    delay = min(base * 2.0 ** min(max(attempts - 1, 0), MAX_DOUBLINGS), maximum)
-    return delay * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+    """Seconds before the next attempt, after `attempts` failed ones (jittered, capped): the
+    one retry policy, asked directly because the attempt count is kept in the row."""
+    return backoff.delay_after(attempts, initial=base, maximum=maximum, jitter=RETRY_JITTER)
 
 
 # ---------------------------------------------------------------------------------------------
