@@ -88,12 +88,12 @@ class RuleEngine:
         self.intake_since: Callable[[], datetime | None] = lambda: NO_INTAKE
         self.clock: Callable[[], datetime] = utcnow  # the service's clock (receipt times)
 
-    def on_catalog_change(self, snapshot: Snapshot, tables: frozenset[str]) -> None:
+    def on_catalog_change(self, _snapshot: Snapshot, tables: frozenset[str]) -> None:
         if tables & RELOAD_TABLES:
             self.cache.mark_stale()
         self.catalog_seen.set()
 
-    def workers(self, pool: ConnectionPool) -> list[Any]:
+    def workers(self, _pool: ConnectionPool) -> list[Any]:
         actions_pool = db.make_pool(self.settings, "actions", size=3)
         return [
             PoolKeeper(actions_pool),

@@ -425,46 +425,20 @@ def _semantic_problems(
         yield from _semantic_problems(
             cond.clear, data_type, f"{path}.clear", depth=depth, nested=True
         )
+    if isinstance(cond, Composite):
+        yield from _composite_problems(cond, data_type, path, depth=depth)
+    else:
+        yield from _own_problems(cond, path)
 
-    if isinstance(cond, Threshold) and cond.clear_value is not None:
-        if cond.operator in ("==", "!="):
-            yield f"{path}.clear_value: only works with > >= < <=, not {cond.operator}"
-        elif cond.operator in (">", ">=") and cond.clear_value > cond.value:
-            yield (
-                f"{path}.clear_value: must be <= value {cond.value:g} for operator "
-                f"{cond.operator}, got {cond.clear_value:g}"
-            )
-        elif cond.operator in ("<", "<=") and cond.clear_value < cond.value:
-            yield (
-                f"{path}.clear_value: must be >= value {cond.value:g} for operator "
-                f"{cond.operator}, got {cond.clear_value:g}"
-            )
+
+def _own_problems(cond: Condition, path: str) -> Iterator[str]:
+    """The checks of one condition type that look at that condition's own fields only."""
+    if isinstance(cond, Threshold):
+        yield from _threshold_problems(cond, path)
     elif isinstance(cond, Range):
-        if cond.min > cond.max:
-            yield f"{path}.min: {cond.min:g} is greater than max {cond.max:g}"
-        elif cond.clear_value is not None:
-            low, high = cond.clear_value
-            if low > high:
-                yield f"{path}.clear_value: low {low:g} is greater than high {high:g}"
-            elif cond.operator == "outside" and not cond.min <= low <= high <= cond.max:
-                yield (
-                    f"{path}.clear_value: for outside, [{low:g}, {high:g}] must lie within "
-                    f"[{cond.min:g}, {cond.max:g}]"
-                )
-            elif cond.operator == "inside" and not low <= cond.min <= cond.max <= high:
-                yield (
-                    f"{path}.clear_value: for inside, [{low:g}, {high:g}] must contain "
-                    f"[{cond.min:g}, {cond.max:g}]"
-                )
+        yield from _range_problems(cond, path)
     elif isinstance(cond, StringMatch):
-        value = list(cond.value) if isinstance(cond.value, tuple) else cond.value
-        if cond.operator == "in":
-            if not isinstance(cond.value, tuple) or not cond.value:
-                yield f"{path}.value: 'in' needs a non-empty list of strings, got {show(value)}"
-        elif not isinstance(cond.value, str):
-            yield f"{path}.value: {cond.operator!r} needs a string, got {show(list(cond.value))}"
-        elif cond.operator == "contains" and not cond.value:
-            yield f"{path}.value: 'contains' needs a non-empty string"
+        yield from _string_match_problems(cond, path)
     elif isinstance(cond, Delta):
         if cond.absolute and cond.value < 0:
             yield f"{path}.value: with absolute, the bound must be >= 0, got {cond.value:g}"
@@ -473,23 +447,76 @@ def _semantic_problems(
             yield f"{path}.duration_minutes: no_data takes its time in minutes only"
         if cond.clear is not None:
             yield f"{path}.clear: no_data resolves on the next reading; it takes no clear"
-    elif isinstance(cond, Composite):
-        if not cond.conditions:
-            yield f"{path}.conditions: a composite needs at least one condition"
-        elif len(cond.conditions) > MAX_COMPOSITE_CONDITIONS:
-            yield (
-                f"{path}.conditions: at most {MAX_COMPOSITE_CONDITIONS} conditions, "
-                f"got {len(cond.conditions)}"
+
+
+def _threshold_problems(cond: Threshold, path: str) -> Iterator[str]:
+    if cond.clear_value is None:
+        return
+    if cond.operator in ("==", "!="):
+        yield f"{path}.clear_value: only works with > >= < <=, not {cond.operator}"
+    elif cond.operator in (">", ">=") and cond.clear_value > cond.value:
+        yield (
+            f"{path}.clear_value: must be <= value {cond.value:g} for operator "
+            f"{cond.operator}, got {cond.clear_value:g}"
+        )
+    elif cond.operator in ("<", "<=") and cond.clear_value < cond.value:
+        yield (
+            f"{path}.clear_value: must be >= value {cond.value:g} for operator "
+            f"{cond.operator}, got {cond.clear_value:g}"
+        )
+
+
+def _range_problems(cond: Range, path: str) -> Iterator[str]:
+    if cond.min > cond.max:
+        yield f"{path}.min: {cond.min:g} is greater than max {cond.max:g}"
+        return
+    if cond.clear_value is None:
+        return
+    low, high = cond.clear_value
+    if low > high:
+        yield f"{path}.clear_value: low {low:g} is greater than high {high:g}"
+    elif cond.operator == "outside" and not cond.min <= low <= high <= cond.max:
+        yield (
+            f"{path}.clear_value: for outside, [{low:g}, {high:g}] must lie within "
+            f"[{cond.min:g}, {cond.max:g}]"
+        )
+    elif cond.operator == "inside" and not low <= cond.min <= cond.max <= high:
+        yield (
+            f"{path}.clear_value: for inside, [{low:g}, {high:g}] must contain "
+            f"[{cond.min:g}, {cond.max:g}]"
+        )
+
+
+def _string_match_problems(cond: StringMatch, path: str) -> Iterator[str]:
+    value = list(cond.value) if isinstance(cond.value, tuple) else cond.value
+    if cond.operator == "in":
+        if not isinstance(cond.value, tuple) or not cond.value:
+            yield f"{path}.value: 'in' needs a non-empty list of strings, got {show(value)}"
+    elif not isinstance(cond.value, str):
+        yield f"{path}.value: {cond.operator!r} needs a string, got {show(list(cond.value))}"
+    elif cond.operator == "contains" and not cond.value:
+        yield f"{path}.value: 'contains' needs a non-empty string"
+
+
+def _composite_problems(
+    cond: Composite, data_type: DataType, path: str, *, depth: int
+) -> Iterator[str]:
+    if not cond.conditions:
+        yield f"{path}.conditions: a composite needs at least one condition"
+    elif len(cond.conditions) > MAX_COMPOSITE_CONDITIONS:
+        yield (
+            f"{path}.conditions: at most {MAX_COMPOSITE_CONDITIONS} conditions, "
+            f"got {len(cond.conditions)}"
+        )
+    elif depth >= MAX_COMPOSITE_DEPTH and any(
+        isinstance(sub, Composite) for sub in cond.conditions
+    ):
+        yield f"{path}.conditions: composites nest at most {MAX_COMPOSITE_DEPTH} deep"
+    else:
+        for index, sub in enumerate(cond.conditions):
+            yield from _semantic_problems(
+                sub, data_type, f"{path}.conditions[{index}]", depth=depth + 1, nested=True
             )
-        elif depth >= MAX_COMPOSITE_DEPTH and any(
-            isinstance(sub, Composite) for sub in cond.conditions
-        ):
-            yield f"{path}.conditions: composites nest at most {MAX_COMPOSITE_DEPTH} deep"
-        else:
-            for index, sub in enumerate(cond.conditions):
-                yield from _semantic_problems(
-                    sub, data_type, f"{path}.conditions[{index}]", depth=depth + 1, nested=True
-                )
 
 
 def validation_problems(
