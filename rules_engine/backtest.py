@@ -22,7 +22,7 @@ from rules_engine.model.conditions import InvalidRule
 from schema import sql
 from schema.types import DataType
 
-queries = sql.load("rules_engine", "backtest.sql")
+queries = sql.load("rules_engine", "commands.sql")  # shared with check.py
 
 FETCH_ROWS: Final = 5000  # readings per round trip of the server-side cursor
 CURSOR_NAME: Final = "iothub_backtest"

@@ -15,7 +15,7 @@ from rules_engine.model import rule_json, templates
 from rules_engine.model.conditions import InvalidRule
 from schema import sql
 
-queries = sql.load("rules_engine", "check.sql")
+queries = sql.load("rules_engine", "commands.sql")  # shared with backtest.py
 
 
 @dataclass(frozen=True)
