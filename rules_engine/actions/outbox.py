@@ -18,10 +18,12 @@ Every delivery has a wall-clock deadline, and the worker keeps a heartbeat of th
 `health()` (the service's /healthz) reports it stuck when a step overruns its deadline by more
 than `outbox_stuck_after`.
 
-Deliveries: `webhook` POSTs the JSON body (2xx is success) to public addresses only, unless
-allow-listed (see `egress`); `mqtt` publishes on a dedicated clean-session client and waits for
-the broker's acknowledgement; `notify` logs the notification and, for the email channel with
-`smtp_url` set, sends it to the target's `to` address(es).
+Each row's target is read through the target contract (targets.py) and handed to the sender of
+its kind, one per kind behind sender.Sender: `webhook` POSTs the JSON body (2xx is success) to
+public addresses only, unless allow-listed (webhook.py, egress.py); `mqtt` publishes on a
+dedicated clean-session client and waits for the broker's acknowledgement (mqtt.py); `notify`
+logs the notification and, for the email channel with `smtp_url` set, sends it to the target's
+`to` address(es) (email.py).
 """
 
 from __future__ import annotations
