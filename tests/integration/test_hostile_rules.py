@@ -336,7 +336,9 @@ def test_a_rule_whose_message_cannot_be_rendered_still_gets_its_event(
     assert result.events == {"triggered": 2}
     assert [e["rule_id"] for e in logs if e["event"] == "rule_render_failed"] == [broken]
     with psycopg.connect(db_url, autocommit=True) as conn:
-        messages = dict(conn.execute("SELECT rule_id, context->>'message' FROM events").fetchall())
+        messages: dict[int, str] = dict(
+            conn.execute("SELECT rule_id, context->>'message' FROM events").fetchall()
+        )
         outbox = [r[0] for r in conn.execute("SELECT rule_id FROM action_outbox")]
     assert messages[broken] == "Broken: triggered (message could not be rendered)"
     assert messages[sound] == "Sound: 30.0"

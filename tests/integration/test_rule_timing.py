@@ -185,7 +185,7 @@ def test_a_reading_from_the_future_does_not_make_later_readings_late(
                     topic,
                     {"ts": datetime.now(UTC).isoformat(), "metrics": {"temperature": value}},
                 )
-                assert wait_for(lambda n=n: handle.service.totals["rows"] >= n)  # type: ignore[misc]
+                assert wait_for(lambda n=n: handle.service.totals["rows"] >= n)
             assert wait_for(lambda: events(db_url))
             with psycopg.connect(db_url, autocommit=True) as conn:
                 row = conn.execute(

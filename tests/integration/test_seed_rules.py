@@ -24,7 +24,7 @@ def test_seeded_rules_are_valid_and_backtests_match_the_seeded_events(
     assert "11 ok, 0 invalid" in capsys.readouterr().out
     with psycopg.connect(db_url, autocommit=True) as conn:
         rule_ids = [r[0] for r in conn.execute("SELECT id FROM rules ORDER BY id")]
-        seeded = dict(
+        seeded: dict[int, int] = dict(
             conn.execute(
                 "SELECT rule_id, count(*) FROM events WHERE kind = 'triggered' GROUP BY 1"
             ).fetchall()

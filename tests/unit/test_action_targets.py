@@ -12,6 +12,7 @@ from config.settings import ConfigError, load_settings
 from rules_engine.actions import egress
 from rules_engine.evaluate import step as evaluator
 from rules_engine.evaluate.compile import compile_rule
+from rules_engine.evaluate.state import Value
 from rules_engine.events import outbox_rows
 from rules_engine.model import actions as actions_model
 from rules_engine.model.conditions import InvalidRule
@@ -118,7 +119,7 @@ def test_ordinary_headers_are_kept() -> None:
 # --- rendered mqtt topics
 
 
-def rows_for(topic: str, value: object) -> dict[str, object]:
+def rows_for(topic: str, value: Value) -> dict[str, object]:
     action = {"type": "mqtt", "topic": topic}
     rule = compile_rule(7, "Status", CONDITION, action, "str")
     entry = RuleEntry(rule, 3, "fp", "SN-1", "Boiler", "status")

@@ -4,8 +4,9 @@ transitions (kind, time) out."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -42,7 +43,7 @@ def make_rule(condition: dict[str, Any], data_type: DataType = "numeric") -> Com
     return compile_rule(1, "scenario", condition, NOTIFY, data_type)
 
 
-def readings(rows: list[Row]) -> list[Reading]:
+def readings(rows: Sequence[Row]) -> list[Reading]:
     return [Reading(at(ts), value) for ts, value in rows]
 
 
@@ -56,7 +57,8 @@ def events(
     return [(t.kind, label(t.ts)) for t in transitions]
 
 
-T, R = "triggered", "resolved"
+T: Final = "triggered"
+R: Final = "resolved"
 HOT = {"type": "threshold", "operator": ">", "value": 27.5}
 
 SCENARIOS: list[tuple[str, dict[str, Any], DataType, list[Row], list[tuple[str, str]]]] = [

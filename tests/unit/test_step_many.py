@@ -18,7 +18,7 @@ TZ = ZoneInfo("Europe/Berlin")
 T0 = datetime(2026, 1, 27, 21, 0, tzinfo=UTC)
 NOTIFY = {"type": "notify", "channel": "email", "message": "x"}
 
-RULES = [
+RULES: list[tuple[str, dict[str, object]]] = [
     ("numeric", {"type": "threshold", "operator": ">", "value": 25}),
     ("numeric", {"type": "threshold", "operator": "<=", "value": 22, "duration_minutes": 3}),
     ("numeric", {"type": "threshold", "operator": ">", "value": 25, "clear_value": 23}),
@@ -148,9 +148,9 @@ def test_series_ranges_skip_batches(
         state, _transitions, late = evaluate_batch.step_many(
             rule,
             state,
-            evaluate_batch.Series(batch, data_type),
+            evaluate_batch.Series(batch, data_type),  # type: ignore[arg-type]
             TZ,
-            validated=True,  # type: ignore[arg-type]
+            validated=True,
         )
         assert late == []
         assert state == expected_state

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import JsonValue
 
 from rules_engine.model import templates
 from rules_engine.model.templates import render, render_json
@@ -79,7 +80,7 @@ def test_a_value_that_looks_like_a_template_is_not_rendered_again() -> None:
 
 def test_render_json_renders_every_string_and_keeps_structure() -> None:
     """Strings at any depth are rendered; keys, numbers, booleans and null are unchanged."""
-    payload = {
+    payload: JsonValue = {
         "device": "{serial_id}",
         "reading": {"value": "{value}", "unit": "C", "raw": 28.1},
         "tags": ["{metric}", "{nope}", 1, True, None],
@@ -116,7 +117,7 @@ def test_a_rendered_payload_is_bounded_as_a_whole() -> None:
     """A payload of 1,000 strings each rendering to 16 KiB stays within
     MAX_RENDERED_DOCUMENT_CHARS in all; its shape and its first strings are kept."""
     long_value = "x" * 1024
-    payload = {"items": [{"text": "{value}" * 585, "n": i} for i in range(1000)]}
+    payload: JsonValue = {"items": [{"text": "{value}" * 585, "n": i} for i in range(1000)]}
     rendered = render_json(payload, {"value": long_value})
     assert isinstance(rendered, dict)
     items = rendered["items"]
