@@ -37,7 +37,7 @@ def render_context(entry: RuleEntry, value: object, ts: datetime) -> dict[str, o
     }
 
 
-def targets_for(
+def outbox_rows(
     entry: RuleEntry,
     event_id: int,
     kind: str,
@@ -45,11 +45,21 @@ def targets_for(
     message: str,
     *,
     smtp_to: str | None = None,
-) -> list[targets.Target]:
-    """What to deliver for an event, one rendered target per action. Only triggered events
-    carry actions: the original action forms describe an alarm, not its end."""
+) -> list[tuple[str, dict[str, Any]]]:
+    """What to deliver for an event: (kind, target document) per action, each built as its
+    kind's target model. Only triggered events carry actions: the original action forms
+    describe an alarm, not its end."""
     if kind != "triggered":
         return []
+    built = _targets(entry, event_id, transition, message, smtp_to)
+    return [(target.kind, targets.document(target)) for target in built]
+
+
+def _targets(
+    entry: RuleEntry, event_id: int, transition: Transition, message: str, smtp_to: str | None
+) -> list[targets.Target]:
+    """The rendered target of each action of a triggered event."""
+    kind = "triggered"
     action = entry.rule.action
     ctx = render_context(entry, transition.value, transition.ts)
     subject = f"{entry.rule.name}: {kind}"
@@ -101,22 +111,6 @@ def targets_for(
             )
         ]
     return []
-
-
-def outbox_rows(
-    entry: RuleEntry,
-    event_id: int,
-    kind: str,
-    transition: Transition,
-    message: str,
-    *,
-    smtp_to: str | None = None,
-) -> list[tuple[str, dict[str, Any]]]:
-    """The event's action_outbox rows: (kind, target document) per action."""
-    return [
-        (target.kind, targets.document(target))
-        for target in targets_for(entry, event_id, kind, transition, message, smtp_to=smtp_to)
-    ]
 
 
 class EventWriter:

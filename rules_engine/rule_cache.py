@@ -95,26 +95,15 @@ class RuleCache:
                 fp = fingerprint(condition, data_type)
             except InvalidRule as exc:
                 # Whatever a stored rule holds, it costs that rule only, never the batch.
-                invalid[exc.reason] += 1
-                self._report(
-                    rule_id,
-                    name,
-                    f"{condition_text}|{action_text}|{data_type}",
-                    reason=exc.reason,
-                    problem=str(exc),
-                )
-                continue
+                reason, problem = exc.reason, str(exc)
             except Exception as exc:  # a bug; still this rule's problem only
-                invalid[rule_json.CRASHED] += 1
-                self._report(
-                    rule_id,
-                    name,
-                    f"{condition_text}|{action_text}|{data_type}",
-                    reason=rule_json.CRASHED,
-                    problem=repr(exc)[:300],
-                )
+                reason, problem = rule_json.CRASHED, repr(exc)[:300]
+            else:
+                by_dm[dm_id].append(RuleEntry(compiled, dm_id, fp, serial, dev_name, metric))
                 continue
-            by_dm[dm_id].append(RuleEntry(compiled, dm_id, fp, serial, dev_name, metric))
+            invalid[reason] += 1
+            version_of = f"{condition_text}|{action_text}|{data_type}"
+            self._report(rule_id, name, version_of, reason=reason, problem=problem)
         self.invalid = invalid
         # Remembered only while the rule stays invalid in that version: edits do not pile up.
         self._reported &= self._still_invalid
