@@ -35,8 +35,18 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 RESOLVER_THREADS: Final = 2  # getaddrinfo has no timeout: it runs here, waited on with one
-# The well-known NAT64 prefix (RFC 6052): its addresses embed an IPv4 address that is checked.
-NAT64_PREFIX: Final = ipaddress.IPv6Network("64:ff9b::/96")
+# IPv6 prefixes whose addresses carry an IPv4 address that the packet really goes to (or that
+# a translator on the path may turn into one): such an address is judged by its IPv4 address.
+NAT64_PREFIXES: Final = (
+    ipaddress.IPv6Network("64:ff9b::/96"),  # the well-known NAT64 prefix (RFC 6052)
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215)
+)
+IPV4_TRANSLATED: Final = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT (RFC 2765)
+IPV4_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")  # deprecated (RFC 4291), ::a.b.c.d
+# The only IPv6 space assigned for global unicast (RFC 4291, IANA): everything outside it
+# (site-local fec0::/10, reserved blocks, ...) is refused, whatever `is_global` says — Python
+# 3.11's IPv6 is_global means only "not in the private list".
+GLOBAL_UNICAST: Final = ipaddress.IPv6Network("2000::/3")
 
 
 class DestinationRefused(Exception):
@@ -60,7 +70,12 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
         return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
-    if address in NAT64_PREFIX:
+    compatible = address in IPV4_COMPATIBLE and not (address.is_loopback or address.is_unspecified)
+    if (
+        compatible
+        or address in IPV4_TRANSLATED
+        or any(address in prefix for prefix in NAT64_PREFIXES)
+    ):
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
@@ -91,6 +106,10 @@ class AddressPolicy:
             return "unspecified"
         if address.is_private:
             return "private"
+        if isinstance(address, ipaddress.IPv6Address) and (
+            address not in GLOBAL_UNICAST or address.is_site_local
+        ):
+            return "reserved"
         if not address.is_global:
             return "reserved"
         return None

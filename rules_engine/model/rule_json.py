@@ -11,6 +11,7 @@ every bound below is decoded. Whatever a document holds then costs its own rule 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Final, NoReturn
@@ -77,7 +78,13 @@ def _number(kind: type[int] | type[float]) -> Callable[[str], int | float]:
                 TOO_LARGE,
                 f"a number of {len(literal)} characters (at most {MAX_NUMBER_CHARS} are read)",
             )
-        return kind(literal)
+        number = kind(literal)
+        # "1e999" is valid JSON that a double cannot hold: float() makes it inf, which nothing
+        # downstream can write back (jsonb refuses Infinity), so it would fail the batch later,
+        # outside this rule's own guard. Refused here, as what it is: a number out of range.
+        if isinstance(number, float) and not math.isfinite(number):
+            _refuse(TOO_LARGE, f"the number {literal} is beyond the range of a double")
+        return number
 
     return parse
 

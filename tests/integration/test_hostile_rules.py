@@ -102,6 +102,23 @@ def test_deep_and_huge_rules_cost_only_themselves_in_a_batch(db_url: str, unique
     assert gauge("iothub_rules_invalid", {"reason": rule_json.TOO_MANY_ITEMS}) == 1
 
 
+@pytest.mark.parametrize("column", ["condition", "action"])
+def test_the_database_refuses_a_rule_document_the_service_could_not_read(
+    db_url: str, unique: str, column: str
+) -> None:
+    """A condition or action over 65,536 characters is refused when it is written (migration
+    0008), so no rule reload ever fetches megabytes of jsonb inside a batch transaction."""
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    temp = fleet.bindings[(fleet.serials[0], "temperature")]
+    big = json.dumps({**HOT, "note": "x" * rule_json.MAX_TEXT_CHARS})
+    documents = {"condition": json.dumps(HOT), "action": json.dumps(NOTIFY), column: big}
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"rules_{column}_size"):
+        insert_rule(db_url, temp, "Huge", documents["condition"], documents["action"])
+    # One just under the limit is stored (the service decides what it means).
+    fits = json.dumps({**HOT, "note": "x" * 1000})
+    assert insert_rule(db_url, temp, "Fits", fits, json.dumps(NOTIFY)) > 0
+
+
 def test_the_no_data_timer_runs_beside_a_deep_rule(db_url: str, unique: str) -> None:
     """The no-data timer loads the same rules: a deep one beside a no_data rule neither crashes
     the pass nor stops the no_data rule from firing."""

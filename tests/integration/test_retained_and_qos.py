@@ -172,7 +172,10 @@ def test_a_retained_message_that_still_arrives_is_rejected_as_retained(
 
     assert status_rows(db_url, fleet.bindings[(serial, "status")]) == 0
     with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute("SELECT topic, payload, serial_id FROM rejected_messages").fetchone()
+        row = conn.execute(
+            "SELECT p.topic, p.payload, m.serial_id FROM rejected_messages m"
+            " JOIN rejected_payloads p ON p.id = m.payload_id"
+        ).fetchone()
     assert row == (topic, replayed.payload, serial)
 
 

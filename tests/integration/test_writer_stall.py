@@ -167,4 +167,9 @@ def test_a_writer_hung_on_a_lock_fails_healthz(
         assert wait_for(lambda: healthz(service)[0] == 200)
 
     assert (status, body["down"]) == (503, ["writer"])
-    assert body["checks"] == {"mqtt": True, "database": True, "writer": False}
+    assert body["checks"] == {
+        "mqtt": True,
+        "database": True,
+        "database_disk": True,
+        "writer": False,
+    }

@@ -49,6 +49,14 @@ CONDITION = {"type": "string_match", "operator": "!=", "value": "OK"}
         ("::ffff:10.0.0.1", "private"),
         ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
         ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
+        ("64:ff9b:1::a9fe:a9fe", "link-local"),  # local-use NAT64 (RFC 8215)
+        ("::ffff:0:7f00:1", "loopback"),  # IPv4-translated (RFC 2765)
+        ("::7f00:1", "loopback"),  # IPv4-compatible, deprecated but routable somewhere
+        ("::a9fe:a9fe", "link-local"),
+        # Outside 2000::/3, the only global unicast space: Python calls some of these global.
+        ("fec0::1", "reserved"),  # site-local, deprecated
+        ("5f00::1", "reserved"),
+        ("4000::1", "reserved"),
         ("8.8.8.8", None),
         ("93.184.216.34", None),
         ("2606:4700:4700::1111", None),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -254,3 +255,13 @@ def test_bounds_are_exact() -> None:
         else:
             raise AssertionError(f"accepted: {text[:40]}")
     assert rule_json.parse(json.dumps(list(range(rule_json.MAX_ITEMS)))) is not None
+
+
+@pytest.mark.parametrize("literal", ["1e999", "-1e999", "1E400", "123456789e400"])
+def test_a_number_beyond_a_double_makes_only_its_rule_invalid(literal: str) -> None:
+    """A JSON number a double cannot hold (float() makes it inf) is refused when the rule is
+    decoded: an action payload holding it would otherwise be written as `Infinity`, which jsonb
+    refuses, failing the whole batch's rule effects outside the rule's own guard."""
+    with pytest.raises(rule_json.RuleJsonError) as refused:
+        rule_json.parse('{"type": "mqtt", "topic": "alerts/x", "payload": {"x": ' + literal + "}}")
+    assert refused.value.reason == rule_json.TOO_LARGE
