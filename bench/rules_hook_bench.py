@@ -40,9 +40,9 @@ from ingest_bench import PG_SETTINGS, RULE_ACTION, RULES  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from ingestor.hooks import StoredReading  # noqa: E402
 from iothub.devtools.localservers import LocalPostgres  # noqa: E402
-from iothub.metrics import Metrics  # noqa: E402
 from rules_engine.engine import RuleEngine  # noqa: E402
 from rules_engine.evaluate import step as evaluator  # noqa: E402
+from rules_engine.metrics import RuleMetrics  # noqa: E402
 from schema import migrate  # noqa: E402
 
 DEVICES = 100
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         dsn = pg.admin_dsn.rsplit("/", 1)[0] + "/iothub"
         dms = fleet(dsn)
         source = batches(dms, args.per_dm)
-        engine = RuleEngine(Settings(database_url=dsn), Metrics())
+        engine = RuleEngine(Settings(database_url=dsn), RuleMetrics())
         # The first batch compiles the rules, finds no states, and fires the delta rule of
         # every device_metric (the values rise 6,000 per minute): a one-time cost.
         first = run(dsn, engine, source, 1, lambda: None)[0]

@@ -34,9 +34,9 @@ from psycopg_pool import ConnectionPool
 from config.settings import Settings
 from ingestor.catalog import Snapshot
 from ingestor.hooks import HookResult, StoredReading
-from iothub.metrics import Metrics
 from rules_engine.actions.outbox import OutboxWorker
 from rules_engine.evaluate import step as evaluator
+from rules_engine.metrics import RuleMetrics
 from rules_engine.model import actions as actions_model
 from rules_engine.model import rule_json, templates
 from rules_engine.model.conditions import InvalidRule
@@ -73,7 +73,7 @@ def fingerprint(condition: Any, data_type: str) -> str:
 class RuleCache:
     """The active, valid rules by device_metric; reloaded when marked stale."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: RuleMetrics | None = None) -> None:
         self._metrics = metrics
         if metrics is not None:
             for reason in rule_json.REASONS:
@@ -413,7 +413,7 @@ def outbox_rows(
 class RuleEngine:
     """The batch hook of the ingestion transaction, plus the rule engine's workers."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: RuleMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.tz = settings.tz

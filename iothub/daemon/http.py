@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from iothub.metrics import CONTENT_TYPE, Metrics
+from iothub.daemon.observe import CONTENT_TYPE, ServiceMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +38,7 @@ class HealthServer:
         port: int,
         *,
         readiness: Readiness,
-        metrics: Metrics,
+        metrics: ServiceMetrics,
     ) -> None:
         self._host = host
         self._requested_port = port
@@ -108,7 +108,7 @@ class _Server(ThreadingHTTPServer):
     # Without this a restart within TIME_WAIT of the old socket fails with "address in use".
     allow_reuse_address = True
     readiness: Readiness
-    metrics: Metrics
+    metrics: ServiceMetrics
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -50,8 +50,8 @@ from ingestor.writer import (
 )
 from iothub import exitcodes
 from iothub.daemon.http import HealthServer
+from iothub.daemon.observe import ServiceMetrics
 from iothub.daemon.systemd import SystemdNotifier
-from iothub.metrics import Metrics
 from rules_engine import engine
 from schema import db
 
@@ -126,12 +126,12 @@ class IngestService:
         hook: BatchHook | None = None,
         workers: Sequence[Worker] = (),
         on_catalog_change: Callable[[catalog.Snapshot, frozenset[str]], None] | None = None,
-        metrics: Metrics | None = None,
+        metrics: ServiceMetrics | None = None,
         notifier: SystemdNotifier | None = None,
         pool: ConnectionPool | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or ServiceMetrics()
         self.notifier = notifier or SystemdNotifier(None)
         self.stop_event = threading.Event()
         self.router = TopicRouter.from_strings(settings.mqtt_topics)
@@ -140,7 +140,7 @@ class IngestService:
         self.pool = pool or db.make_pool(settings, "ingest", configure=connection_setup(settings))
         self.hook = hook or NoHook()
         # Retention runs with or without rules: rejections pile up either way.
-        self.retention = retention.RetentionWorker(settings, self.pool, self.metrics)
+        self.retention = retention.RetentionWorker(settings, self.pool, self.metrics.ingest)
         self.workers = [*workers, self.retention]
         self._on_catalog_change = on_catalog_change
         self.intake = MqttIntake(settings, self.router)
@@ -443,10 +443,10 @@ class IngestService:
                             "until a batch commits again",
                         )
                     self.disk_full = True
-                    self.metrics.db_disk_full.set(1)
+                    self.metrics.ingest.db_disk_full.set(1)
                 elif not timed_out:
                     self.db_ok = False
-                self.metrics.batches.labels(outcome="retry").inc()
+                self.metrics.ingest.batches.labels(outcome="retry").inc()
                 if self.stop_event.is_set():
                     if give_up_at is None:
                         give_up_at = time.monotonic() + self.settings.shutdown_timeout * 0.8
@@ -469,12 +469,12 @@ class IngestService:
             self.db_ok = True
             self._last_commit = time.monotonic()
             self.disk_full = False
-            self.metrics.db_disk_full.set(0)
+            self.metrics.ingest.db_disk_full.set(0)
             self._record(prepared, result)
             return True
 
     def _record(self, prepared: batch_mod.Batch, result: WriteResult) -> None:
-        m = self.metrics
+        m = self.metrics.ingest
         n_msgs = len(prepared.messages)
         rejected = prepared.rejected_by_reason()
         if result.storage_rejects:
@@ -489,7 +489,7 @@ class IngestService:
         for reason, count in rejected.items():
             m.rejected.labels(reason=reason).inc(count)
         for kind, count in result.hook.events.items():
-            m.events.labels(kind=kind).inc(count)
+            self.metrics.rules.events.labels(kind=kind).inc(count)
         m.late.inc(result.hook.late)
         s = self.stats
         s.messages += n_msgs
@@ -538,7 +538,7 @@ class IngestService:
         return max(age, self.intake.oldest_queued_age())
 
     def _update_gauges(self) -> None:
-        m = self.metrics
+        m = self.metrics.ingest
         m.queue_depth.set(self.intake.queue_depth)
         m.pending.set(self.intake.pending)
         m.pending_bytes.set(self.intake.pending_bytes)
@@ -577,9 +577,9 @@ class IngestService:
 
 def build(settings: Settings, notifier: SystemdNotifier | None = None) -> IngestService:
     """The service with the rule engine plugged in (its hook, workers and rule cache)."""
-    metrics = Metrics()
+    metrics = ServiceMetrics()
     pool = db.make_pool(settings, "ingest", configure=connection_setup(settings))
-    rules = engine.RuleEngine(settings, metrics)
+    rules = engine.RuleEngine(settings, metrics.rules)
     service = IngestService(
         settings,
         hook=rules,

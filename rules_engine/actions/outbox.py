@@ -58,8 +58,8 @@ from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 from config.settings import Settings
 from ingestor import mqtt as mqttclient
 from ingestor.backoff import Backoff
-from iothub.metrics import Metrics
 from rules_engine.actions import egress
+from rules_engine.metrics import RuleMetrics
 from rules_engine.model import actions as actions_model
 from schema import sql as queries_mod
 
@@ -592,7 +592,7 @@ class OutboxWorker:
         self,
         settings: Settings,
         pool: ConnectionPool,
-        metrics: Metrics,
+        metrics: RuleMetrics,
         *,
         retry_base: float = RETRY_BASE,
         retry_max: float = RETRY_MAX,

@@ -19,9 +19,9 @@ from ingestor.hooks import HookResult, StoredReading
 from iothub import exitcodes
 from iothub.cli import main as cli
 from iothub.daemon.service import IngestService
-from iothub.metrics import Metrics
 from rules_engine.engine import RuleEngine
 from rules_engine.evaluate import step as evaluator
+from rules_engine.metrics import RuleMetrics
 from rules_engine.model import rule_json, templates
 from rules_engine.no_data import NoDataWorker
 from tests.integration.test_seed import run as run_seed
@@ -78,7 +78,7 @@ def test_deep_and_huge_rules_cost_only_themselves_in_a_batch(db_url: str, unique
     status = fleet.bindings[(fleet.serials[0], "status")]
     bad = hostile_rules(db_url, temp, status)
     good = insert_rule(db_url, temp, "Hot", json.dumps(HOT), json.dumps(NOTIFY))
-    metrics = Metrics()
+    metrics = RuleMetrics()
     engine = RuleEngine(Settings(database_url=db_url), metrics)
     ts = datetime.now(UTC).replace(microsecond=0)
     with (
@@ -109,7 +109,7 @@ def test_the_no_data_timer_runs_beside_a_deep_rule(db_url: str, unique: str) -> 
     hostile_rules(db_url, temp, status)
     silent = {"type": "no_data", "minutes": 10}
     insert_rule(db_url, temp, "Silent", json.dumps(silent), json.dumps(NOTIFY))
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     last = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
     with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
         engine.on_inserted(conn, [reading(temp, last, 20.0)])
@@ -174,7 +174,7 @@ def test_a_deep_stored_rule_state_is_reset_not_fatal(db_url: str, unique: str) -
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     temp = fleet.bindings[(fleet.serials[0], "temperature")]
     rule = insert_rule(db_url, temp, "Hot", json.dumps(HOT), json.dumps(NOTIFY))
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     ts = datetime.now(UTC).replace(microsecond=0)
     with psycopg.connect(db_url, autocommit=True) as conn:
         with conn.transaction():
@@ -280,7 +280,7 @@ def test_a_no_data_rule_that_raises_costs_only_itself(
     silent = json.dumps({"type": "no_data", "minutes": 10})
     broken = insert_rule(db_url, temp, "Broken", silent, json.dumps(NOTIFY))
     sound = insert_rule(db_url, temp, "Sound", silent, json.dumps(NOTIFY))
-    metrics = Metrics()
+    metrics = RuleMetrics()
     engine = RuleEngine(Settings(database_url=db_url), metrics)
     with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
         engine.on_inserted(conn, [reading(temp, datetime.now(UTC), 20.0)])
@@ -324,7 +324,7 @@ def test_a_rule_whose_message_cannot_be_rendered_still_gets_its_event(
         return real(template, context, **kw)
 
     monkeypatch.setattr(templates, "render", render)
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     with (
         psycopg.connect(db_url, autocommit=True) as conn,
         capture_logs() as logs,
@@ -347,7 +347,7 @@ def test_a_deep_cursor_value_is_reset_not_fatal(db_url: str, unique: str) -> Non
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     temp = fleet.bindings[(fleet.serials[0], "temperature")]
     insert_rule(db_url, temp, "Hot", json.dumps(HOT), json.dumps(NOTIFY))
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     ts = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
     with psycopg.connect(db_url, autocommit=True) as conn:
         with conn.transaction():

@@ -27,7 +27,6 @@ from psycopg.types.json import Jsonb
 from config.settings import Settings
 from ingestor import mqtt as mqttclient
 from iothub.daemon.service import IngestService
-from iothub.metrics import Metrics
 from rules_engine.actions import egress, outbox
 from rules_engine.actions.outbox import (
     DeliveryFailed,
@@ -39,6 +38,7 @@ from rules_engine.actions.outbox import (
 )
 from rules_engine.engine import RuleEntry, outbox_rows
 from rules_engine.evaluate import step as evaluator
+from rules_engine.metrics import RuleMetrics
 from schema import db
 from tests.support.daemon import running
 from tests.support.fleet import make_fleet, wait_for
@@ -216,7 +216,7 @@ def event(db_url: str, unique: str) -> tuple[int, int]:
 @dataclass
 class Started:
     worker: OutboxWorker
-    metrics: Metrics
+    metrics: RuleMetrics
 
 
 @pytest.fixture
@@ -235,7 +235,7 @@ def start_worker(make_settings: Callable[..., Settings]) -> Iterator[Callable[..
         settings = make_settings(**values)
         pool = db.make_pool(settings, "outbox-test", size=2)
         pool.open(wait=True)
-        metrics = Metrics()
+        metrics = RuleMetrics()
         worker = OutboxWorker(
             settings,
             pool,
@@ -287,7 +287,7 @@ def settled(conn: psycopg.Connection, outbox_id: int) -> Callable[[], bool]:
     return lambda: outbox_row(conn, outbox_id)[0] != "pending"
 
 
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
+def sample(metrics: RuleMetrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
@@ -1194,7 +1194,7 @@ def test_the_daemons_healthz_says_when_the_outbox_worker_is_stuck(
     """In a running service, a stuck outbox worker turns /healthz into 503 naming `outbox`, and
     /metrics shows it; when it moves again, /healthz is 200."""
     settings = make_settings(outbox_stuck_after=0.3, outbox_poll_interval=0.05)
-    metrics = Metrics()
+    metrics = RuleMetrics()
     pool = db.make_pool(settings, "outbox-test", size=2)
     pool.open(wait=True)
     worker = OutboxWorker(settings, pool, metrics)

@@ -11,8 +11,8 @@ from structlog.testing import capture_logs
 
 from config.settings import Settings
 from ingestor.hooks import StoredReading
-from iothub.metrics import Metrics
 from rules_engine.engine import RuleEngine
+from rules_engine.metrics import RuleMetrics
 from rules_engine.no_data import NoDataWorker
 from tests.integration.test_rules_in_pipeline import NOTIFY, add_rule, events
 from tests.support.fleet import make_fleet
@@ -40,7 +40,7 @@ def test_a_rule_that_cannot_be_compiled_is_skipped_not_fatal(db_url: str, unique
             ),
         )
     add_rule(db_url, dm, HOT, "Hot")
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     ts = datetime.now(UTC).replace(microsecond=0)
     with (
         psycopg.connect(db_url, autocommit=True) as conn,
@@ -60,7 +60,7 @@ def test_a_rule_deleted_after_the_cache_loaded_costs_nothing(db_url: str, unique
     dm = fleet.bindings[(fleet.serials[0], "temperature")]
     add_rule(db_url, dm, HOT, "Hot")
     doomed = add_rule(db_url, dm, HOT, "Doomed")
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     ts = datetime.now(UTC).replace(microsecond=0)
     with psycopg.connect(db_url, autocommit=True) as conn:
         engine.cache.current(conn)  # cached with both rules
@@ -83,7 +83,7 @@ def test_no_data_waits_for_the_backlog(db_url: str, unique: str) -> None:
     dm = fleet.bindings[(fleet.serials[0], "temperature")]
     add_rule(db_url, dm, {"type": "no_data", "minutes": 10}, "Silent")
     settings = Settings(database_url=db_url)
-    engine = RuleEngine(settings, Metrics())
+    engine = RuleEngine(settings, RuleMetrics())
     last = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
     with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
         engine.on_inserted(conn, [reading(dm, last, 20.0)])

@@ -18,8 +18,8 @@ from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from ingestor import catalog
-from iothub.metrics import Metrics
 from rules_engine.engine import RuleEngine, RulePreloader
+from rules_engine.metrics import RuleMetrics
 from rules_engine.no_data import NoDataWorker
 from tests.integration.test_rule_engine_robustness import HOT, reading
 from tests.integration.test_rules_in_pipeline import add_rule, events
@@ -44,7 +44,7 @@ def binding(db_url: str, unique: str) -> int:
 
 
 def new_engine(db_url: str) -> RuleEngine:
-    return RuleEngine(Settings(database_url=db_url), Metrics())
+    return RuleEngine(Settings(database_url=db_url), RuleMetrics())
 
 
 def test_two_instances_take_turns_on_one_binding(db_url: str, unique: str) -> None:

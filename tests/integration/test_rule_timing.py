@@ -16,8 +16,8 @@ from psycopg_pool import ConnectionPool
 from config.settings import Settings
 from ingestor.hooks import StoredReading
 from iothub.daemon import service as service_mod
-from iothub.metrics import Metrics
 from rules_engine.engine import RuleEngine
+from rules_engine.metrics import RuleMetrics
 from rules_engine.no_data import NoDataWorker
 from schema import migrate
 from tests.integration.test_rules_in_pipeline import NOTIFY
@@ -71,7 +71,7 @@ def test_a_device_clock_behind_does_not_make_a_silence(db_url: str, unique: str)
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     dm = fleet.bindings[(fleet.serials[0], "temperature")]
     add_rule(db_url, dm, {"type": "no_data", "minutes": 2}, "Silent")
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     behind = timedelta(minutes=3)
     with ConnectionPool(db_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
         worker = NoDataWorker(engine, pool)
@@ -98,7 +98,7 @@ def test_no_verdict_while_the_backlog_is_older_than_the_limit(db_url: str, uniqu
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     dm = fleet.bindings[(fleet.serials[0], "temperature")]
     add_rule(db_url, dm, {"type": "no_data", "minutes": 10}, "Silent")
-    engine = RuleEngine(Settings(database_url=db_url, no_data_max_backlog=5.0), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url, no_data_max_backlog=5.0), RuleMetrics())
     feed(db_url, engine, dm, datetime.now(UTC) - timedelta(minutes=30), 20.0)
     later = last_received(db_url, dm) + timedelta(minutes=11)
     with ConnectionPool(db_url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
@@ -237,7 +237,7 @@ def test_a_device_clock_jumping_forward_is_not_a_silence(db_url: str, unique: st
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     dm = fleet.bindings[(fleet.serials[0], "temperature")]
     add_rule(db_url, dm, {"type": "no_data", "minutes": 10}, "Silent")
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     now = datetime.now(UTC)
     feed(db_url, engine, dm, now - timedelta(minutes=31), 20.0)
     feed(db_url, engine, dm, now - timedelta(minutes=1), 20.0)
@@ -252,7 +252,7 @@ def test_readings_ahead_in_one_batch_are_evaluated_once_at_the_clock(
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     dm = fleet.bindings[(fleet.serials[0], "temperature")]
     add_rule(db_url, dm, {"type": "threshold", "operator": ">", "value": 50}, "Hot")
-    engine = RuleEngine(Settings(database_url=db_url), Metrics())
+    engine = RuleEngine(Settings(database_url=db_url), RuleMetrics())
     clock = datetime.now(UTC).replace(microsecond=0)
     engine.clock = lambda: clock
     ahead = [reading(dm, clock + timedelta(minutes=m), v) for m, v in ((2, 20.0), (4, 80.0))]

@@ -55,12 +55,12 @@ from psycopg import sql
 from config.settings import Settings
 from ingestor import catalog
 from ingestor import mqtt as mqttclient
+from ingestor.metrics import REJECTION_REASONS
 from iothub import exitcodes, logs
 from iothub.daemon import service as service_mod
 from iothub.devtools import localservers
 from iothub.devtools.seed import store as seed
 from iothub.devtools.simulator import publisher as simulate
-from iothub.metrics import REJECTION_REASONS
 from schema import migrate
 from schema import sql as queries_mod
 

@@ -1,16 +1,14 @@
-"""The service's Prometheus instruments, served on /metrics by `iothub.http.HealthServer`."""
+"""The ingestion's Prometheus instruments: intake, batches, readings, rejections, pending
+messages, retention and the database's state.
+
+The rule engine owns its own (rules_engine/metrics.py); the daemon composes both into one
+registry (iothub/daemon/observe.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, exposition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ingestor.reasons import Reason
-
-# Every name here is a plain Prometheus name, so the body is the same in text format 0.0.4 and
-# 1.0.0; announcing 0.0.4 keeps older Prometheus servers and other scrapers happy.
-CONTENT_TYPE = exposition.CONTENT_TYPE_PLAIN_0_0_4
 
 # Batches are a COPY plus rule evaluation in one transaction: about a millisecond when small and
 # warm, seconds when the database is struggling. Beyond 10 s the exact value no longer matters.
@@ -23,27 +21,21 @@ BATCH_SECONDS_BUCKETS = (  # seconds
 
 # Label values known in advance get a series at 0 from the start, so that `rate()` and alerts
 # see the first occurrence instead of a series appearing out of nowhere: the codes of DESIGN
-# section 3 plus the ingestor's storage_error (ingestor/reasons.py), and the event kinds.
+# section 3 plus the ingestor's storage_error (ingestor/reasons.py).
 REJECTION_REASONS = tuple(str(reason) for reason in Reason)
-EVENT_KINDS = ("triggered", "resolved")
 # The tables ingestor/retention.py prunes.
 RETENTION_TABLES = ("rejected_messages", "rejected_payloads", "action_attempts", "action_outbox")
 
 
-class Metrics:
-    """All instruments of one service instance, in a registry of their own.
+class IngestMetrics:
+    """The ingestion's instruments, in the registry given (a fresh one of their own if none).
 
     A registry per instance (not prometheus_client's global one) lets tests and the demo run
     several services in one process without "Duplicated timeseries" errors.
     """
 
-    def __init__(
-        self,
-        *,
-        rejection_reasons: Iterable[str] = REJECTION_REASONS,
-        event_kinds: Iterable[str] = EVENT_KINDS,
-    ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
 
         # --- intake
@@ -76,17 +68,6 @@ class Metrics:
         self.late = Counter(
             "iothub_readings_late_total",
             "Readings older than the last one evaluated: stored, but not moving rule state",
-            registry=r,
-        )
-
-        # --- rules and actions
-        self.events = Counter(
-            "iothub_events_total", "Rule events written, by kind", ["kind"], registry=r
-        )
-        self.actions_delivered = Counter(
-            "iothub_actions_delivered_total",
-            "Rule action delivery attempts from the outbox, by action kind and outcome",
-            ["kind", "outcome"],
             registry=r,
         )
 
@@ -133,15 +114,6 @@ class Metrics:
             "Age of the oldest message received but not yet acknowledged to the broker",
             registry=r,
         )
-        self.outbox_backlog = Gauge(
-            "iothub_outbox_backlog", "Rule actions waiting in the outbox for delivery", registry=r
-        )
-        self.outbox_worker_stuck = Gauge(
-            "iothub_outbox_worker_stuck",
-            "1 while the outbox worker's current step has overrun its deadline by more than "
-            "outbox_stuck_after, else 0",
-            registry=r,
-        )
         self.mqtt_connected = Gauge(
             "iothub_mqtt_connected", "1 while connected to the MQTT broker, else 0", registry=r
         )
@@ -162,29 +134,7 @@ class Metrics:
             "iothub_db_connected", "1 while the database is reachable, else 0", registry=r
         )
 
-        # --- rules (label values are set by the rule engine, which owns the reasons)
-        self.rules_invalid = Gauge(
-            "iothub_rules_invalid",
-            "Active rules skipped by the last load of the rules because they are invalid, "
-            "by reason (rules_engine/rule_json.py)",
-            ["reason"],
-            registry=r,
-        )
-        self.rule_failures = Counter(
-            "iothub_rule_failures_total",
-            "Rule evaluations that failed and cost that rule its effects for one batch or "
-            "timer pass, by stage (evaluate, no_data, render)",
-            ["stage"],
-            registry=r,
-        )
-
-        for reason in rejection_reasons:
+        for reason in REJECTION_REASONS:
             self.rejected.labels(reason=reason)
-        for kind in event_kinds:
-            self.events.labels(kind=kind)
         for table in RETENTION_TABLES:
             self.retention_deleted.labels(table=table)
-
-    def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format (see CONTENT_TYPE)."""
-        return exposition.generate_latest(self.registry)
