@@ -18,16 +18,13 @@ unacknowledged and the broker delivers it again on the next start. A second sign
 from __future__ import annotations
 
 import argparse
-import os
 import queue
-import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from types import FrameType
 from typing import Protocol, runtime_checkable
 
 import structlog
@@ -48,7 +45,7 @@ from ingestor.writer import (
     WriteResult,
     connection_setup,
 )
-from iothub import exitcodes
+from iothub import exitcodes, signals
 from iothub.daemon.http import HealthServer
 from iothub.daemon.observe import ServiceMetrics
 from iothub.daemon.systemd import SystemdNotifier
@@ -609,16 +606,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     service = (
         IngestService(settings, notifier=notifier) if args.no_rules else build(settings, notifier)
     )
-    signals = {"count": 0}
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        signals["count"] += 1
-        if signals["count"] > 1:
-            # Second signal: the operator means it. Unacknowledged messages come back later.
-            os.write(2, b'{"event": "forced_exit", "level": "error"}\n')
-            os._exit(exitcodes.INTERRUPTED)
-        service.request_stop(f"signal {signal.Signals(signum).name}")
+    def stop(name: str) -> None:
+        service.request_stop(f"signal {name}")
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return service.run()
+    with signals.on_stop(stop):
+        return service.run()

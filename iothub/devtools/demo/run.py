@@ -32,17 +32,14 @@ import io
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Final, TextIO
 
 import paho.mqtt.client as mqtt
@@ -56,7 +53,7 @@ from config.settings import Settings
 from ingestor import catalog
 from ingestor import mqtt as mqttclient
 from ingestor.metrics import REJECTION_REASONS
-from iothub import exitcodes, logs
+from iothub import exitcodes, logs, signals
 from iothub.daemon import service as service_mod
 from iothub.devtools import localservers
 from iothub.devtools.seed import store as seed
@@ -668,30 +665,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@contextlib.contextmanager
-def _signals(stop: threading.Event, console: Console) -> Iterator[None]:
-    """SIGINT/SIGTERM only set `stop`: clean-up must run to its end, so a repeat is not fatal."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.warning("demo_still_cleaning_up", signal=name)
-            return
-        stop.set()
-        log.info("demo_stopping", signal=name)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -759,7 +732,16 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         logs.configure("warning", settings.log_format)
     stop = threading.Event()
     try:
-        with _signals(stop, console):
+
+        def stopping(name: str) -> None:
+            stop.set()
+            log.info("demo_stopping", signal=name)
+
+        def still_cleaning_up(name: str) -> None:
+            # Clean-up must run to its end (throwaway servers, the demo database): no exit.
+            log.warning("demo_still_cleaning_up", signal=name)
+
+        with signals.on_stop(stopping, repeat=still_cleaning_up):
             return _main(settings, args, console, stop)
     finally:
         if quiet:

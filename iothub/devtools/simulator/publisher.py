@@ -29,14 +29,12 @@ import json
 import math
 import os
 import random
-import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from types import FrameType
 from typing import Any, Final, Literal, Protocol
 
 import paho.mqtt.client as mqtt
@@ -49,7 +47,7 @@ from config.settings import DEFAULT_MAX_PAYLOAD, Settings
 from config.topics import TopicPattern
 from ingestor import catalog
 from ingestor import mqtt as mqttclient
-from iothub import exitcodes
+from iothub import exitcodes, signals
 from iothub.devtools.seed import data as seed_data
 from schema import db
 
@@ -913,9 +911,21 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         # The same client id would take the service's session over and disconnect it.
         log.error("simulate_bad_client_id", client_id=client_id, why="it is the service's own")
         return exitcodes.USAGE
-    serials = [s.strip() for s in args.devices.split(",") if s.strip()] if args.devices else None
     stop = threading.Event()
-    restore = install_stop_handlers(stop, "simulate_stopping")
+
+    def stopping(name: str) -> None:
+        log.info("simulate_stopping", signal=name)
+        stop.set()
+
+    # A repeated signal changes nothing: the publisher already stops within a tick.
+    with signals.on_stop(stopping, repeat=lambda name: stop.set()):
+        return _simulate(settings, args, client_id, stop)
+
+
+def _simulate(
+    settings: Settings, args: argparse.Namespace, client_id: str, stop: threading.Event
+) -> int:
+    serials = [s.strip() for s in args.devices.split(",") if s.strip()] if args.devices else None
     try:
         devices, source = choose_devices(settings, serials, args.device_count)
         factory = MessageFactory(
@@ -951,31 +961,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     except SimulationError as exc:
         log.error("simulate_failed", error=str(exc))
         return exitcodes.CONNECTION_FAILED
-    finally:
-        restore()
     return exitcodes.OK
-
-
-def install_stop_handlers(stop: threading.Event, event: str) -> Callable[[], None]:
-    """SIGINT/SIGTERM set `stop` (a log line says so); returns what restores the old handlers.
-
-    Outside the main thread (a library caller's worker) nothing is installed."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if not stop.is_set():
-            log.info(event, signal=signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            if handler is not None:  # None: installed outside Python, nothing to put back
-                signal.signal(sig, handler)
-
-    return restore
 
 
 __all__ = [
