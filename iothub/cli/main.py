@@ -21,7 +21,7 @@ from iothub import exitcodes, logs
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("iothub.daemon.service", "the daemon: ingestion + rules + actions"),
+    "run": ("iothub.cli.run", "the daemon: ingestion + rules + actions"),
     "migrate": ("iothub.cli.migrate", "apply schema migrations"),
     "setup-timescaledb": ("schema.timescale", "hypertable, compression and retention"),
     "seed": ("iothub.devtools.seed.store", "load the development data set (idempotent)"),

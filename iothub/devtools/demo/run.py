@@ -8,8 +8,8 @@
    data is never touched. On a configured broker it publishes and subscribes under a topic prefix
    of its own (`iothub-demo-<timestamp>/...`), so a production ingestor never sees its messages.
 2. Schema migrations, then the seed's development data set (7 devices, 11 rules).
-3. The daemon in-process (`ingestor.service.build`: ingestion, rules, actions; its own client id,
-   health port 0) and the simulator in-process, for `--duration` seconds.
+3. The daemon in-process (`iothub.daemon.assemble.build`: ingestion, rules, actions; its own
+   client id, health port 0) and the simulator in-process, for `--duration` seconds.
 4. A summary read from the database: rows stored, rejections by reason, events by rule.
 5. Clean-up of everything it started, also on Ctrl-C/SIGTERM: the daemon through request_stop,
    the demo database, the throwaway servers, the temporary directory.
@@ -54,6 +54,7 @@ from ingestor import catalog
 from ingestor import mqtt as mqttclient
 from ingestor.metrics import REJECTION_REASONS
 from iothub import exitcodes, logs, signals
+from iothub.daemon import assemble
 from iothub.daemon import service as service_mod
 from iothub.devtools import localservers
 from iothub.devtools.seed import store as seed
@@ -421,7 +422,7 @@ class Run:
     sim_error: Exception | None = None
 
     def start_service(self, stack: contextlib.ExitStack) -> None:
-        self.service = service = service_mod.build(self.settings)
+        self.service = service = assemble.build(self.settings)
         self.service_thread = threading.Thread(target=service.run, name="iothub-demo-daemon")
         stack.callback(self.stop_service)
         self.service_thread.start()

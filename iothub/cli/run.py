@@ -1,0 +1,37 @@
+"""`iothub run`: the daemon. Ingestion, rules and actions, with an orderly stop."""
+
+from __future__ import annotations
+
+import argparse
+
+import structlog
+
+from config.settings import Settings
+from iothub import signals
+from iothub.daemon import assemble
+from iothub.daemon.service import IngestService
+from iothub.daemon.systemd import SystemdNotifier
+
+log = structlog.get_logger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-rules", action="store_true", help="store telemetry only; rules and actions off"
+    )
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    log.info("config_loaded", settings=settings.redacted())
+    notifier = SystemdNotifier.from_environ()
+    service = (
+        IngestService(settings, notifier=notifier)
+        if args.no_rules
+        else assemble.build(settings, notifier)
+    )
+
+    def stop(name: str) -> None:
+        service.request_stop(f"signal {name}")
+
+    with signals.on_stop(stop):
+        return service.run()
