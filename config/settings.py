@@ -329,14 +329,14 @@ class Settings(BaseSettings):
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: str) -> str:
-        _parse_mqtt_url(value)
+        parse_mqtt_url(value)
         return value
 
     @field_validator("mqtt_actions_url")
     @classmethod
     def _check_mqtt_actions_url(cls, value: str | None) -> str | None:
         if value is not None:
-            _parse_mqtt_url(value)
+            parse_mqtt_url(value)
         return value
 
     @field_validator("timezone")
@@ -350,12 +350,12 @@ class Settings(BaseSettings):
 
     @property
     def mqtt(self) -> MqttTarget:
-        return _parse_mqtt_url(self.mqtt_url)
+        return parse_mqtt_url(self.mqtt_url)
 
     @property
     def mqtt_actions(self) -> MqttTarget:
         """Where the action publisher connects: mqtt_actions_url, else mqtt_url."""
-        return _parse_mqtt_url(self.mqtt_actions_url or self.mqtt_url)
+        return parse_mqtt_url(self.mqtt_actions_url or self.mqtt_url)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -386,7 +386,7 @@ def _check_userinfo(url: str) -> None:
         raise ValueError(_UNESCAPED_USERINFO)
 
 
-def _parse_mqtt_url(url: str) -> MqttTarget:
+def parse_mqtt_url(url: str) -> MqttTarget:
     _check_userinfo(url)
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts"):

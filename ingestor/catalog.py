@@ -12,17 +12,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import psycopg
 import structlog
 
+from ingestor.backoff import Backoff
 from schema import sql as queries_mod
+from schema.types import DataType
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("ingestor")
 
-DataType = Literal["numeric", "str", "boolean"]
 CHANNEL = "iothub_catalog"
 LISTEN_POLL = 0.5  # seconds: how often the listener looks at its stop flag
 RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds: backoff of the listener's reconnect loop
@@ -113,7 +113,7 @@ class CatalogListener:
         self._ready.set()
 
     def _run(self) -> None:
-        delay = RETRY_MIN
+        backoff = Backoff(initial=RETRY_MIN, maximum=RETRY_MAX)
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True) as conn:
@@ -126,13 +126,15 @@ class CatalogListener:
                         bindings=sum(len(d.bindings) for d in snapshot.devices.values()),
                     )
                     self._publish(snapshot, frozenset({"*"}))
-                    delay = RETRY_MIN
+                    backoff.reset()
                     self._listen(conn)
             except psycopg.Error as exc:
                 self.connected = False
-                log.warning("catalog_listener_retry", error=str(exc).strip(), retry_in=delay)
+                delay = backoff.next()
+                log.warning(
+                    "catalog_listener_retry", error=str(exc).strip(), retry_in=round(delay, 1)
+                )
                 self._stop.wait(delay)
-                delay = min(delay * 2, RETRY_MAX)
             except Exception:
                 # Never let the thread die quietly: the service checks `thread.is_alive()`.
                 self.connected = False

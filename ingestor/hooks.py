@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Protocol
 
 import psycopg
+
+from schema.types import DataType
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +19,7 @@ class StoredReading:
     device_metric_id: int
     ts: datetime
     value: float | int | bool | str
-    data_type: Literal["numeric", "str", "boolean"]
+    data_type: DataType
     serial_id: str
     device_name: str
     metric_type: str

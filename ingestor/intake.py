@@ -26,16 +26,11 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from config.settings import Settings
 from config.topics import TopicRouter
-from ingestor import mqtt as mqttclient
+from ingestor import mqtt
 from ingestor.messages import InboundMessage
 
 log = structlog.get_logger(__name__)
@@ -77,7 +72,7 @@ class MqttIntake:
         self.fatal: str | None = None
         self._subscribed_filters: list[str] = []
         self.stale_acks = 0  # acknowledgements skipped because their connection was gone
-        client = mqttclient.make_client(settings.mqtt_url, settings.mqtt_client_id, manual_ack=True)
+        client = mqtt.make_client(settings.mqtt, settings.mqtt_client_id, manual_ack=True)
         client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -89,11 +84,12 @@ class MqttIntake:
 
     def start(self) -> None:
         target = self._settings.mqtt
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self._settings.mqtt_session_expiry
-        props.ReceiveMaximum = min(self._max_pending, RECEIVE_MAXIMUM_CAP)
-        # The broker drops, for us, what our payload limit would reject anyway.
-        props.MaximumPacketSize = mqttclient.max_packet_size(self._settings.max_payload_bytes)
+        props = mqtt.connect_properties(
+            session_expiry=self._settings.mqtt_session_expiry,
+            receive_maximum=min(self._max_pending, RECEIVE_MAXIMUM_CAP),
+            # The broker drops, for us, what our payload limit would reject anyway.
+            maximum_packet_size=mqtt.max_packet_size(self._settings.max_payload_bytes),
+        )
         self._client.connect_async(
             target.host,
             target.port,
@@ -119,12 +115,11 @@ class MqttIntake:
         """Disconnect cleanly (the session stays on the broker) and end the network thread."""
         self.close_intake()
         self._client.disconnect()
-        mqttclient.stop_loop(self._client)
+        mqtt.stop_loop(self._client)
 
     @property
     def thread_alive(self) -> bool:
-        thread = getattr(self._client, "_thread", None)
-        return thread is not None and thread.is_alive()
+        return mqtt.network_thread_alive(self._client)
 
     @property
     def connected(self) -> bool:
@@ -240,152 +235,138 @@ class MqttIntake:
                 why="the broker resends them on the resumed session",
             )
 
-    # --- paho callbacks: they hand work over and never raise
+    # --- paho callbacks: they hand work over and never raise (`mqtt.guarded`)
 
+    @mqtt.guarded("on_connect")
     def _on_connect(
         self,
         client: mqtt.Client,
         userdata: Any,
         flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
+        reason_code: mqtt.ReasonCode,
+        properties: mqtt.Properties | None,
     ) -> None:
-        try:
-            if reason_code.is_failure:
-                log.error("mqtt_connect_refused", reason=str(reason_code))
-                return
-            with self._ack_lock:
-                self._generation += 1
-                self._connected = True
-                self._connected_at = datetime.now(UTC)
-            if flags.session_present:
-                self._forget_redelivered()
-            if not flags.session_present and self._generation > 1:
-                # Messages queued for us while we were away are gone with that session.
-                self.session_lost += 1
-                log.warning("mqtt_session_lost", why="the broker had no session for this client id")
-            log.info(
-                "mqtt_connected", session_present=flags.session_present, generation=self._generation
-            )
-            group = self._settings.mqtt_shared_group
-            # Retain handling 2: the broker does not send its retained messages when we
-            # subscribe, which we do on every connect; a retained reading is an old one, and it
-            # would be stored again after every restart (again and again without a ts).
-            options = SubscribeOptions(
-                qos=REQUIRED_QOS, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
-            )
-            topics = [(p.subscription_for(group), options) for p in self._router.patterns]
-            self._subscribed_filters = [topic for topic, _ in topics]
-            client.subscribe(topics)
-        except Exception:
-            log.exception("mqtt_callback_failed", callback="on_connect")
+        if reason_code.is_failure:
+            log.error("mqtt_connect_refused", reason=str(reason_code))
+            return
+        with self._ack_lock:
+            self._generation += 1
+            self._connected = True
+            self._connected_at = datetime.now(UTC)
+        if flags.session_present:
+            self._forget_redelivered()
+        if not flags.session_present and self._generation > 1:
+            # Messages queued for us while we were away are gone with that session.
+            self.session_lost += 1
+            log.warning("mqtt_session_lost", why="the broker had no session for this client id")
+        log.info(
+            "mqtt_connected", session_present=flags.session_present, generation=self._generation
+        )
+        group = self._settings.mqtt_shared_group
+        # Retain handling 2: the broker does not send its retained messages when we
+        # subscribe, which we do on every connect; a retained reading is an old one, and it
+        # would be stored again after every restart (again and again without a ts).
+        options = mqtt.SubscribeOptions(
+            qos=REQUIRED_QOS, retainHandling=mqtt.SubscribeOptions.RETAIN_DO_NOT_SEND
+        )
+        topics = [(p.subscription_for(group), options) for p in self._router.patterns]
+        self._subscribed_filters = [topic for topic, _ in topics]
+        client.subscribe(topics)
 
+    @mqtt.guarded("on_subscribe")
     def _on_subscribe(
         self,
         client: mqtt.Client,
         userdata: Any,
         mid: int,
-        reason_codes: list[ReasonCode],
-        properties: Properties | None,
+        reason_codes: list[mqtt.ReasonCode],
+        properties: mqtt.Properties | None,
     ) -> None:
-        try:
-            filters = self._subscribed_filters
-            granted = {
-                filters[i] if i < len(filters) else f"#{i}": rc for i, rc in enumerate(reason_codes)
-            }
-            refused = {topic: str(rc) for topic, rc in granted.items() if rc.is_failure}
-            # In a SUBACK a success code is the QoS granted. A broker may grant less than asked:
-            # at QoS 0 it sends each message once, without waiting for our PUBACK, so a crash
-            # or an outage loses it. That breaks the delivery promise: refuse to run.
-            downgraded = {
-                topic: rc.value
-                for topic, rc in granted.items()
-                if not rc.is_failure and rc.value < REQUIRED_QOS
-            }
-            if refused or downgraded:
-                self.fatal = (
-                    f"the broker refused subscriptions {refused}"
-                    if refused
-                    else f"the broker granted QoS {downgraded}, not {REQUIRED_QOS}"
-                )
-                log.error(
-                    "mqtt_subscribe_refused",
-                    refused=refused,
-                    downgraded=downgraded,
-                    required_qos=REQUIRED_QOS,
-                    why="at-least-once delivery needs every subscription at QoS 1",
-                )
-            else:
-                log.info("mqtt_subscribed", granted=[rc.value for rc in reason_codes])
-                # Ready only now: before the SUBACK, a first-time session may miss messages.
-                self.ever_connected.set()
-        except Exception:
-            log.exception("mqtt_callback_failed", callback="on_subscribe")
+        filters = self._subscribed_filters
+        granted = {
+            filters[i] if i < len(filters) else f"#{i}": rc for i, rc in enumerate(reason_codes)
+        }
+        refused = {topic: str(rc) for topic, rc in granted.items() if rc.is_failure}
+        # In a SUBACK a success code is the QoS granted. A broker may grant less than asked:
+        # at QoS 0 it sends each message once, without waiting for our PUBACK, so a crash
+        # or an outage loses it. That breaks the delivery promise: refuse to run.
+        downgraded = {
+            topic: rc.value
+            for topic, rc in granted.items()
+            if not rc.is_failure and rc.value < REQUIRED_QOS
+        }
+        if refused or downgraded:
+            self.fatal = (
+                f"the broker refused subscriptions {refused}"
+                if refused
+                else f"the broker granted QoS {downgraded}, not {REQUIRED_QOS}"
+            )
+            log.error(
+                "mqtt_subscribe_refused",
+                refused=refused,
+                downgraded=downgraded,
+                required_qos=REQUIRED_QOS,
+                why="at-least-once delivery needs every subscription at QoS 1",
+            )
+        else:
+            log.info("mqtt_subscribed", granted=[rc.value for rc in reason_codes])
+            # Ready only now: before the SUBACK, a first-time session may miss messages.
+            self.ever_connected.set()
 
+    @mqtt.guarded("on_disconnect")
     def _on_disconnect(
         self,
         client: mqtt.Client,
         userdata: Any,
         flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
+        reason_code: mqtt.ReasonCode,
+        properties: mqtt.Properties | None,
     ) -> None:
-        try:
-            with self._ack_lock:
-                self._generation += 1
-                self._connected = False
-            # Our own clean disconnect (at stop) is news, not trouble.
-            level = log.info if reason_code.value == 0 and self._closed else log.warning
-            level("mqtt_disconnected", reason=str(reason_code), pending=self._pending)
-        except Exception:
-            log.exception("mqtt_callback_failed", callback="on_disconnect")
+        with self._ack_lock:
+            self._generation += 1
+            self._connected = False
+        # Our own clean disconnect (at stop) is news, not trouble.
+        level = log.info if reason_code.value == 0 and self._closed else log.warning
+        level("mqtt_disconnected", reason=str(reason_code), pending=self._pending)
 
+    @mqtt.guarded("on_message")
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            try:
-                topic = message.topic
-            except UnicodeDecodeError:
-                topic = message._topic.decode("utf-8", "replace")
-            item = InboundMessage(
-                topic=topic,
-                payload=bytes(message.payload),
-                mid=message.mid,
-                qos=message.qos,
-                dup=bool(message.dup),
-                generation=self._generation,
-                received_at=time.time(),
-                received_mono=time.monotonic(),
-                retain=bool(message.retain),
-            )
-            size = held_bytes((item,))
-            with self._cond:
-                # Bounded in bytes as well as messages; one message is always let in, so a
-                # message larger than the byte limit cannot stop intake for good.
-                while (
-                    self._pending >= self._max_pending
-                    or (self._pending and self._pending_bytes + size > self._max_pending_bytes)
-                ) and not self._closed:
-                    if self._paused_since is None:
-                        self._paused_since = time.monotonic()
-                        log.warning(
-                            "intake_paused",
-                            pending=self._pending,
-                            limit=self._max_pending,
-                            pending_bytes=self._pending_bytes,
-                            limit_bytes=self._max_pending_bytes,
-                        )
-                    self._cond.wait(FULL_WAIT)
-                if self._paused_since is not None:
-                    log.info(
-                        "intake_resumed", paused_s=round(time.monotonic() - self._paused_since, 3)
+        item = InboundMessage(
+            topic=mqtt.message_topic(message),
+            payload=bytes(message.payload),
+            mid=message.mid,
+            qos=message.qos,
+            dup=bool(message.dup),
+            generation=self._generation,
+            received_at=time.time(),
+            received_mono=time.monotonic(),
+            retain=bool(message.retain),
+        )
+        size = held_bytes((item,))
+        with self._cond:
+            # Bounded in bytes as well as messages; one message is always let in, so a
+            # message larger than the byte limit cannot stop intake for good.
+            while (
+                self._pending >= self._max_pending
+                or (self._pending and self._pending_bytes + size > self._max_pending_bytes)
+            ) and not self._closed:
+                if self._paused_since is None:
+                    self._paused_since = time.monotonic()
+                    log.warning(
+                        "intake_paused",
+                        pending=self._pending,
+                        limit=self._max_pending,
+                        pending_bytes=self._pending_bytes,
+                        limit_bytes=self._max_pending_bytes,
                     )
-                    self._paused_since = None
-                if self._closed:
-                    return  # not acknowledged: the broker keeps it for the next start
-                self._pending += 1
-                self._pending_bytes += size
-                self._queue.append(item)
-                if self._wanted and len(self._queue) >= self._wanted:
-                    self._cond.notify_all()
-        except Exception:
-            log.exception("mqtt_callback_failed", callback="on_message")
+                self._cond.wait(FULL_WAIT)
+            if self._paused_since is not None:
+                log.info("intake_resumed", paused_s=round(time.monotonic() - self._paused_since, 3))
+                self._paused_since = None
+            if self._closed:
+                return  # not acknowledged: the broker keeps it for the next start
+            self._pending += 1
+            self._pending_bytes += size
+            self._queue.append(item)
+            if self._wanted and len(self._queue) >= self._wanted:
+                self._cond.notify_all()

@@ -1,17 +1,75 @@
-"""Small helpers every paho client of the project shares (intake, actions, simulator)."""
+"""The one wrapper around paho: every MQTT client of the project is made and handled here.
+
+Intake, the action publisher, the simulator and the demo's probe all use paho the same way: a
+MQTT v5 client built from the broker URL (credentials and TLS applied), callbacks that run on
+paho's network thread and must never raise, and a few paho internals we have to reach. Those
+internals (`_reset_sockets`, `MQTTMessage._topic`, `Client._thread`) are touched only in this
+module, each in a named function that says why, so a paho upgrade is checked in one place.
+
+No other module imports paho (ruff's banned-api rule holds that): the paho names the callers
+need in their signatures are re-exported below.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit
+import functools
+import threading
+from collections.abc import Callable
+from typing import Concatenate, Final, ParamSpec, TypeVar
 
-import paho.mqtt.client as mqtt
+import paho.mqtt.client as _paho
+import structlog
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from config.settings import MqttTarget, parse_mqtt_url
+
+__all__ = [
+    "ERR_NO_CONN",
+    "ERR_SUCCESS",
+    "Client",
+    "ConnectFlags",
+    "DisconnectFlags",
+    "MQTTMessage",
+    "MqttTarget",
+    "Properties",
+    "ReasonCode",
+    "SubscribeOptions",
+    "connect_properties",
+    "error_string",
+    "guarded",
+    "host_port",
+    "make_client",
+    "max_packet_size",
+    "message_topic",
+    "network_thread_alive",
+    "receive_maximum",
+    "stop_loop",
+    "target_of",
+]
+
+log = structlog.get_logger(__name__)
+
+# paho's types, for the callers' signatures (they may not import paho themselves).
+Client = _paho.Client
+MQTTMessage = _paho.MQTTMessage
+ConnectFlags = _paho.ConnectFlags
+DisconnectFlags = _paho.DisconnectFlags
+ERR_SUCCESS: Final = _paho.MQTT_ERR_SUCCESS
+ERR_NO_CONN: Final = _paho.MQTT_ERR_NO_CONN
+error_string = _paho.error_string
 
 # A PUBLISH is its payload plus a fixed header (up to 5 bytes), the topic (2 + its length), a
 # packet id (2) and properties. 4 KiB of room covers every topic iothub subscribes to by
 # default (a serial is at most 255 characters) with properties to spare.
 PACKET_HEADER_ROOM = 4096  # bytes
 MQTT_MAX_PACKET_SIZE = 268_435_455  # bytes: the largest Remaining Length MQTT can encode
+
+P = ParamSpec("P")
+S = TypeVar("S")
 
 
 def max_packet_size(max_payload_bytes: int) -> int:
@@ -23,31 +81,101 @@ def max_packet_size(max_payload_bytes: int) -> int:
     return min(max_payload_bytes + PACKET_HEADER_ROOM, MQTT_MAX_PACKET_SIZE)
 
 
-def make_client(url: str, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
-    """An MQTT v5 client with the URL's credentials and TLS applied (not connected yet)."""
-    parts = urlsplit(url)
-    client = mqtt.Client(
+def target_of(broker: MqttTarget | str) -> MqttTarget:
+    """The broker as a target; a URL is parsed by the settings' one parser."""
+    return broker if isinstance(broker, MqttTarget) else parse_mqtt_url(broker)
+
+
+def make_client(
+    broker: MqttTarget | str, client_id: str, *, manual_ack: bool = False
+) -> _paho.Client:
+    """An MQTT v5 client with the target's credentials and TLS applied (not connected yet)."""
+    target = target_of(broker)
+    client = _paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=mqtt.MQTTv5,
+        protocol=_paho.MQTTv5,
         manual_ack=manual_ack,
     )
-    if parts.username:
-        client.username_pw_set(
-            unquote(parts.username), unquote(parts.password) if parts.password else None
-        )
-    if parts.scheme == "mqtts":
+    if target.username:
+        client.username_pw_set(target.username, target.password)
+    if target.tls:
         client.tls_set()
     return client
 
 
-def host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    default = 8883 if parts.scheme == "mqtts" else 1883
-    return parts.hostname or "127.0.0.1", parts.port or default
+def host_port(broker: MqttTarget | str) -> tuple[str, int]:
+    """Where to connect: the target's host and port (the scheme's default port if none)."""
+    target = target_of(broker)
+    return target.host, target.port
 
 
-def stop_loop(client: mqtt.Client) -> None:
-    """`loop_stop()`, then close the wake-up socket pair paho leaves open (paho 2.x)."""
+def connect_properties(
+    *, session_expiry: int, receive_maximum: int, maximum_packet_size: int
+) -> Properties:
+    """The CONNECT properties of a persistent MQTT 5 session."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = session_expiry
+    props.ReceiveMaximum = receive_maximum
+    props.MaximumPacketSize = maximum_packet_size
+    return props
+
+
+def receive_maximum(properties: Properties | None) -> int | None:
+    """The broker's Receive Maximum from a CONNACK, if it sent one."""
+    value = getattr(properties, "ReceiveMaximum", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def guarded(
+    name: str,
+) -> Callable[[Callable[Concatenate[S, P], None]], Callable[Concatenate[S, P], None]]:
+    """Decorate a paho callback method: an exception is logged as `mqtt_callback_failed`
+    with the callback's name, never raised.
+
+    paho runs callbacks on its network thread; one that raises ends that thread silently
+    (paho 2.x re-raises unless `suppress_exceptions`), and `is_connected()` still says True."""
+
+    def decorate(
+        callback: Callable[Concatenate[S, P], None],
+    ) -> Callable[Concatenate[S, P], None]:
+        @functools.wraps(callback)
+        def run(self: S, /, *args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                callback(self, *args, **kwargs)
+            except Exception:
+                log.exception("mqtt_callback_failed", callback=name)
+
+        return run
+
+    return decorate
+
+
+def message_topic(message: _paho.MQTTMessage) -> str:
+    """The message's topic, decoded with replacement when it is not UTF-8.
+
+    paho's `topic` property raises UnicodeDecodeError on such a topic; its raw bytes are only
+    in the private `_topic`. A message on such a topic must still be recorded as rejected, not
+    lost in the callback."""
+    try:
+        return message.topic
+    except UnicodeDecodeError:
+        return message._topic.decode("utf-8", "replace")
+
+
+def network_thread_alive(client: _paho.Client) -> bool:
+    """Whether paho's network thread (started by `loop_start()`) is running.
+
+    paho keeps the thread in the private `_thread` and offers no public way to ask; a thread
+    that died (an exception in paho itself) leaves `is_connected()` saying True."""
+    thread: threading.Thread | None = getattr(client, "_thread", None)
+    return thread is not None and thread.is_alive()
+
+
+def stop_loop(client: _paho.Client) -> None:
+    """`loop_stop()`, then close the wake-up socket pair paho 2.x leaves open.
+
+    Without the private `_reset_sockets(sockpair_only=True)` every client made and stopped
+    leaks two sockets (a ResourceWarning in the tests, file descriptors in a long run)."""
     client.loop_stop()
     client._reset_sockets(sockpair_only=True)

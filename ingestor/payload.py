@@ -41,11 +41,11 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 from ingestor.reasons import Reason
+from schema.types import DATA_TYPES, DataType
 
-DataType: TypeAlias = Literal["numeric", "str", "boolean"]
 # Decimal: a JSON number that no double holds exactly (see _parse_float); int and float otherwise.
 Value: TypeAlias = float | int | Decimal | bool | str
 
@@ -83,7 +83,6 @@ _MESSAGE_KEYS = frozenset({"schema_version", "device", "ts", "metrics"})
 _METRIC_KEYS = frozenset({"value", "ts", "unit"})
 _BOM = b"\xef\xbb\xbf"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_DATA_TYPES = ("numeric", "str", "boolean")
 # PostgreSQL text and jsonb refuse NUL; a lone surrogate (from a "\ud800" escape) is not Unicode
 # and fails UTF-8 encoding on the way to the database.
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
@@ -643,7 +642,7 @@ def _check_value(value: object, data_type: str, limits: Limits) -> tuple[Reason,
         if problem is not None:
             return Reason.type_mismatch, f"string {_show(value)} {problem}"
         return None
-    return Reason.type_mismatch, f"data_type {_describe(data_type)} is not one of {_DATA_TYPES}"
+    return Reason.type_mismatch, f"data_type {_describe(data_type)} is not one of {DATA_TYPES}"
 
 
 def _check_decimal(value: Decimal, limits: Limits) -> tuple[Reason, str] | None:
@@ -696,7 +695,7 @@ def encode_value(value: Value, data_type: DataType, unit: str | None = None) -> 
 
     Call only with a value ``check_value`` accepted; a non-finite float raises ValueError.
     """
-    if unit is None and data_type in _DATA_TYPES:
+    if unit is None and data_type in DATA_TYPES:
         # The common case without the encoder's machinery (a tenth of the per-reading cost):
         # JSON renders int and float with their repr, exactly as _ENCODER does.
         kind = type(value)

@@ -26,9 +26,10 @@ from iothub import exitcodes
 from rules_engine.evaluate import step as evaluator
 from rules_engine.model import actions as actions_model
 from rules_engine.model import conditions, rule_json, templates
-from rules_engine.model.conditions import DataType, InvalidRule
+from rules_engine.model.conditions import InvalidRule
 from schema import db
 from schema import sql as queries_mod
+from schema.types import DataType
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("rules_engine", "commands.sql")

@@ -42,13 +42,12 @@ from rules_engine.model import rule_json, templates
 from rules_engine.model.conditions import InvalidRule
 from rules_engine.no_data import NoDataWorker
 from rules_engine.workers import EngineThread
-from schema import db
+from schema import db, locks
 from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 queries = queries_mod.load("rules_engine")
 
-LOCK_CLASS = 0x1074  # first key of pg_advisory_xact_lock(int, int): "iothub rule state"
 RELOAD_TABLES = frozenset({"*", "rules", "devices", "metrics", "device_metrics"})
 PRELOAD_TIMEOUT = 30.0  # seconds to get a connection for loading the rules at start
 CATALOG_POLL = 0.1  # seconds between checks for a stop while the preloader awaits the catalogue
@@ -605,7 +604,7 @@ class RuleEngine:
     def lock(conn: psycopg.Connection, device_metric_ids: Sequence[int]) -> None:
         conn.execute(
             queries["lock_device_metrics"],
-            {"lock_class": LOCK_CLASS, "ids": list(device_metric_ids)},
+            {"lock_class": locks.RULE_STATE_CLASS, "ids": list(device_metric_ids)},
         )
 
     @staticmethod

@@ -10,12 +10,11 @@ from importlib import resources
 import psycopg
 import structlog
 
+from schema import locks
 from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 
-# Any constant works; it only has to be the same for every iothub process.
-MIGRATION_LOCK_KEY = 0x107_4B_0001
 _FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 queries = queries_mod.load("schema")
@@ -56,7 +55,7 @@ def migrate(conn: psycopg.Connection) -> list[Migration]:
     """Apply pending migrations; return those applied. `conn` must be in autocommit mode."""
     if not conn.autocommit:
         raise MigrationError("migrate() needs an autocommit connection")
-    conn.execute(queries["lock_migrations"], {"key": MIGRATION_LOCK_KEY})
+    conn.execute(queries["lock_migrations"], {"key": locks.MIGRATION})
     try:
         conn.execute(queries["create_migrations_table"])
         applied = {row[0]: (row[1], row[2]) for row in conn.execute(queries["applied_migrations"])}
@@ -82,7 +81,7 @@ def migrate(conn: psycopg.Connection) -> list[Migration]:
             done.append(migration)
         return done
     finally:
-        conn.execute(queries["unlock_migrations"], {"key": MIGRATION_LOCK_KEY})
+        conn.execute(queries["unlock_migrations"], {"key": locks.MIGRATION})
 
 
 def pending(conn: psycopg.Connection) -> list[Migration]:

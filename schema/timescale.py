@@ -1,4 +1,4 @@
-"""`iothub setup-timescaledb [--dry-run] [--force]`: turn `telemetries` into a hypertable.
+"""Turning `telemetries` into a TimescaleDB hypertable: the steps, the checks, the run.
 
 The seed's six steps (schema/timescale.sql, blocks step_1 .. step_6), in one transaction, so a
 failure at any step leaves the database exactly as it was:
@@ -7,18 +7,17 @@ failure at any step leaves the database exactly as it was:
 2. drop the id-only primary key   5. compress chunks older than 30 days
 3. hypertable on ts, 7-day chunks 6. drop chunks older than 1 year
 
-Checks first, as the original command did: the extension must be available on the server (else
-exit EXTENSION_UNAVAILABLE with one line); a notice when it is available but not installed yet;
-nothing to do when `telemetries` is already a hypertable, unless `--force`. `--dry-run` prints
-the steps, one numbered line each, and changes nothing. Creating a hypertable cannot be undone
-without copying the data out and back (docs/timescaledb.md).
+Checks first: the extension must be available on the server, `telemetries` must exist, and
+nothing runs when it is already a hypertable unless forced. `setup()` and `dry_run()` return what
+happened as values and print nothing; `iothub setup-timescaledb` (iothub/cli/setup_timescaledb.py)
+reports them and chooses the exit code. Creating a hypertable cannot be undone without copying
+the data out and back (docs/timescaledb.md).
 """
 
 from __future__ import annotations
 
-import argparse
+import enum
 import re
-import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,16 +25,13 @@ import psycopg
 import structlog
 from psycopg.errors import Diagnostic
 
-from config.settings import Settings
-from iothub import exitcodes
-from schema import db
+from schema import locks
 from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 
 queries = queries_mod.load("schema", "timescale.sql")
 
-SETUP_LOCK_KEY: Final = 0x107_4B_0003  # advisory lock shared by every setup-timescaledb
 _STEP_BLOCK = re.compile(r"^step_(\d+)_([a-z_]+)$")
 
 
@@ -109,28 +105,19 @@ def read_state(conn: psycopg.Connection) -> State:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the SQL steps, one per line; change nothing"
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="run the steps even if telemetries is already a hypertable",
-    )
-
-
 def _is_true(conn: psycopg.Connection, query: str) -> bool:
     row = conn.execute(query).fetchone()
     return bool(row and row[0])
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type when the message is empty)."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
 
-def _log_notice(diag: Diagnostic) -> None:
+def log_notice(diag: Diagnostic) -> None:
+    """A notice handler for the setup's connection."""
     # TimescaleDB explains itself in notices ("migrating data to chunks", "already a hypertable,
     # skipping"): pass them on as events instead of losing them.
     log.info("postgres_notice", severity=diag.severity, message=diag.message_primary)
@@ -142,66 +129,78 @@ UNAVAILABLE: Final = (
 )
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    debug = bool(getattr(args, "debug", False))
-    try:
-        conn = db.connect(settings, "setup-timescaledb", autocommit=True)
-    except psycopg.OperationalError as exc:
-        log.error("db_unavailable", error=_first_line(exc))
-        return exitcodes.CONNECTION_FAILED
-    conn.add_notice_handler(_log_notice)
-    with conn:
-        if args.dry_run:
-            return _dry_run(conn, force=args.force)
-        return _setup(conn, force=args.force, debug=debug)
+class Outcome(enum.Enum):
+    DONE = "done"  # the steps ran (or were in place) and committed
+    ALREADY = "already"  # telemetries was a hypertable already and no force: nothing ran
+    UNAVAILABLE = "unavailable"  # the server does not have the extension
+    TELEMETRIES_MISSING = "telemetries_missing"  # the schema is not migrated
+    FAILED = "failed"  # a statement failed: everything rolled back
 
 
-def _dry_run(conn: psycopg.Connection, *, force: bool) -> int:
-    try:
-        with conn.transaction():
-            conn.execute("SET TRANSACTION READ ONLY")
-            state = read_state(conn)
-    except psycopg.OperationalError as exc:
-        log.error("db_unavailable", error=_first_line(exc))
-        return exitcodes.CONNECTION_FAILED
-    # A dry run shows what would run; what would stop a real run is said, not enforced.
-    if state.available_version is None:
-        log.warning(
-            "timescaledb_unavailable",
-            detail=UNAVAILABLE,
-            real_run_exit=exitcodes.EXTENSION_UNAVAILABLE,
-        )
-    elif state.installed_version is None:
-        log.info(
-            "timescaledb_not_installed",
-            available_version=state.available_version,
-            detail="step 1 would install it",
-        )
-    if not state.telemetries_exists:
-        log.warning("telemetries_missing", hint="run `iothub migrate` first")
+@dataclass(frozen=True)
+class Failure:
+    error: psycopg.Error
+    step: Step | None  # the step that failed; None: before the steps (the checks, the lock)
+
+    @property
+    def server_gone(self) -> bool:
+        """OperationalError: the server went away or gave up (lock timeout, shutdown, cancel)."""
+        return isinstance(self.error, psycopg.OperationalError)
+
+    def fields(self) -> dict[str, object]:
+        """The failure as log fields."""
+        exc = self.error
+        found: dict[str, object] = {
+            "error": (exc.diag.message_primary or first_line(exc)),
+            "sqlstate": exc.sqlstate,
+            "step": self.step.number if self.step else None,
+            "step_name": self.step.name if self.step else None,
+            "rolled_back": True,
+        }
+        if exc.diag.message_hint:
+            found["hint"] = exc.diag.message_hint
+        return found
+
+
+@dataclass(frozen=True)
+class SetupResult:
+    outcome: Outcome
+    state: State | None = None  # None: the failure came before the state was read
+    ran: tuple[int, ...] = ()  # numbers of the steps that ran (the others were in place)
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class DryRunResult:
+    state: State
+    lines: tuple[str, ...]  # what would run, one numbered line per step; () when nothing would
+
+
+def dry_run(conn: psycopg.Connection, *, force: bool) -> DryRunResult:
+    """What `setup()` would run, read in a read-only transaction; changes nothing.
+
+    Raises psycopg.OperationalError when the server cannot be read."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        state = read_state(conn)
     if state.is_hypertable and not force:
-        log.info("timescaledb_already_set_up", dry_run=True)
-        print("telemetries is already a hypertable: nothing would run (--force runs the steps)")
-        return exitcodes.OK
-    for line in dry_run_lines():
-        print(line)
-    log.info("timescaledb_dry_run", steps=len(steps()), forced=force)
-    return exitcodes.OK
+        return DryRunResult(state, ())
+    return DryRunResult(state, tuple(dry_run_lines()))
 
 
-def _setup(conn: psycopg.Connection, *, force: bool, debug: bool) -> int:
-    started = time.monotonic()
+def setup(conn: psycopg.Connection, *, force: bool) -> SetupResult:
+    """Run the steps in one transaction, under the setup's advisory lock (`conn` in autocommit
+    mode); a failure at any step rolls all of them back."""
     current: Step | None = None
+    state: State | None = None
     try:
         with conn.transaction():
-            conn.execute(queries["lock_setup"], {"key": SETUP_LOCK_KEY})
+            conn.execute(queries["lock_setup"], {"key": locks.TIMESCALE_SETUP})
             state = read_state(conn)
             if state.available_version is None:
-                log.error("timescaledb_unavailable", detail=UNAVAILABLE)
-                return exitcodes.EXTENSION_UNAVAILABLE
+                return SetupResult(Outcome.UNAVAILABLE, state)
             if not state.telemetries_exists:
-                log.error("telemetries_missing", hint="run `iothub migrate` first")
-                return exitcodes.FAILURE
+                return SetupResult(Outcome.TELEMETRIES_MISSING, state)
             if state.installed_version is None:
                 log.info(
                     "timescaledb_not_installed",
@@ -209,12 +208,7 @@ def _setup(conn: psycopg.Connection, *, force: bool, debug: bool) -> int:
                     detail="step 1 installs it",
                 )
             elif state.is_hypertable and not force:
-                log.info("timescaledb_already_set_up", version=state.installed_version)
-                print(
-                    "telemetries is already a hypertable: nothing to do "
-                    "(--force runs the steps again)"
-                )
-                return exitcodes.OK
+                return SetupResult(Outcome.ALREADY, state)
             ran: list[int] = []
             for step in steps():
                 current = step
@@ -231,47 +225,24 @@ def _setup(conn: psycopg.Connection, *, force: bool, debug: bool) -> int:
                 ran.append(step.number)
             current = None
     except psycopg.Error as exc:
-        failure = {
-            "error": (exc.diag.message_primary or _first_line(exc)),
-            "sqlstate": exc.sqlstate,
-            "step": current.number if current else None,
-            "step_name": current.name if current else None,
-            "rolled_back": True,
-        }
-        if exc.diag.message_hint:
-            failure["hint"] = exc.diag.message_hint
-        event = "timescaledb_setup_failed"
-        # OperationalError: the server went away or gave up (lock timeout, shutdown, cancel).
-        code = (
-            exitcodes.CONNECTION_FAILED
-            if isinstance(exc, psycopg.OperationalError)
-            else exitcodes.FAILURE
-        )
-        if debug:
-            log.exception(event, **failure)
-        else:
-            log.error(event, **failure)
-        return code
-    log.info(
-        "timescaledb_setup_done",
-        forced=force and state.is_hypertable,
-        steps=len(steps()),
-        ran=ran,
-        ms=round((time.monotonic() - started) * 1000),
-    )
-    print(
-        "telemetries is a hypertable: 7-day chunks, compressed after 30 days, dropped after 1 year"
-    )
-    return exitcodes.OK
+        return SetupResult(Outcome.FAILED, state, failure=Failure(exc, current))
+    return SetupResult(Outcome.DONE, state, tuple(ran))
 
 
 __all__ = [
+    "UNAVAILABLE",
+    "DryRunResult",
+    "Failure",
+    "Outcome",
+    "SetupResult",
     "State",
     "Step",
-    "add_arguments",
+    "dry_run",
     "dry_run_lines",
-    "main",
+    "first_line",
+    "log_notice",
     "one_line",
     "read_state",
+    "setup",
     "steps",
 ]

@@ -23,7 +23,7 @@ from iothub import exitcodes, logs
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("iothub.cli.run", "the daemon: ingestion + rules + actions"),
     "migrate": ("iothub.cli.migrate", "apply schema migrations"),
-    "setup-timescaledb": ("schema.timescale", "hypertable, compression and retention"),
+    "setup-timescaledb": ("iothub.cli.setup_timescaledb", "hypertable, compression and retention"),
     "seed": ("iothub.devtools.seed.store", "load the development data set (idempotent)"),
     "simulate": ("iothub.devtools.simulator.publisher", "simulated devices publishing telemetry"),
     "demo": ("iothub.devtools.demo.run", "the whole pipeline on this machine, then a summary"),

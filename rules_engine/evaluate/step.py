@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,9 @@ from pydantic import (
 from rules_engine.model import actions as actions_model
 from rules_engine.model import conditions
 from rules_engine.model.actions import Action
-from rules_engine.model.conditions import Condition, DataType
+from rules_engine.model.conditions import Condition
+from schema import types
+from schema.types import DataType
 
 Status = Literal["ok", "pending", "firing"]
 Value = float | bool | str
@@ -226,15 +227,7 @@ def _require_aware(moment: datetime, what: str) -> None:
 
 
 def _check_value(data_type: DataType, value: object) -> None:
-    if data_type == "numeric":
-        fits = (
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    elif data_type == "boolean":
-        fits = isinstance(value, bool)
-    else:
-        fits = isinstance(value, str)
-    if not fits:
+    if not types.fits(data_type, value):
         # The ingestor validates values against data_type, so this is a caller's bug.
         raise TypeError(f"a {data_type} rule got the reading value {conditions.show(value)}")
 

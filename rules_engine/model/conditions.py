@@ -21,8 +21,7 @@ from pydantic import (
     ValidationError,
 )
 
-DataType = Literal["numeric", "str", "boolean"]
-DATA_TYPES: Final[tuple[DataType, ...]] = ("numeric", "str", "boolean")
+from schema.types import DATA_TYPES, DataType
 
 MAX_RATE_COUNT: Final = 1000  # readings; a rate window keeps this many timestamps in the state
 MAX_COMPOSITE_DEPTH: Final = 4  # nested composites, counting the outermost

@@ -18,7 +18,8 @@ from typing import Final, NoReturn, cast
 from pydantic import JsonValue
 
 from rules_engine.evaluate import step as evaluator
-from rules_engine.model.conditions import DataType, InvalidRule
+from rules_engine.model.conditions import InvalidRule
+from schema.types import DataType
 
 MAX_TEXT_CHARS: Final = 65_536  # characters of one stored document (condition, action, state)
 MAX_DEPTH: Final = 32  # nested arrays and objects; a composite 4 deep with a clear needs ~12

@@ -15,7 +15,8 @@ from typing import Final, Literal
 
 from pydantic import JsonValue
 
-DataType = Literal["numeric", "str", "boolean"]
+from schema.types import DataType
+
 Role = Literal["admin", "client"]
 Value = float | bool | str
 

@@ -49,7 +49,6 @@ from iothub.devtools.seed.data import (
     BindingSpec,
     Constant,
     Cycle,
-    DataType,
     DayActivity,
     IncidentSpec,
     Value,
@@ -57,14 +56,14 @@ from iothub.devtools.seed.data import (
 from rules_engine.evaluate import step as evaluator
 from rules_engine.model import actions as actions_model
 from rules_engine.model import conditions, rule_json, templates
-from schema import db
+from schema import db, locks, types
 from schema import sql as queries_mod
+from schema.types import DataType
 
 log = structlog.get_logger(__name__)
 
 queries = queries_mod.load("iothub.devtools.seed", "seed.sql")
 
-SEED_LOCK_KEY: Final = 0x107_4B_0002  # advisory lock shared by every `iothub seed`
 INCIDENT_MARGIN: Final = timedelta(minutes=30)  # an incident ends at least this long before "now"
 MAX_LISTED_DIFFERENCES: Final = 5  # differences named in a refusal; the rest are counted
 DEFAULT_DECIMALS: Final = 2  # decimal places of numeric values that have no Cycle profile
@@ -125,16 +124,6 @@ class Dataset:
 
 DATA_TYPES: Final[Mapping[str, DataType]] = {m.metric_type: m.data_type for m in METRICS}
 DEVICE_NAMES: Final[Mapping[str, str]] = {d.serial_id: d.name for d in DEVICES}
-
-
-def _fits(data_type: DataType, value: object) -> bool:
-    if data_type == "numeric":
-        return (
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    if data_type == "boolean":
-        return isinstance(value, bool)
-    return isinstance(value, str)
 
 
 def _decimals(binding: BindingSpec) -> int:
@@ -325,7 +314,7 @@ def spec_problems() -> list[str]:
             expected: DataType = "numeric" if isinstance(profile, Cycle) else "boolean"
             if expected != data_type:
                 problems.append(f"{where}: a {type(profile).__name__} profile needs {expected}")
-        elif isinstance(profile, Constant) and not _fits(data_type, profile.value):
+        elif isinstance(profile, Constant) and not types.fits(data_type, profile.value):
             problems.append(f"{where}: constant {profile.value!r} is not {data_type}")
     for rule in RULES:
         where = f"rule {rule.name!r} on {rule.serial_id}/{rule.metric}"
@@ -351,7 +340,7 @@ def spec_problems() -> list[str]:
             continue
         if (incident.minutes_before_end is None) == (incident.at_local is None):
             problems.append(f"{where}: needs exactly one of minutes_before_end and at_local")
-        if not _fits(DATA_TYPES[incident.metric], incident.value):
+        if not types.fits(DATA_TYPES[incident.metric], incident.value):
             problems.append(f"{where}: value {incident.value!r} does not fit the metric")
         if incident.duration_minutes <= 0:
             problems.append(f"{where}: duration must be positive")
@@ -373,7 +362,7 @@ def dataset_problems(dataset: Dataset) -> list[str]:
     for (serial_id, metric), series in dataset.readings.items():
         data_type = DATA_TYPES[metric]
         for reading in series:
-            if not _fits(data_type, reading.value):
+            if not types.fits(data_type, reading.value):
                 problems.append(f"{serial_id}/{metric} at {reading.ts}: {reading.value!r}")
                 break
         if series and series[-1].ts > dataset.end:
@@ -827,7 +816,7 @@ def _dry_run(conn: psycopg.Connection, settings: Settings, *, force: bool) -> in
 
 def _seed(conn: psycopg.Connection, settings: Settings, *, force: bool, started: float) -> int:
     with conn.transaction():
-        conn.execute(queries["lock_seed"], {"key": SEED_LOCK_KEY})
+        conn.execute(queries["lock_seed"], {"key": locks.SEED})
         found = find_seeded(conn)
         if found.email_conflicts:
             username, email = found.email_conflicts[0]

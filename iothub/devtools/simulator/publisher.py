@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Protocol
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -50,10 +50,9 @@ from ingestor import mqtt as mqttclient
 from iothub import exitcodes, signals
 from iothub.devtools.seed import data as seed_data
 from schema import db
+from schema.types import DataType
 
 log = structlog.get_logger(__name__)
-
-DataType = Literal["numeric", "str", "boolean"]
 
 DEFAULT_RATE: Final = 50.0  # messages per second, all devices together
 DEFAULT_DEVICE_COUNT: Final = 10  # generated devices when no database says which exist
