@@ -42,11 +42,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, TextIO
 
-import paho.mqtt.client as mqtt
 import psycopg
 import structlog
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from psycopg import sql
 
 from config.settings import Settings
@@ -165,11 +162,11 @@ def broker_answers(url: str) -> bool:
     result: dict[str, bool] = {}
 
     def on_connect(
-        client: mqtt.Client,
+        client: mqttclient.Client,
         userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
+        flags: mqttclient.ConnectFlags,
+        reason_code: mqttclient.ReasonCode,
+        properties: mqttclient.Properties | None,
     ) -> None:
         result["ok"] = not reason_code.is_failure
         accepted.set()

@@ -37,11 +37,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Final, Protocol
 
-import paho.mqtt.client as mqtt
 import psycopg
 import structlog
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from config.settings import DEFAULT_MAX_PAYLOAD, Settings
 from config.topics import TopicPattern
@@ -618,43 +615,46 @@ class Simulator:
 
     # --- paho callbacks (network thread): count and signal, never raise
 
+    @mqttclient.guarded("on_connect")
     def _on_connect(
         self,
-        client: mqtt.Client,
+        client: mqttclient.Client,
         userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
+        flags: mqttclient.ConnectFlags,
+        reason_code: mqttclient.ReasonCode,
+        properties: mqttclient.Properties | None,
     ) -> None:
         if reason_code.is_failure:
             self._refused = str(reason_code)
             log.error("simulate_connect_refused", reason=self._refused)
         else:
-            receive_max = getattr(properties, "ReceiveMaximum", None)
-            if isinstance(receive_max, int) and receive_max > 0:
+            receive_max = mqttclient.receive_maximum(properties)
+            if receive_max is not None:
                 # MQTT 5: more unacknowledged QoS>0 messages than this may get us disconnected.
                 self._window = min(self.max_in_flight, receive_max)
             log.info("simulate_connected", client_id=self.client_id, window=self._window)
         self._connected.set()
 
+    @mqttclient.guarded("on_disconnect")
     def _on_disconnect(
         self,
-        client: mqtt.Client,
+        client: mqttclient.Client,
         userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
+        flags: mqttclient.DisconnectFlags,
+        reason_code: mqttclient.ReasonCode,
+        properties: mqttclient.Properties | None,
     ) -> None:
         if not self._closing:
             log.warning("simulate_disconnected", reason=str(reason_code), in_flight=self.in_flight)
 
+    @mqttclient.guarded("on_publish")
     def _on_publish(
         self,
-        client: mqtt.Client,
+        client: mqttclient.Client,
         userdata: Any,
         mid: int,
-        reason_code: ReasonCode,
-        properties: Properties | None,
+        reason_code: mqttclient.ReasonCode,
+        properties: mqttclient.Properties | None,
     ) -> None:
         self.acked += 1
         if self._waiting:
@@ -710,8 +710,8 @@ class Simulator:
                         break
                     topic, payload, _kind = factory.next(elapsed, wall)
                     info = client.publish(topic, payload, qos=qos)
-                    if info.rc == mqtt.MQTT_ERR_SUCCESS or (
-                        qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN
+                    if info.rc == mqttclient.ERR_SUCCESS or (
+                        qos > 0 and info.rc == mqttclient.ERR_NO_CONN
                     ):
                         # QoS>0 while disconnected: paho keeps it and sends it on reconnect.
                         self.sent += 1
