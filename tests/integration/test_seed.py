@@ -17,8 +17,8 @@ from psycopg.types.json import Jsonb
 from iothub import exitcodes
 from iothub.cli import main as cli
 from iothub.devtools.seed import data as seed_data
+from iothub.devtools.seed import dataset as seed
 from iothub.devtools.seed import passwords
-from iothub.devtools.seed import store as seed
 
 SEEDED_COUNTS = {"users": 3, "metrics": 7, "devices": 7, "device_metrics": 11, "rules": 11}
 
