@@ -1,5 +1,5 @@
-"""argparse `type=` helpers shared by the commands: each parses one option's text or says, in
-one line, why it cannot."""
+"""argparse helpers shared by the commands: `type=` parsers, each parsing one option's text or
+saying in one line why it cannot, and the traffic options the simulator and the demo share."""
 
 from __future__ import annotations
 
@@ -56,3 +56,21 @@ def count_up_to(limit: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def add_rate(parser: argparse.ArgumentParser, default: float) -> None:
+    parser.add_argument(
+        "--rate",
+        type=positive,
+        default=default,
+        help=f"messages per second, all devices together (default {default:g})",
+    )
+
+
+def add_bad_share(parser: argparse.ArgumentParser, default: float) -> None:
+    parser.add_argument(
+        "--bad-share",
+        type=share,
+        default=default,
+        help=f"share of deliberately bad messages, 0..1 (default {default:g})",
+    )

@@ -30,18 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_DURATION,
         help=f"seconds of simulated traffic (default {DEFAULT_DURATION:g})",
     )
-    parser.add_argument(
-        "--rate",
-        type=argtypes.positive,
-        default=DEFAULT_RATE,
-        help=f"messages per second, all devices together (default {DEFAULT_RATE:g})",
-    )
-    parser.add_argument(
-        "--bad-share",
-        type=argtypes.share,
-        default=DEFAULT_BAD_SHARE,
-        help=f"share of deliberately bad messages, 0..1 (default {DEFAULT_BAD_SHARE:g})",
-    )
+    argtypes.add_rate(parser, DEFAULT_RATE)
+    argtypes.add_bad_share(parser, DEFAULT_BAD_SHARE)
     parser.add_argument(
         "--keep",
         action="store_true",

@@ -35,12 +35,7 @@ DEFAULT_DEVICE_COUNT: Final = 10  # generated devices when no database says whic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--rate",
-        type=argtypes.positive,
-        default=DEFAULT_RATE,
-        help=f"messages per second, all devices together (default {DEFAULT_RATE:g})",
-    )
+    argtypes.add_rate(parser, DEFAULT_RATE)
     parser.add_argument(
         "--devices",
         default=None,
@@ -66,12 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="metrics per message (default: all of the device's metrics)",
     )
-    parser.add_argument(
-        "--bad-share",
-        type=argtypes.share,
-        default=0.0,
-        help="share of deliberately bad messages, 0..1 (default 0)",
-    )
+    argtypes.add_bad_share(parser, 0.0)
     parser.add_argument(
         "--qos", type=int, choices=(0, 1, 2), default=DEFAULT_QOS, help="MQTT QoS (default 1)"
     )

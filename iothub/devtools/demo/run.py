@@ -3,11 +3,12 @@ progress, then a summary.
 
 1. Servers: the PostgreSQL and Mosquitto the configuration points at when they answer within
    PROBE_TIMEOUT; otherwise throwaway ones started from the installed binaries in a temporary
-   directory (`iothub.localservers`). On a configured PostgreSQL the demo works in a database of
-   its own, `iothub_demo_<timestamp>`, created for the run and dropped at the end (kept with
-   `--keep`); when it may not create one, it uses a throwaway server instead, so an operator's
-   data is never touched. On a configured broker it publishes and subscribes under a topic prefix
-   of its own (`iothub-demo-<timestamp>/...`), so a production ingestor never sees its messages.
+   directory (`iothub.devtools.localservers`). On a configured PostgreSQL the demo works in a
+   database of its own, `iothub_demo_<timestamp>`, created for the run and dropped at the end
+   (kept with `--keep`); when it may not create one, it uses a throwaway server instead, so an
+   operator's data is never touched. On a configured broker it publishes and subscribes under a
+   topic prefix of its own (`iothub-demo-<timestamp>/...`), so a production ingestor never sees
+   its messages.
 2. Schema migrations, then the seed's development data set (7 devices, 11 rules).
 3. The daemon in-process (`iothub.daemon.assemble.build`: ingestion, rules, actions; its own
    client id, health port 0) and the simulator in-process, for `--duration` seconds.

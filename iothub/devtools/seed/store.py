@@ -12,9 +12,7 @@ natural keys only, so the command never reads, changes or deletes anybody else's
   events) and the seeded bindings' telemetry are deleted and written again;
 - `--dry-run`: the data set is validated and counted, the plan is read from the database, and
   nothing is written.
-
-The sample events are not invented: they are what the rule engine's own evaluator writes when it
-replays each seeded rule over the seeded telemetry (`rules_engine.evaluator.replay`).
+The data set itself and its checks are dataset.py.
 """
 
 from __future__ import annotations
