@@ -1,9 +1,9 @@
 """One way for every command to stop on SIGINT/SIGTERM: `on_stop`.
 
 A handler only hands the stop over (the callback sets a flag or an event); the work notices it
-and winds down in its own order. A second signal means the operator wants out now: by default
-the process exits at once, before any clean-up (what was not acknowledged comes back from the
-broker). Commands whose clean-up must run to its end (the demo) pass `repeat` instead.
+and winds down in its own order. What a second signal does is the command's to say: the daemon
+exits at once (`exit_now`, what was not acknowledged comes back from the broker); the demo,
+whose clean-up must run to its end, only logs it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from iothub import exitcodes
-
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Written with os.write: a signal handler must not take the logging locks the interrupted
 # thread may hold.
@@ -26,14 +24,18 @@ OnSignal = Callable[[str], None]
 """Called with the signal's name, e.g. "SIGTERM"."""
 
 
-def force_exit(name: str) -> None:
-    """Exit at once with INTERRUPTED, without clean-up."""
-    os.write(2, FORCED_EXIT_LINE)
-    os._exit(exitcodes.INTERRUPTED)
+def exit_now(code: int) -> OnSignal:
+    """A `repeat` that exits at once with `code`, without clean-up."""
+
+    def exit_(_name: str) -> None:
+        os.write(2, FORCED_EXIT_LINE)
+        os._exit(code)
+
+    return exit_
 
 
 @contextmanager
-def on_stop(callback: OnSignal, *, repeat: OnSignal = force_exit) -> Iterator[None]:
+def on_stop(callback: OnSignal, *, repeat: OnSignal) -> Iterator[None]:
     """While inside: the first SIGINT/SIGTERM calls `callback`, every later one `repeat`; the
     previous handlers are put back on the way out.
 
@@ -45,7 +47,7 @@ def on_stop(callback: OnSignal, *, repeat: OnSignal = force_exit) -> Iterator[No
         return
     seen = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if seen.is_set():
             repeat(name)

@@ -7,7 +7,7 @@ import argparse
 import structlog
 
 from config.settings import Settings
-from iothub import signals
+from iothub import exitcodes, signals
 from iothub.daemon import assemble
 from iothub.daemon.service import IngestService
 from iothub.daemon.systemd import SystemdNotifier
@@ -33,5 +33,6 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     def stop(name: str) -> None:
         service.request_stop(f"signal {name}")
 
-    with signals.on_stop(stop):
+    # A second signal: the operator means it. Unacknowledged messages come back later.
+    with signals.on_stop(stop, repeat=signals.exit_now(exitcodes.INTERRUPTED)):
         return service.run()

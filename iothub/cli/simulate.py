@@ -90,7 +90,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         stop.set()
 
     # A repeated signal changes nothing: the publisher already stops within a tick.
-    with signals.on_stop(stopping, repeat=lambda name: stop.set()):
+    with signals.on_stop(stopping, repeat=lambda _name: stop.set()):
         return _simulate(settings, args, client_id, stop)
 
 

@@ -156,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     # The base class writes every request to stderr; route it through structlog instead.
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:  # noqa: ARG002, RUF100 (the base class's signature)
         status = code.value if isinstance(code, HTTPStatus) else code
         log.debug(
             "http_request",

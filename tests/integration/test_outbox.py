@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from config.settings import Settings
 from ingestor import mqtt as mqttclient
+from iothub.daemon.observe import ServiceMetrics
 from iothub.daemon.service import IngestService
 from rules_engine.actions import egress, outbox
 from rules_engine.actions.outbox import (
@@ -1194,10 +1195,10 @@ def test_the_daemons_healthz_says_when_the_outbox_worker_is_stuck(
     """In a running service, a stuck outbox worker turns /healthz into 503 naming `outbox`, and
     /metrics shows it; when it moves again, /healthz is 200."""
     settings = make_settings(outbox_stuck_after=0.3, outbox_poll_interval=0.05)
-    metrics = RuleMetrics()
+    metrics = ServiceMetrics()
     pool = db.make_pool(settings, "outbox-test", size=2)
     pool.open(wait=True)
-    worker = OutboxWorker(settings, pool, metrics)
+    worker = OutboxWorker(settings, pool, metrics.rules)
     service = IngestService(settings, workers=[worker], metrics=metrics)
     try:
         with running(service):

@@ -60,11 +60,11 @@ def broker_answers(url: str) -> bool:
     result: dict[str, bool] = {}
 
     def on_connect(
-        client: mqttclient.Client,
-        userdata: object,
-        flags: mqttclient.ConnectFlags,
+        _client: mqttclient.Client,
+        _userdata: object,
+        _flags: mqttclient.ConnectFlags,
         reason_code: mqttclient.ReasonCode,
-        properties: mqttclient.Properties | None,
+        _properties: mqttclient.Properties | None,
     ) -> None:
         result["ok"] = not reason_code.is_failure
         accepted.set()

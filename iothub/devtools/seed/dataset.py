@@ -34,6 +34,7 @@ from iothub.devtools.seed.data import (
     Cycle,
     DayActivity,
     IncidentSpec,
+    RuleSpec,
     Value,
 )
 from rules_engine.evaluate import step as evaluator
@@ -275,61 +276,76 @@ def spec_problems() -> list[str]:
     for device in DEVICES:
         if device.owner not in usernames:
             problems.append(f"device {device.serial_id}: unknown owner {device.owner!r}")
-    bindings = {(b.serial_id, b.metric): b for b in BINDINGS}
+    bindings = {(b.serial_id, b.metric) for b in BINDINGS}
     for binding in BINDINGS:
-        where = f"binding {binding.serial_id}/{binding.metric}"
-        if binding.serial_id not in DEVICE_NAMES:
-            problems.append(f"{where}: unknown device")
-        data_type = DATA_TYPES.get(binding.metric)
-        if data_type is None:
-            problems.append(f"{where}: unknown metric")
-            continue
-        if not 1 <= binding.interval_minutes <= 24 * 60 or (24 * 60) % binding.interval_minutes:
-            problems.append(f"{where}: interval must divide a day")
-        profile = binding.profile
-        if isinstance(profile, Cycle | DayActivity):
-            expected: DataType = "numeric" if isinstance(profile, Cycle) else "boolean"
-            if expected != data_type:
-                problems.append(f"{where}: a {type(profile).__name__} profile needs {expected}")
-        elif isinstance(profile, Constant) and not types.fits(data_type, profile.value):
-            problems.append(f"{where}: constant {profile.value!r} is not {data_type}")
+        problems += _binding_problems(binding)
     for rule in RULES:
-        where = f"rule {rule.name!r} on {rule.serial_id}/{rule.metric}"
-        if (rule.serial_id, rule.metric) not in bindings:
-            problems.append(f"{where}: no such binding")
-            continue
-        try:
-            conditions.parse_condition(rule.condition, DATA_TYPES[rule.metric])
-        except conditions.InvalidRule as exc:
-            problems += [f"{where}: {p}" for p in exc.problems]
-        try:
-            action = actions_model.parse_action(rule.action)
-        except conditions.InvalidRule as exc:
-            problems += [f"{where}: {p}" for p in exc.problems]
-        else:
-            unknown = templates.unknown_placeholders(actions_model.message_template(action))
-            if unknown:
-                problems.append(f"{where}: unknown placeholders {', '.join(unknown)}")
+        problems += _rule_problems(rule, bindings)
     for incident in INCIDENTS:
-        where = f"incident on {incident.serial_id}/{incident.metric}"
-        if (incident.serial_id, incident.metric) not in bindings:
-            problems.append(f"{where}: no such binding")
-            continue
-        if (incident.minutes_before_end is None) == (incident.at_local is None):
-            problems.append(f"{where}: needs exactly one of minutes_before_end and at_local")
-        if not types.fits(DATA_TYPES[incident.metric], incident.value):
-            problems.append(f"{where}: value {incident.value!r} does not fit the metric")
-        if incident.duration_minutes <= 0:
-            problems.append(f"{where}: duration must be positive")
-        if incident.minutes_before_end is not None and not (
-            incident.duration_minutes * 60 + INCIDENT_MARGIN.total_seconds()
-            <= incident.minutes_before_end * 60
-            < DAYS * 24 * 3600
-        ):
-            problems.append(f"{where}: must lie inside the data and end before its last reading")
-        for metric in incident.silences:
-            if (incident.serial_id, metric) not in bindings:
-                problems.append(f"{where}: silences {metric!r}, which the device does not report")
+        problems += _incident_problems(incident, bindings)
+    return problems
+
+
+def _binding_problems(binding: BindingSpec) -> list[str]:
+    problems: list[str] = []
+    where = f"binding {binding.serial_id}/{binding.metric}"
+    if binding.serial_id not in DEVICE_NAMES:
+        problems.append(f"{where}: unknown device")
+    data_type = DATA_TYPES.get(binding.metric)
+    if data_type is None:
+        return [*problems, f"{where}: unknown metric"]
+    if not 1 <= binding.interval_minutes <= 24 * 60 or (24 * 60) % binding.interval_minutes:
+        problems.append(f"{where}: interval must divide a day")
+    profile = binding.profile
+    if isinstance(profile, Cycle | DayActivity):
+        expected: DataType = "numeric" if isinstance(profile, Cycle) else "boolean"
+        if expected != data_type:
+            problems.append(f"{where}: a {type(profile).__name__} profile needs {expected}")
+    elif isinstance(profile, Constant) and not types.fits(data_type, profile.value):
+        problems.append(f"{where}: constant {profile.value!r} is not {data_type}")
+    return problems
+
+
+def _rule_problems(rule: RuleSpec, bindings: set[BindingKey]) -> list[str]:
+    where = f"rule {rule.name!r} on {rule.serial_id}/{rule.metric}"
+    if (rule.serial_id, rule.metric) not in bindings:
+        return [f"{where}: no such binding"]
+    problems: list[str] = []
+    try:
+        conditions.parse_condition(rule.condition, DATA_TYPES[rule.metric])
+    except conditions.InvalidRule as exc:
+        problems += [f"{where}: {p}" for p in exc.problems]
+    try:
+        action = actions_model.parse_action(rule.action)
+    except conditions.InvalidRule as exc:
+        problems += [f"{where}: {p}" for p in exc.problems]
+    else:
+        unknown = templates.unknown_placeholders(actions_model.message_template(action))
+        if unknown:
+            problems.append(f"{where}: unknown placeholders {', '.join(unknown)}")
+    return problems
+
+
+def _incident_problems(incident: IncidentSpec, bindings: set[BindingKey]) -> list[str]:
+    where = f"incident on {incident.serial_id}/{incident.metric}"
+    if (incident.serial_id, incident.metric) not in bindings:
+        return [f"{where}: no such binding"]
+    problems: list[str] = []
+    if (incident.minutes_before_end is None) == (incident.at_local is None):
+        problems.append(f"{where}: needs exactly one of minutes_before_end and at_local")
+    if not types.fits(DATA_TYPES[incident.metric], incident.value):
+        problems.append(f"{where}: value {incident.value!r} does not fit the metric")
+    if incident.duration_minutes <= 0:
+        problems.append(f"{where}: duration must be positive")
+    if incident.minutes_before_end is not None and not (
+        incident.duration_minutes * 60 + INCIDENT_MARGIN.total_seconds()
+        <= incident.minutes_before_end * 60
+        < DAYS * 24 * 3600
+    ):
+        problems.append(f"{where}: must lie inside the data and end before its last reading")
+    for metric in incident.silences:
+        if (incident.serial_id, metric) not in bindings:
+            problems.append(f"{where}: silences {metric!r}, which the device does not report")
     return problems
 
 

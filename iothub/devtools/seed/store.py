@@ -162,6 +162,16 @@ def find_seeded(conn: psycopg.Connection) -> Found:
 
 def differences(conn: psycopg.Connection, found: Found, tz: ZoneInfo) -> list[str]:
     """How the seeded rows in the database differ from the data set (empty: exactly seeded)."""
+    diffs = _catalogue_differences(found)
+    rule_ids: dict[tuple[str, str, str], int] = {}
+    diffs += _rule_differences(found, rule_ids)
+    if diffs:
+        return diffs  # telemetry and events only mean something once the catalogue matches
+    return _history_differences(conn, found, rule_ids, tz)
+
+
+def _catalogue_differences(found: Found) -> list[str]:
+    """Users, metrics, devices and bindings."""
     diffs: list[str] = []
     for user in USERS:
         stored = found.users.get(user.username)
@@ -187,13 +197,20 @@ def differences(conn: psycopg.Connection, found: Found, tz: ZoneInfo) -> list[st
             diffs.append(
                 f"device {device.serial_id}: name, description, owner or is_active differs"
             )
-    for binding in BINDINGS:
-        if (binding.serial_id, binding.metric) not in found.bindings:
-            diffs.append(f"binding {binding.serial_id}/{binding.metric} is missing")
+    diffs += [
+        f"binding {binding.serial_id}/{binding.metric} is missing"
+        for binding in BINDINGS
+        if (binding.serial_id, binding.metric) not in found.bindings
+    ]
+    return diffs
+
+
+def _rule_differences(found: Found, rule_ids: dict[tuple[str, str, str], int]) -> list[str]:
+    """The seeded rules; each that matches has its id put in `rule_ids`."""
+    diffs: list[str] = []
     by_key: dict[tuple[int, str], list[StoredRule]] = {}
     for stored_rule in found.rules:
         by_key.setdefault((stored_rule.device_metric_id, stored_rule.name), []).append(stored_rule)
-    rule_ids: dict[tuple[str, str, str], int] = {}
     for rule in RULES:
         binding_id = found.bindings.get((rule.serial_id, rule.metric))
         same = by_key.get((binding_id, rule.name), []) if binding_id is not None else []
@@ -211,9 +228,7 @@ def differences(conn: psycopg.Connection, found: Found, tz: ZoneInfo) -> list[st
             diffs.append(f"{where}: description, condition, action or is_active differs")
         else:
             rule_ids[(rule.serial_id, rule.metric, rule.name)] = same[0].id
-    if diffs:
-        return diffs  # telemetry and events only mean something once the catalogue matches
-    return _history_differences(conn, found, rule_ids, tz)
+    return diffs
 
 
 def _history_differences(

@@ -127,9 +127,9 @@ class Simulator:
     @mqttclient.guarded("on_connect")
     def _on_connect(
         self,
-        client: mqttclient.Client,
-        userdata: Any,
-        flags: mqttclient.ConnectFlags,
+        _client: mqttclient.Client,
+        _userdata: Any,
+        _flags: mqttclient.ConnectFlags,
         reason_code: mqttclient.ReasonCode,
         properties: mqttclient.Properties | None,
     ) -> None:
@@ -147,11 +147,11 @@ class Simulator:
     @mqttclient.guarded("on_disconnect")
     def _on_disconnect(
         self,
-        client: mqttclient.Client,
-        userdata: Any,
-        flags: mqttclient.DisconnectFlags,
+        _client: mqttclient.Client,
+        _userdata: Any,
+        _flags: mqttclient.DisconnectFlags,
         reason_code: mqttclient.ReasonCode,
-        properties: mqttclient.Properties | None,
+        _properties: mqttclient.Properties | None,
     ) -> None:
         if not self._closing:
             log.warning("simulate_disconnected", reason=str(reason_code), in_flight=self.in_flight)
@@ -159,11 +159,11 @@ class Simulator:
     @mqttclient.guarded("on_publish")
     def _on_publish(
         self,
-        client: mqttclient.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: mqttclient.ReasonCode,
-        properties: mqttclient.Properties | None,
+        _client: mqttclient.Client,
+        _userdata: Any,
+        _mid: int,
+        _reason_code: mqttclient.ReasonCode,
+        _properties: mqttclient.Properties | None,
     ) -> None:
         self.acked += 1
         if self._waiting:

@@ -175,7 +175,7 @@ class ConstantSeries:
     def __init__(self, text: str) -> None:
         self._text = text
 
-    def text(self, ts: float) -> str:
+    def text(self, ts: float) -> str:  # noqa: ARG002, RUF100 (the Series protocol)
         return self._text
 
 
