@@ -9,7 +9,6 @@ import structlog
 from config.settings import Settings
 from iothub import exitcodes, signals
 from iothub.daemon import assemble
-from iothub.daemon.service import IngestService
 from iothub.daemon.systemd import SystemdNotifier
 
 log = structlog.get_logger(__name__)
@@ -24,11 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(settings: Settings, args: argparse.Namespace) -> int:
     log.info("config_loaded", settings=settings.redacted())
     notifier = SystemdNotifier.from_environ()
-    service = (
-        IngestService(settings, notifier=notifier)
-        if args.no_rules
-        else assemble.build(settings, notifier)
-    )
+    service = assemble.build(settings, notifier, rules_on=not args.no_rules)
 
     def stop(name: str) -> None:
         service.request_stop(f"signal {name}")

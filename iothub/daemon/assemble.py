@@ -16,8 +16,13 @@ from rules_engine import engine
 from schema import db
 
 
-def build(settings: Settings, notifier: SystemdNotifier | None = None) -> IngestService:
-    """The service with the rule engine plugged in (its hook, workers and rule cache)."""
+def build(
+    settings: Settings, notifier: SystemdNotifier | None = None, *, rules_on: bool = True
+) -> IngestService:
+    """The service with the rule engine plugged in (its hook, workers and rule cache); with
+    `rules_on` False, telemetry only."""
+    if not rules_on:
+        return IngestService(settings, notifier=notifier)
     metrics = ServiceMetrics()
     pool = db.make_pool(settings, "ingest", configure=connection_setup(settings))
     rules = engine.RuleEngine(settings, metrics.rules)
