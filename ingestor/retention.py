@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from config.settings import Settings
 from ingestor.backoff import Backoff
-from iothub.metrics import Metrics
+from ingestor.metrics import IngestMetrics
 from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
@@ -59,7 +59,7 @@ class RetentionWorker:
 
     name = THREAD_NAME
 
-    def __init__(self, settings: Settings, pool: ConnectionPool, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, pool: ConnectionPool, metrics: IngestMetrics) -> None:
         self._settings = settings
         self._pool = pool
         self._metrics = metrics

@@ -20,10 +20,11 @@ class RuleMetrics:
     """The rule and outbox instruments, registered in the registry they are given."""
 
     def __init__(
-        self, registry: CollectorRegistry, *, event_kinds: Iterable[str] = EVENT_KINDS
+        self, registry: CollectorRegistry | None = None, *, event_kinds: Iterable[str] = EVENT_KINDS
     ) -> None:
-        self.registry = registry  # what scrapes and tests read the instruments from
-        r = registry
+        # What scrapes and tests read the instruments from; a fresh one when used alone.
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
         self.events = Counter(
             "iothub_events_total", "Rule events written, by kind", ["kind"], registry=r
         )

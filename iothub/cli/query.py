@@ -21,6 +21,7 @@ import structlog
 
 from config.settings import Settings
 from iothub import exitcodes
+from iothub.cli import argtypes
 from schema import db
 from schema import sql as queries_mod
 
@@ -37,26 +38,6 @@ class TargetNotFound(Exception):
     """No such device or device metric."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= MAX_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_LIMIT}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="query", required=True, metavar="QUERY")
     last = sub.add_parser(
@@ -70,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     last.add_argument("--metric", metavar="TYPE", help="the metric type, e.g. temperature")
     last.add_argument(
         "--limit",
-        type=_positive_int,
+        type=argtypes.count_up_to(MAX_LIMIT),
         default=DEFAULT_LIMIT,
         help=f"how many readings (default {DEFAULT_LIMIT})",
     )
@@ -88,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     recent.add_argument(
         "--hours",
-        type=_positive_float,
+        type=argtypes.positive,
         default=DEFAULT_HOURS,
         help=f"how far back (default {DEFAULT_HOURS:g})",
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from iothub.metrics import CONTENT_TYPE, Metrics
+from iothub.daemon.observe import CONTENT_TYPE, ServiceMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +38,7 @@ class HealthServer:
         port: int,
         *,
         readiness: Readiness,
-        metrics: Metrics,
+        metrics: ServiceMetrics,
     ) -> None:
         self._host = host
         self._requested_port = port
@@ -108,7 +108,7 @@ class _Server(ThreadingHTTPServer):
     # Without this a restart within TIME_WAIT of the old socket fails with "address in use".
     allow_reuse_address = True
     readiness: Readiness
-    metrics: Metrics
+    metrics: ServiceMetrics
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -156,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     # The base class writes every request to stderr; route it through structlog instead.
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:  # noqa: ARG002, RUF100 (the base class's signature)
         status = code.value if isinstance(code, HTTPStatus) else code
         log.debug(
             "http_request",

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from iothub.daemon.http import HealthServer
-from iothub.metrics import Metrics
+from iothub.daemon.observe import ServiceMetrics
 
 TIMEOUT = 5.0  # seconds per request
 
@@ -36,12 +36,12 @@ def readiness() -> Readiness:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
+def metrics() -> ServiceMetrics:
+    return ServiceMetrics()
 
 
 @pytest.fixture
-def server(readiness: Readiness, metrics: Metrics) -> Iterator[HealthServer]:
+def server(readiness: Readiness, metrics: ServiceMetrics) -> Iterator[HealthServer]:
     with HealthServer("127.0.0.1", 0, readiness=readiness, metrics=metrics) as running:
         yield running
 
@@ -102,7 +102,7 @@ def test_healthz_is_503_when_the_check_itself_fails(
 
 
 def test_metrics_serves_the_registry_in_prometheus_text_format(
-    server: HealthServer, metrics: Metrics
+    server: HealthServer, metrics: ServiceMetrics
 ) -> None:
     """/metrics parses as Prometheus text and shows counters as they are incremented."""
     before = _get(server, "/metrics")
@@ -112,10 +112,10 @@ def test_metrics_serves_the_registry_in_prometheus_text_format(
     # Known reason codes exist at 0 before the first rejection.
     assert _sample(before.text, "iothub_readings_rejected_total", {"reason": "bad_json"}) == 0
 
-    metrics.messages_received.inc(3)
-    metrics.rejected.labels(reason="bad_json").inc()
-    metrics.batch_seconds.observe(0.004)
-    metrics.mqtt_connected.set(1)
+    metrics.ingest.messages_received.inc(3)
+    metrics.ingest.rejected.labels(reason="bad_json").inc()
+    metrics.ingest.batch_seconds.observe(0.004)
+    metrics.ingest.mqtt_connected.set(1)
 
     text = _get(server, "/metrics").text
     assert _sample(text, "iothub_messages_received_total") == 3
@@ -153,19 +153,19 @@ def test_requests_are_logged_through_structlog_not_stderr(
 
 
 def test_two_instances_in_one_process_do_not_clash(readiness: Readiness) -> None:
-    """Each Metrics has its own registry, so two services count independently."""
-    first, second = Metrics(), Metrics()
+    """Each ServiceMetrics has its own registry, so two services count independently."""
+    first, second = ServiceMetrics(), ServiceMetrics()
     with (
         HealthServer("127.0.0.1", 0, readiness=readiness, metrics=first) as a,
         HealthServer("127.0.0.1", 0, readiness=readiness, metrics=second) as b,
     ):
-        first.messages_received.inc(5)
+        first.ingest.messages_received.inc(5)
 
         assert _sample(_get(a, "/metrics").text, "iothub_messages_received_total") == 5
         assert _sample(_get(b, "/metrics").text, "iothub_messages_received_total") == 0
 
 
-def test_stop_releases_the_port(readiness: Readiness, metrics: Metrics) -> None:
+def test_stop_releases_the_port(readiness: Readiness, metrics: ServiceMetrics) -> None:
     """After stop() nothing listens on the port any more, and a second stop() is harmless."""
     server = HealthServer("127.0.0.1", 0, readiness=readiness, metrics=metrics)
     server.start()

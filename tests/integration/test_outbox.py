@@ -27,8 +27,8 @@ from psycopg.types.json import Jsonb
 
 from config.settings import Settings
 from ingestor import mqtt as mqttclient
+from iothub.daemon.observe import ServiceMetrics
 from iothub.daemon.service import IngestService
-from iothub.metrics import Metrics
 from rules_engine.actions import egress, outbox
 from rules_engine.actions.email import Mailer
 from rules_engine.actions.exceptions import DeliveryFailed, RefusedTarget
@@ -1018,7 +1018,7 @@ def test_no_login_in_clear_to_a_server_without_starttls(
     """With credentials on smtp:// and a server that offers AUTH but not STARTTLS, the password
     is never sent: the attempt fails saying why, and the password is in no log line."""
     sink = SmtpSink(extensions=("AUTH PLAIN LOGIN", "8BITMIME"))
-    host, port = sink.server.server_address[:2]
+    host, port = str(sink.server.server_address[0]), int(sink.server.server_address[1])
     try:
         outbox_id = enqueue(
             conn,
@@ -1195,7 +1195,7 @@ def test_the_daemons_healthz_says_when_the_outbox_worker_is_stuck(
     """In a running service, a stuck outbox worker turns /healthz into 503 naming `outbox`, and
     /metrics shows it; when it moves again, /healthz is 200."""
     settings = make_settings(outbox_stuck_after=0.3, outbox_poll_interval=0.05)
-    metrics = Metrics()
+    metrics = ServiceMetrics()
     pool = db.make_pool(settings, "outbox-test", size=2)
     pool.open(wait=True)
     worker = OutboxWorker(settings, pool, metrics.rules)

@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from ingestor.hooks import StoredReading
-from iothub.daemon import service as service_mod
+from iothub.daemon import assemble
 from rules_engine.engine import RuleEngine
 from rules_engine.metrics import RuleMetrics
 from rules_engine.no_data import NoDataWorker
@@ -140,14 +140,14 @@ def test_a_restart_with_a_broker_backlog_raises_no_false_no_data(
 
     publisher = threading.Thread(target=device, name="test-device")
     try:
-        with running(service_mod.build(settings)) as handle:
+        with running(assemble.build(settings)) as handle:
             publisher.start()
             assert wait_for(lambda: handle.service.totals["rows"] >= 3)
         time.sleep(8.0)  # the device goes on; the broker queues for the stopped service
         with psycopg.connect(db_url) as blocker:
             # The backlog's batches wait for this lock: a drain that takes a while.
             blocker.execute("LOCK TABLE telemetries IN SHARE MODE")
-            with running(service_mod.build(settings)) as handle:
+            with running(assemble.build(settings)) as handle:
                 time.sleep(3.0)
                 blocker.commit()
                 assert wait_for(lambda: handle.service.totals["rows"] >= 10)

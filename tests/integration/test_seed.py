@@ -17,8 +17,8 @@ from psycopg.types.json import Jsonb
 from iothub import exitcodes
 from iothub.cli import main as cli
 from iothub.devtools.seed import data as seed_data
+from iothub.devtools.seed import dataset as seed
 from iothub.devtools.seed import passwords
-from iothub.devtools.seed import store as seed
 
 SEEDED_COUNTS = {"users": 3, "metrics": 7, "devices": 7, "device_metrics": 11, "rules": 11}
 
@@ -171,7 +171,7 @@ def test_seeded_telemetry_is_realistic(
         assert distinct > 50, (serial, metric)
         assert spread > 0, (serial, metric)
         assert last - first > timedelta(days=2, hours=23), (serial, metric)
-    values = dict(
+    values: dict[Any, Any] = dict(
         conn.execute(
             """
             SELECT m.metric_type::text || ':' || d.serial_id,
@@ -230,7 +230,7 @@ def test_passwords_are_stored_hashed(
 ) -> None:
     """Stored passwords are Django pbkdf2_sha256 hashes that verify, never the plain text."""
     seeded(monkeypatch, capsys, db_url)
-    stored = dict(conn.execute("SELECT username, password FROM users").fetchall())
+    stored: dict[str, str] = dict(conn.execute("SELECT username, password FROM users").fetchall())
     assert set(stored) == {"dev_admin", "alex_client", "jordan_client"}
     for user in seed_data.USERS:
         encoded = stored[user.username]
@@ -238,7 +238,7 @@ def test_passwords_are_stored_hashed(
         assert encoded.startswith(f"pbkdf2_sha256${passwords.DEFAULT_ITERATIONS}$")
         assert passwords.check_password(user.password, encoded)
         assert not passwords.check_password(user.password + "x", encoded)
-    roles = dict(conn.execute("SELECT username, role::text FROM users").fetchall())
+    roles: dict[str, str] = dict(conn.execute("SELECT username, role::text FROM users").fetchall())
     assert roles == {"dev_admin": "admin", "alex_client": "client", "jordan_client": "client"}
 
 
@@ -297,7 +297,7 @@ def test_force_restores_seeded_rows_and_keeps_others(
 ) -> None:
     """--force rewrites exactly the seeded rows; a foreign device, its history and rules stay."""
     seeded(monkeypatch, capsys, db_url)
-    ids = dict(conn.execute("SELECT metric_type::text, id FROM metrics").fetchall())
+    ids: dict[str, int] = dict(conn.execute("SELECT metric_type::text, id FROM metrics").fetchall())
     device = conn.execute(
         "INSERT INTO devices (serial_id, name) VALUES ('SN-Z9-OTHER-0001', 'not seeded') "
         "RETURNING id"

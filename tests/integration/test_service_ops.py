@@ -33,6 +33,12 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
         sock.close()
 
 
+def _collect(messages: list[str], sock: socket.socket) -> bool:
+    """Appends what arrived on the socket; False, so it can lead an `or` in a wait condition."""
+    messages.extend(received(sock))
+    return False
+
+
 def received(sock: socket.socket) -> list[str]:
     out = []
     while True:
@@ -61,15 +67,11 @@ def test_ready_status_and_watchdog_reach_systemd(
     messages: list[str] = []
     with running(service):
         assert wait_for(
-            lambda: (
-                messages.extend(received(sock)) or any(m.startswith("WATCHDOG=1") for m in messages)
-            ),
+            lambda: _collect(messages, sock) or any(m.startswith("WATCHDOG=1") for m in messages),
             timeout=10,
         )
         assert wait_for(
-            lambda: (
-                messages.extend(received(sock)) or any(m.startswith("STATUS=") for m in messages)
-            ),
+            lambda: _collect(messages, sock) or any(m.startswith("STATUS=") for m in messages),
             timeout=10,
         )
     messages.extend(received(sock))

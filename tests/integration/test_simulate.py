@@ -17,10 +17,13 @@ from config.topics import TopicRouter
 from ingestor import mqtt as mqttclient
 from ingestor import payload
 from iothub import exitcodes
+from iothub.cli import seed
+from iothub.cli import simulate as simulate_cli
 from iothub.devtools.seed import data as seed_data
-from iothub.devtools.seed import store as seed
+from iothub.devtools.simulator import devices as sim_devices
+from iothub.devtools.simulator import messages
 from iothub.devtools.simulator import publisher as simulate
-from iothub.devtools.simulator.publisher import SimDevice, SimMetric
+from iothub.devtools.simulator.devices import SimDevice, SimMetric
 from tests.support.fleet import wait_for
 
 ALL_METRICS = tuple(SimMetric(m.metric_type, m.data_type) for m in seed_data.METRICS)
@@ -36,7 +39,7 @@ class Subscriber:
         self.client.on_connect = lambda c, *a: c.subscribe(f"{prefix}/#", qos=1)
         self.client.on_subscribe = lambda *a: self._ready.set()
         self.client.on_message = lambda c, u, m: self.messages.append(
-            (m.topic, m.payload, datetime.now(UTC))
+            (m.topic, bytes(m.payload), datetime.now(UTC))
         )
         self.client.connect(*mqttclient.host_port(broker_url))
         self.client.loop_start()
@@ -94,7 +97,7 @@ def test_rate_is_honoured_and_every_message_acknowledged(
 ) -> None:
     """At 400 msg/s for 2 s about 800 messages go out, all acknowledged, spread over the devices,
     with progress lines and a final summary logged."""
-    devices = simulate.generated_devices(5)
+    devices = sim_devices.generated_devices(5)
     with capture_logs() as logs:
         result = simulate.run_simulation(
             broker_url, topics_for(unique), devices, 400.0, 2.0, progress_interval=0.5
@@ -185,7 +188,7 @@ def test_bad_share_sends_bad_payloads_of_several_kinds(
     assert rejected_messages == bad
     expected = Counter[str]()
     for kind, count in result.bad_sent.items():
-        expected[simulate.EXPECTED_REASON[kind]] += count
+        expected[messages.EXPECTED_REASON[kind]] += count
     assert reasons == expected
     assert {"bad_json", "type_mismatch", "unknown_device", "ts_in_future"} <= set(reasons)
 
@@ -223,7 +226,7 @@ def test_device_time_can_run_faster_but_never_ahead_of_the_clock(
 
 def cli_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    simulate.add_arguments(parser)
+    simulate_cli.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -234,7 +237,7 @@ def test_cli_uses_the_seeded_devices_of_the_database(
     exactly the metrics the seed binds to it, and exits 0 after --duration."""
     settings = make_settings()
     assert seed.main(settings, argparse.Namespace(force=False, dry_run=False, debug=False)) == 0
-    code = simulate.main(settings, cli_args("--duration", "1", "--rate", "100"))
+    code = simulate_cli.main(settings, cli_args("--duration", "1", "--rate", "100"))
     assert code == exitcodes.OK
     assert wait_for(lambda: len(subscriber.messages) >= 90, timeout=10)
     bound: dict[str, set[str]] = {}
@@ -256,19 +259,19 @@ def test_cli_without_database_generates_devices(
         mqtt_url=broker_url,
         mqtt_topics=topics_for(unique),
     )
-    code = simulate.main(
+    code = simulate_cli.main(
         settings, cli_args("--duration", "0.5", "--rate", "60", "--device-count", "3")
     )
     assert code == exitcodes.OK
     assert wait_for(lambda: len(subscriber.messages) >= 25, timeout=10)
     serials = {topic.split("/")[2] for topic, _, _ in subscriber.messages}
-    assert serials == {f"{simulate.GENERATED_PREFIX}-{i:04d}" for i in range(3)}
+    assert serials == {f"{sim_devices.GENERATED_PREFIX}-{i:04d}" for i in range(3)}
 
 
 def test_cli_refuses_the_service_client_id(broker_url: str) -> None:
     """Using the ingestor's client id would take its session over: refused with USAGE."""
     settings = Settings(mqtt_url=broker_url, mqtt_client_id="iothub-prod")
-    code = simulate.main(settings, cli_args("--duration", "1", "--client-id", "iothub-prod"))
+    code = simulate_cli.main(settings, cli_args("--duration", "1", "--client-id", "iothub-prod"))
     assert code == exitcodes.USAGE
 
 
@@ -280,7 +283,7 @@ def test_stop_event_ends_an_open_ended_run(broker_url: str, unique: str) -> None
     timer.start()
     started = time.monotonic()
     result = simulate.run_simulation(
-        broker_url, topics_for(unique), simulate.generated_devices(2), 100.0, None, stop=stop
+        broker_url, topics_for(unique), sim_devices.generated_devices(2), 100.0, None, stop=stop
     )
     timer.join()
     assert time.monotonic() - started < 5
@@ -292,5 +295,5 @@ def test_unreachable_broker_is_an_error(unique: str) -> None:
     """A broker that does not answer raises SimulationError (the CLI exits CONNECTION_FAILED)."""
     with pytest.raises(simulate.SimulationError, match="cannot connect"):
         simulate.run_simulation(
-            "mqtt://127.0.0.1:1", topics_for(unique), simulate.generated_devices(1), 10.0, 1.0
+            "mqtt://127.0.0.1:1", topics_for(unique), sim_devices.generated_devices(1), 10.0, 1.0
         )

@@ -23,8 +23,8 @@ from psycopg import sql
 
 from config.settings import Settings
 from ingestor import retention
+from ingestor.metrics import IngestMetrics
 from iothub.daemon.service import IngestService
-from iothub.metrics import Metrics
 from schema import db, migrate
 from tests.support.daemon import running
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
@@ -420,7 +420,7 @@ def test_retention_prunes_old_rows_in_small_batches_and_keeps_pending_actions(
     with psycopg.connect(db_url, autocommit=True) as conn:
         _old_and_new_side_rows(conn, unique)
     settings = make_settings(retention_batch_size=2)
-    metrics = Metrics()
+    metrics = IngestMetrics()
     # Every pruned table has its series from the start, at 0, for rate() and alerts.
     assert (
         metrics.registry.get_sample_value(

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from config.settings import Settings
+from iothub.daemon.observe import ServiceMetrics
 from iothub.daemon.service import IngestService
-from iothub.metrics import Metrics
 from rules_engine.engine import RuleEngine
 
 
@@ -33,8 +33,8 @@ def make_service(settings: Settings, rules: bool = True) -> IngestService:
     those start them explicitly)."""
     if not rules:
         return IngestService(settings)
-    metrics = Metrics()
-    engine = RuleEngine(settings, metrics=metrics.rules)
+    metrics = ServiceMetrics()
+    engine = RuleEngine(settings, metrics.rules)
     return IngestService(
         settings, hook=engine, on_catalog_change=engine.on_catalog_change, metrics=metrics
     )

@@ -5,7 +5,7 @@ Order of preference, per server kind:
 2. testcontainers, when a Docker engine answers (TimescaleDB and eclipse-mosquitto images).
 3. A throwaway instance started from the installed binaries (initdb/postgres, mosquitto) on a
    free port in a temporary directory; TimescaleDB is preloaded when the server has it. Those
-   classes are the product's own (`iothub.localservers`, which `iothub demo` uses too).
+   classes are the product's own (`iothub.devtools.localservers`, which `iothub demo` uses too).
 Fault-injection tests always use (3), since they stop and kill the server.
 """
 

@@ -1,15 +1,17 @@
-"""`iothub demo`: the whole pipeline on this machine for a minute, live progress, then a summary.
+"""The demo run (`iothub demo`): the whole pipeline on this machine for a minute, live
+progress, then a summary.
 
 1. Servers: the PostgreSQL and Mosquitto the configuration points at when they answer within
    PROBE_TIMEOUT; otherwise throwaway ones started from the installed binaries in a temporary
-   directory (`iothub.localservers`). On a configured PostgreSQL the demo works in a database of
-   its own, `iothub_demo_<timestamp>`, created for the run and dropped at the end (kept with
-   `--keep`); when it may not create one, it uses a throwaway server instead, so an operator's
-   data is never touched. On a configured broker it publishes and subscribes under a topic prefix
-   of its own (`iothub-demo-<timestamp>/...`), so a production ingestor never sees its messages.
+   directory (`iothub.devtools.localservers`). On a configured PostgreSQL the demo works in a
+   database of its own, `iothub_demo_<timestamp>`, created for the run and dropped at the end
+   (kept with `--keep`); when it may not create one, it uses a throwaway server instead, so an
+   operator's data is never touched. On a configured broker it publishes and subscribes under a
+   topic prefix of its own (`iothub-demo-<timestamp>/...`), so a production ingestor never sees
+   its messages.
 2. Schema migrations, then the seed's development data set (7 devices, 11 rules).
-3. The daemon in-process (`ingestor.service.build`: ingestion, rules, actions; its own client id,
-   health port 0) and the simulator in-process, for `--duration` seconds.
+3. The daemon in-process (`iothub.daemon.assemble.build`: ingestion, rules, actions; its own
+   client id, health port 0) and the simulator in-process, for `--duration` seconds.
 4. A summary read from the database: rows stored, rejections by reason, events by rule.
 5. Clean-up of everything it started, also on Ctrl-C/SIGTERM: the daemon through request_stop,
    the demo database, the throwaway servers, the temporary directory.
@@ -26,50 +28,36 @@ payloads were sent) and at least one rule fired; 1 with what was missing otherwi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 import os
 import random
-import shutil
-import signal
-import sys
-import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from types import FrameType
-from typing import Final, TextIO
+from typing import Final
 
-import paho.mqtt.client as mqtt
 import psycopg
 import structlog
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from psycopg import sql
 
 from config.settings import Settings
 from ingestor import catalog
-from ingestor import mqtt as mqttclient
-from iothub import exitcodes, logs
+from ingestor.metrics import REJECTION_REASONS
+from iothub import exitcodes
+from iothub.daemon import assemble
 from iothub.daemon import service as service_mod
 from iothub.devtools import localservers
+from iothub.devtools.demo.console import Console
+from iothub.devtools.demo.environment import PREFIX, Environment, queries, timestamp
 from iothub.devtools.seed import store as seed
+from iothub.devtools.simulator import devices as sim_devices
+from iothub.devtools.simulator import messages as sim_messages
 from iothub.devtools.simulator import publisher as simulate
-from iothub.metrics import REJECTION_REASONS
 from schema import migrate
-from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_DURATION: Final = 60.0  # seconds
-DEFAULT_RATE: Final = 200.0  # messages per second
-DEFAULT_BAD_SHARE: Final = 0.05
-PROBE_TIMEOUT: Final = 2  # seconds for a configured server to answer before we start our own
 DEVICE_TIME_SCALE: Final = 60.0  # device seconds per wall second: a device hour per demo minute
 DEVICE_TIME_MARGIN: Final = timedelta(minutes=5)  # device time ends this long before now
 BACKFILL_MARGIN: Final = timedelta(hours=1)  # device time starts this far inside max_age
@@ -81,10 +69,6 @@ TTY_REFRESH: Final = 0.5  # seconds between redraws of the live line on a termin
 PLAIN_REFRESH: Final = 5.0  # seconds between progress lines otherwise
 RATE_WINDOW: Final = 2.0  # seconds of history behind the live messages/s figure
 TICK: Final = 0.1  # seconds: how often waits look at the stop flag
-DEMO_DATABASE: Final = "iothub_demo"  # name of the database on a throwaway server
-PREFIX: Final = "iothub-demo"
-
-queries = queries_mod.load("iothub.devtools.demo", "demo.sql")
 
 
 class Interrupted(Exception):
@@ -93,247 +77,6 @@ class Interrupted(Exception):
 
 class DemoFailed(Exception):
     """The demo could not set up or run the pipeline."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-class Console:
-    """What the demo tells its user on stdout: narrative lines, a live line, the summary.
-
-    On a terminal the live line is redrawn in place; elsewhere progress is plain lines."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.tty = out.isatty()
-        self._live = False
-        self._last = ""
-
-    def say(self, text: str = "") -> None:
-        if self._live:
-            self.out.write("\r\x1b[K")
-            self._live = False
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def live(self, text: str) -> None:
-        if self.tty:
-            # A line longer than the terminal would wrap, and "\r" only goes back one row.
-            width = shutil.get_terminal_size().columns - 1
-            if len(text) > width:
-                text = text[: max(width - 1, 0)] + "…"
-            self.out.write("\r\x1b[K" + text)
-            self.out.flush()
-            self._live = True
-        elif text != self._last:
-            self.say(text)
-        self._last = text
-
-    def end_live(self) -> None:
-        if self._live:
-            self.out.write("\n")
-            self.out.flush()
-            self._live = False
-
-
-# ---------------------------------------------------------------------------------------------
-# Servers
-
-
-def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%d_%H%M%S")
-
-
-def database_answers(dsn: str) -> bool:
-    """True when the configured PostgreSQL accepts a connection within PROBE_TIMEOUT."""
-    conninfo = psycopg.conninfo.make_conninfo(
-        dsn, connect_timeout=PROBE_TIMEOUT, application_name="iothub-demo"
-    )
-    try:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        log.info("demo_database_probe", answers=False, error=str(exc).strip().splitlines()[0])
-        return False
-    return True
-
-
-def broker_answers(url: str) -> bool:
-    """True when the configured broker accepts an MQTT connection within PROBE_TIMEOUT."""
-    client = mqttclient.make_client(url, f"{PREFIX}-probe-{os.getpid()}")
-    client.connect_timeout = PROBE_TIMEOUT
-    accepted = threading.Event()
-    result: dict[str, bool] = {}
-
-    def on_connect(
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        result["ok"] = not reason_code.is_failure
-        accepted.set()
-
-    client.on_connect = on_connect
-    try:
-        client.connect(*mqttclient.host_port(url), keepalive=10)
-    except (OSError, ValueError) as exc:
-        log.info("demo_broker_probe", answers=False, error=str(exc))
-        return False
-    client.loop_start()
-    try:
-        accepted.wait(PROBE_TIMEOUT)
-        return result.get("ok", False)
-    finally:
-        client.disconnect()
-        mqttclient.stop_loop(client)
-
-
-def _create_database(admin_dsn: str, name: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL(queries["create_database"]).format(name=sql.Identifier(name)))
-
-
-def _drop_database(admin_dsn: str, name: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        query = (
-            "drop_database" if conn.info.server_version >= 130000 else "drop_database_before_pg13"
-        )
-        conn.execute(sql.SQL(queries[query]).format(name=sql.Identifier(name)))
-
-
-@dataclass
-class Environment:
-    """The servers and database of one run, each undone by `stack` (last made, first undone)."""
-
-    settings: Settings
-    stack: contextlib.ExitStack
-    console: Console
-    keep: bool
-    temp_root: Path | None = None
-    cleaned: list[str] = field(default_factory=list)  # what the final clean-up line lists
-
-    def temp_dir(self, name: str) -> Path:
-        if self.temp_root is None:
-            root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
-            # PostgreSQL runs as `postgres` when we are root: it must reach its directory.
-            root.chmod(0o711)
-            self.stack.callback(self._remove_temp, root)
-            self.temp_root = root
-        return self.temp_root / name
-
-    def _remove_temp(self, root: Path) -> None:
-        shutil.rmtree(root, ignore_errors=True)
-        self.cleaned.append(f"{root} removed")
-        log.info("demo_temp_removed", path=str(root))
-
-    def database(self) -> str:
-        """The DSN of the demo's own database."""
-        configured = self.settings.database_url
-        where = _describe_dsn(configured)
-        why = f"no server answered at {where}"
-        if database_answers(configured):
-            why = f"the server at {where} would not create a database for the demo"
-            name = self._own_database(configured)
-            if name is not None:
-                dsn = psycopg.conninfo.make_conninfo(configured, dbname=name)
-                fate = "kept (--keep)" if self.keep else "dropped at the end"
-                self.console.say(f"  PostgreSQL  the configured server ({where}), database {name}")
-                self.console.say(f"              created for this run, {fate}")
-                log.info("demo_database", server="configured", database=name, keep=self.keep)
-                return dsn
-        server = localservers.LocalPostgres(self.temp_dir("postgres"))
-        self.stack.callback(self._stop_postgres, server)
-        server.init()
-        server.start()
-        _create_database(server.admin_dsn, DEMO_DATABASE)
-        self.console.say(
-            f"  PostgreSQL  {why}: started a throwaway one on "
-            f"127.0.0.1:{server.port} (in {server.base}), removed at the end"
-        )
-        log.info(
-            "demo_database",
-            server="throwaway",
-            port=server.port,
-            path=str(server.base),
-            configured=where,
-        )
-        return psycopg.conninfo.make_conninfo(server.admin_dsn, dbname=DEMO_DATABASE)
-
-    def _own_database(self, configured: str) -> str | None:
-        base = f"{DEMO_DATABASE}_{_stamp()}"
-        for attempt in range(1, 10):
-            name = base if attempt == 1 else f"{base}_{attempt}"
-            try:
-                _create_database(configured, name)
-            except psycopg.errors.DuplicateDatabase:
-                continue
-            except psycopg.Error as exc:
-                # No CREATEDB right: never fall back to the operator's own database.
-                log.warning(
-                    "demo_cannot_create_database",
-                    error=str(exc).strip().splitlines()[0],
-                    fallback="a throwaway server",
-                )
-                return None
-            if not self.keep:
-                self.stack.callback(self._drop, configured, name)
-            return name
-        return None
-
-    def _drop(self, configured: str, name: str) -> None:
-        try:
-            _drop_database(configured, name)
-        except psycopg.Error as exc:
-            log.error("demo_drop_failed", database=name, error=str(exc).strip().splitlines()[0])
-            self.console.say(f"could not drop the demo database {name}: drop it by hand")
-        else:
-            self.cleaned.append(f"database {name} dropped")
-            log.info("demo_database_dropped", database=name)
-
-    def _stop_postgres(self, server: localservers.LocalPostgres) -> None:
-        server.destroy()
-        self.cleaned.append("PostgreSQL stopped")
-        log.info("demo_postgres_stopped", port=server.port)
-
-    def broker(self) -> tuple[str, bool]:
-        """The broker URL, and whether it is shared (the configured one) or our own."""
-        configured = self.settings.mqtt_url
-        target = self.settings.mqtt
-        where = f"{target.host}:{target.port}"
-        if broker_answers(configured):
-            self.console.say(f"  Mosquitto   the configured broker ({where}), demo topics only")
-            log.info("demo_broker", server="configured", address=where)
-            return configured, True
-        broker = localservers.LocalMosquitto(self.temp_dir("mosquitto"), own_session=True)
-        self.stack.callback(self._stop_mosquitto, broker)
-        broker.start()
-        self.console.say(
-            f"  Mosquitto   no broker answered at {where}: started a throwaway one on "
-            f"127.0.0.1:{broker.port} (in {broker.base}), removed at the end"
-        )
-        log.info(
-            "demo_broker",
-            server="throwaway",
-            port=broker.port,
-            path=str(broker.base),
-            configured=where,
-        )
-        return broker.url, False
-
-    def _stop_mosquitto(self, broker: localservers.LocalMosquitto) -> None:
-        broker.destroy()
-        self.cleaned.append("Mosquitto stopped")
-        log.info("demo_mosquitto_stopped", port=broker.port)
-
-
-def _describe_dsn(dsn: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(dsn)
-    host = info.get("host") or "the default socket"
-    port = info.get("port") or 5432
-    return f"{host}:{port}" if info.get("host") else f"{host} (port {port})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +167,7 @@ class Run:
     sim_error: Exception | None = None
 
     def start_service(self, stack: contextlib.ExitStack) -> None:
-        self.service = service = service_mod.build(self.settings)
+        self.service = service = assemble.build(self.settings)
         self.service_thread = threading.Thread(target=service.run, name="iothub-demo-daemon")
         stack.callback(self.stop_service)
         self.service_thread.start()
@@ -451,9 +194,9 @@ class Run:
         self.service_thread = None
 
     def start_simulator(
-        self, stack: contextlib.ExitStack, devices: list[simulate.SimDevice], plan: Plan
+        self, stack: contextlib.ExitStack, devices: list[sim_devices.SimDevice], plan: Plan
     ) -> None:
-        factory = simulate.MessageFactory(
+        factory = sim_messages.MessageFactory(
             self.settings.mqtt_topics,
             devices,
             bad_share=self.bad_share,
@@ -624,74 +367,6 @@ def _print_summary(console: Console, summary: Summary) -> None:
             )
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--duration",
-        type=_positive,
-        default=DEFAULT_DURATION,
-        help=f"seconds of simulated traffic (default {DEFAULT_DURATION:g})",
-    )
-    parser.add_argument(
-        "--rate",
-        type=_positive,
-        default=DEFAULT_RATE,
-        help=f"messages per second, all devices together (default {DEFAULT_RATE:g})",
-    )
-    parser.add_argument(
-        "--bad-share",
-        type=_share,
-        default=DEFAULT_BAD_SHARE,
-        help=f"share of deliberately bad messages, 0..1 (default {DEFAULT_BAD_SHARE:g})",
-    )
-    parser.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the demo database on a configured server (throwaway servers always go)",
-    )
-
-
-@contextlib.contextmanager
-def _signals(stop: threading.Event, console: Console) -> Iterator[None]:
-    """SIGINT/SIGTERM only set `stop`: clean-up must run to its end, so a repeat is not fatal."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.warning("demo_still_cleaning_up", signal=name)
-            return
-        stop.set()
-        log.info("demo_stopping", signal=name)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -703,7 +378,7 @@ def _check(stop: threading.Event) -> None:
 
 
 def _demo_settings(settings: Settings, dsn: str, mqtt_url: str, shared: bool) -> Settings:
-    stamp = _stamp().replace("_", "")
+    stamp = timestamp().replace("_", "")
     topics = settings.mqtt_topics
     if shared:
         # Our own topic space: the production ingestor on this broker never sees demo traffic.
@@ -731,51 +406,42 @@ def _prepare_database(dsn: str, settings: Settings, console: Console) -> tuple[i
     with psycopg.connect(dsn, autocommit=True) as conn:
         applied = migrate.migrate(conn)
     console.say(f"  schema      {len(applied)} migrations applied")
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report):  # its one-line report, indented like ours
-        code = seed.main(settings, argparse.Namespace(force=False, dry_run=False, debug=False))
-    if code != exitcodes.OK:
-        raise DemoFailed(f"seeding failed (exit {code})")
-    console.say(f"  seed        {report.getvalue().strip()}")
+    seeded = seed.seed(settings)
+    if seeded.code != exitcodes.OK:
+        raise DemoFailed(f"seeding failed (exit {seeded.code})")
+    console.say(f"  seed        {' '.join(seeded.report)}")
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(queries["high_water_marks"]).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 
 
-def _seed_devices(dsn: str) -> list[simulate.SimDevice]:
+def _seed_devices(dsn: str) -> list[sim_devices.SimDevice]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        devices = simulate.devices_from_catalog(catalog.load(conn))
+        devices = sim_devices.devices_from_catalog(catalog.load(conn))
     if not devices:
         raise DemoFailed("the seeded devices are not in the database")
     return devices
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    console = Console(sys.stdout)
-    quiet = console.tty and settings.log_level != "debug"
-    if quiet:
-        # On a terminal the demo's own lines tell the story; info logs would tear the live line.
-        logs.configure("warning", settings.log_format)
-    stop = threading.Event()
-    try:
-        with _signals(stop, console):
-            return _main(settings, args, console, stop)
-    finally:
-        if quiet:
-            logs.configure(settings.log_level, settings.log_format)
-
-
-def _main(
-    settings: Settings, args: argparse.Namespace, console: Console, stop: threading.Event
+def run(
+    settings: Settings,
+    console: Console,
+    stop: threading.Event,
+    *,
+    duration: float,
+    rate: float,
+    bad_share: float,
+    keep: bool,
 ) -> int:
-    duration, rate, bad_share = float(args.duration), float(args.rate), float(args.bad_share)
+    """The demo, start to summary and clean-up; returns the exit code. `stop` is set by a
+    signal (the command's `on_stop`)."""
     console.say(
         f"iothub demo: the whole pipeline on this machine for {duration:g} s "
         f"({rate:g} msg/s, {bad_share:.0%} bad payloads)"
     )
     stack = contextlib.ExitStack()
-    env = Environment(settings, stack, console, keep=bool(args.keep))
+    env = Environment(settings, stack, console, keep=keep)
     try:
         with stack:
             outcome = _run(env, stop, duration, rate, bad_share)
@@ -856,6 +522,3 @@ def _run(
     )
     log.info("demo_ok", rows=summary.rows, rules_fired=len(fired))
     return exitcodes.OK
-
-
-__all__ = ["Plan", "Summary", "add_arguments", "main"]

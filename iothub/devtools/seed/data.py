@@ -1,7 +1,7 @@
 """The development data set of `iothub seed`: the original project's users and metrics, seven
 devices, their bindings and rules, and how their telemetry behaves.
 
-Plain constants, so that a reader sees the whole data set in one place; `iothub.seed` turns it
+Plain constants, so that a reader sees the whole data set in one place; `dataset.py` turns it
 into rows. Telemetry is not listed reading by reading: each binding has a profile (a daily cycle
 plus noise, a day-time probability, or a constant) and a few incidents that make the rules fire,
 so that the events table has something real to show.

@@ -1,17 +1,14 @@
-"""The service's Prometheus instruments, served on /metrics by `iothub.http.HealthServer`."""
+"""The ingestion's Prometheus instruments: intake, batches, readings, rejections, pending
+messages, retention and the database's state.
+
+The rule engine owns its own (rules_engine/metrics.py); the daemon composes both into one
+registry (iothub/daemon/observe.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, exposition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ingestor.reasons import Reason
-from rules_engine.metrics import RuleMetrics
-
-# Every name here is a plain Prometheus name, so the body is the same in text format 0.0.4 and
-# 1.0.0; announcing 0.0.4 keeps older Prometheus servers and other scrapers happy.
-CONTENT_TYPE = exposition.CONTENT_TYPE_PLAIN_0_0_4
 
 # Batches are a COPY plus rule evaluation in one transaction: about a millisecond when small and
 # warm, seconds when the database is struggling. Beyond 10 s the exact value no longer matters.
@@ -30,19 +27,15 @@ REJECTION_REASONS = tuple(str(reason) for reason in Reason)
 RETENTION_TABLES = ("rejected_messages", "rejected_payloads", "action_attempts", "action_outbox")
 
 
-class Metrics:
-    """All instruments of one service instance, in a registry of their own.
+class IngestMetrics:
+    """The ingestion's instruments, in the registry given (a fresh one of their own if none).
 
     A registry per instance (not prometheus_client's global one) lets tests and the demo run
     several services in one process without "Duplicated timeseries" errors.
     """
 
-    def __init__(
-        self,
-        *,
-        rejection_reasons: Iterable[str] = REJECTION_REASONS,
-    ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
 
         # --- intake
@@ -141,14 +134,7 @@ class Metrics:
             "iothub_db_connected", "1 while the database is reachable, else 0", registry=r
         )
 
-        # The rule engine owns its instruments; they share this registry.
-        self.rules = RuleMetrics(r)
-
-        for reason in rejection_reasons:
+        for reason in REJECTION_REASONS:
             self.rejected.labels(reason=reason)
         for table in RETENTION_TABLES:
             self.retention_deleted.labels(table=table)
-
-    def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format (see CONTENT_TYPE)."""
-        return exposition.generate_latest(self.registry)

@@ -1,0 +1,33 @@
+"""`iothub run`: the daemon. Ingestion, rules and actions, with an orderly stop."""
+
+from __future__ import annotations
+
+import argparse
+
+import structlog
+
+from config.settings import Settings
+from iothub import exitcodes, signals
+from iothub.daemon import assemble
+from iothub.daemon.systemd import SystemdNotifier
+
+log = structlog.get_logger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-rules", action="store_true", help="store telemetry only; rules and actions off"
+    )
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    log.info("config_loaded", settings=settings.redacted())
+    notifier = SystemdNotifier.from_environ()
+    service = assemble.build(settings, notifier, rules_on=not args.no_rules)
+
+    def stop(name: str) -> None:
+        service.request_stop(f"signal {name}")
+
+    # A second signal: the operator means it. Unacknowledged messages come back later.
+    with signals.on_stop(stop, repeat=signals.exit_now(exitcodes.INTERRUPTED)):
+        return service.run()
