@@ -39,7 +39,7 @@ from ingest_bench import PG_SETTINGS, RULE_ACTION, RULES  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from config.settings import Settings  # noqa: E402
-from ingestor.hooks import StoredReading  # noqa: E402
+from ingestor.hooks import BatchReading  # noqa: E402
 from iothub.devtools.localservers import LocalPostgres  # noqa: E402
 from rules_engine.engine import RuleEngine  # noqa: E402
 from rules_engine.evaluate import batch as evaluate_batch  # noqa: E402
@@ -77,7 +77,7 @@ def fleet(dsn: str) -> list[int]:
         return [row[0] for row in conn.execute("SELECT id FROM device_metrics ORDER BY id")]
 
 
-def batches(dms: list[int], per_dm: int) -> Iterator[list[StoredReading]]:
+def batches(dms: list[int], per_dm: int) -> Iterator[list[BatchReading]]:
     """Endless batches, sorted by (device_metric, ts) as the writer hands them over; values
     as ingest_bench.py publishes them (they rise 1.0 per 10 ms: the delta rule stays FIRING)."""
     step = 0
@@ -88,7 +88,7 @@ def batches(dms: list[int], per_dm: int) -> Iterator[list[StoredReading]]:
                 i = (step + j) * DEVICES + dm % DEVICES
                 value = 20 + (i % 1000) / 100 + dm % METRICS
                 ts = T0 + timedelta(milliseconds=10 * (step + j))
-                rows.append(StoredReading(dm, ts, value, "numeric", "s", "d", "m"))
+                rows.append(BatchReading(dm, ts, value, "numeric", "s", "d", "m"))
         step += per_dm
         yield rows
 
@@ -96,7 +96,7 @@ def batches(dms: list[int], per_dm: int) -> Iterator[list[StoredReading]]:
 def run(
     dsn: str,
     engine: RuleEngine,
-    source: Iterator[list[StoredReading]],
+    source: Iterator[list[BatchReading]],
     n: int,
     before: Callable[[], None],
 ) -> list[float]:

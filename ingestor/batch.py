@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from config.topics import TopicRouter
 from ingestor import payload
 from ingestor.catalog import Snapshot
-from ingestor.hooks import StoredReading
+from ingestor.hooks import BatchReading
 from ingestor.messages import InboundMessage
 from ingestor.reasons import Reason
 
@@ -54,7 +54,7 @@ class Row:
     device_metric_id: int
     ts: datetime
     value_json: str
-    reading: StoredReading
+    reading: BatchReading
     source: int  # index of its message in the batch, to record it if the server refuses it
 
 
@@ -239,7 +239,7 @@ def prepare(
                     binding.device_metric_id,
                     reading.ts,
                     payload.encode_value(reading.value, binding.data_type, reading.unit),
-                    StoredReading(
+                    BatchReading(
                         binding.device_metric_id,
                         reading.ts,
                         payload.rule_value(reading.value),

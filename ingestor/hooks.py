@@ -13,8 +13,9 @@ from schema.types import DataType
 
 
 @dataclass(frozen=True, slots=True)
-class StoredReading:
-    """A reading that this transaction inserted (never a redelivered duplicate)."""
+class BatchReading:
+    """A reading of a batch, built when the batch is prepared (before anything is stored); the
+    hook is handed only those the transaction inserted, never a redelivered duplicate."""
 
     device_metric_id: int
     ts: datetime
@@ -35,9 +36,7 @@ class BatchHook(Protocol):
     """Called inside the batch transaction, after the insert, before the commit; rows come
     sorted by (device_metric_id, ts)."""
 
-    def on_inserted(
-        self, conn: psycopg.Connection, rows: Sequence[StoredReading]
-    ) -> HookResult: ...
+    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[BatchReading]) -> HookResult: ...
 
     def on_failed(self) -> None:
         """The batch transaction failed, or its commit may not have happened: whatever the
@@ -51,7 +50,7 @@ class NoHook:
     def on_inserted(
         self,
         conn: psycopg.Connection,  # noqa: ARG002
-        rows: Sequence[StoredReading],  # noqa: ARG002
+        rows: Sequence[BatchReading],  # noqa: ARG002
     ) -> HookResult:
         return HookResult()
 

@@ -20,8 +20,8 @@ BATCH_SECONDS_BUCKETS = (  # seconds
 )
 
 # Label values known in advance get a series at 0 from the start, so that `rate()` and alerts
-# see the first occurrence instead of a series appearing out of nowhere: the codes of DESIGN
-# section 3 plus the ingestor's storage_error (ingestor/reasons.py).
+# see the first occurrence instead of a series appearing out of nowhere: the codes of
+# docs/mqtt.md, from ingestor/reasons.py.
 REJECTION_REASONS = tuple(str(reason) for reason in Reason)
 # The tables ingestor/retention.py prunes.
 RETENTION_TABLES = ("rejected_messages", "rejected_payloads", "action_attempts", "action_outbox")

@@ -8,7 +8,7 @@ metric's ``data_type`` and ``encode_value`` renders the ``telemetries.value_json
 Device input never makes these functions raise: every failure is a rejection, scoped as narrowly
 as possible (a bad metric rejects that metric only, a bad array element that element only).
 
-Decisions a device author may need to know (DESIGN §3 leaves them open):
+Decisions a device author may need to know (docs/mqtt.md states them):
 
 - Strict UTF-8 JSON (RFC 8259). ``NaN``/``Infinity`` and duplicate keys are bad_json: a duplicate
   key is ambiguous, and whichever value Python dropped would vanish without a trace.

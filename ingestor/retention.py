@@ -1,6 +1,6 @@
 """Retention of the side tables: rejected messages, finished actions, delivery attempts.
 
-These tables only grow otherwise (DESIGN §2 asks for a retention). A named thread deletes rows
+These tables only grow otherwise (docs/operations.md, "Retention"). A named thread deletes rows
 older than their setting every `retention_interval`, `retention_batch_size` rows per statement,
 each statement committed on its own: a backlog (the first pass after an upgrade, a flood of
 rejections) is worked off in many short transactions instead of one that holds locks and WAL.

@@ -1,4 +1,4 @@
--- Retention of the side tables (DESIGN §2): `iothub run` deletes rows older than their
+-- Retention of the side tables (docs/operations.md, "Retention"): `iothub run` deletes rows older than their
 -- retention in small statements, oldest first, each in a transaction of its own, so a backlog
 -- never turns into one long transaction holding locks and WAL.
 --

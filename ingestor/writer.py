@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from config.settings import Settings
 from ingestor.batch import Batch, RejectedMessage, RejectRow, Row
-from ingestor.hooks import BatchHook, HookResult, StoredReading
+from ingestor.hooks import BatchHook, BatchReading, HookResult
 from ingestor.reasons import Reason
 from schema import sql as queries_mod
 
@@ -175,7 +175,7 @@ class BatchWriter:
             seconds=time.perf_counter() - started,
         )
 
-    def _run_hook(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+    def _run_hook(self, conn: psycopg.Connection, rows: Sequence[BatchReading]) -> HookResult:
         """The rule engine, in a savepoint: if the server refuses what it writes (a data error,
         not a lost connection), the telemetry still commits and the failure is logged."""
         try:

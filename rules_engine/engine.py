@@ -27,7 +27,7 @@ from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from ingestor.catalog import Snapshot
-from ingestor.hooks import HookResult, StoredReading
+from ingestor.hooks import BatchReading, HookResult
 from rules_engine.actions.outbox import OutboxWorker
 from rules_engine.evaluate import batch
 from rules_engine.evaluate.state import RuleState
@@ -52,7 +52,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def not_ahead(rows: Sequence[StoredReading], now: datetime) -> tuple[Sequence[Observation], int]:
+def not_ahead(rows: Sequence[BatchReading], now: datetime) -> tuple[Sequence[Observation], int]:
     """The readings to evaluate, none later than the service's clock, and how many were folded.
 
     A reading up to `future_tolerance` ahead is stored, but evaluated as of `now`: were it
@@ -104,12 +104,12 @@ class RuleEngine:
 
     # --- the hook
 
-    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[BatchReading]) -> HookResult:
         rules = self.cache.current(conn)
         if self.cache.generation != self._states_generation:
             self.states.prune(rules.keys())
             self._states_generation = self.cache.generation
-        by_dm: dict[int, list[StoredReading]] = defaultdict(list)
+        by_dm: dict[int, list[BatchReading]] = defaultdict(list)
         for r in rows:
             if r.device_metric_id in rules:
                 by_dm[r.device_metric_id].append(r)

@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 from structlog.testing import capture_logs
 
 from config.settings import Settings
-from ingestor.hooks import HookResult, StoredReading
+from ingestor.hooks import BatchReading, HookResult
 from iothub import exitcodes
 from iothub.cli import main as cli
 from iothub.daemon.service import IngestService
@@ -67,8 +67,8 @@ def hostile_rules(dsn: str, temp: int, status: int) -> dict[str, int]:
     }
 
 
-def reading(dm: int, ts: datetime, value: float) -> StoredReading:
-    return StoredReading(dm, ts, value, "numeric", "SN", "Device", "temperature")
+def reading(dm: int, ts: datetime, value: float) -> BatchReading:
+    return BatchReading(dm, ts, value, "numeric", "SN", "Device", "temperature")
 
 
 def test_deep_and_huge_rules_cost_only_themselves_in_a_batch(db_url: str, unique: str) -> None:
@@ -261,7 +261,7 @@ def test_seed_sees_a_deep_seeded_rule_as_changed(
 class CrashingHook:
     """A batch hook with a bug: it raises something that is not a database error."""
 
-    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[StoredReading]) -> HookResult:
+    def on_inserted(self, conn: psycopg.Connection, rows: Sequence[BatchReading]) -> HookResult:
         raise RuntimeError("a bug in the hook")
 
     def on_failed(self) -> None:

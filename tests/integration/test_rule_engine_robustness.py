@@ -11,7 +11,7 @@ from psycopg_pool import ConnectionPool
 from structlog.testing import capture_logs
 
 from config.settings import Settings
-from ingestor.hooks import StoredReading
+from ingestor.hooks import BatchReading
 from rules_engine.engine import RuleEngine
 from rules_engine.metrics import RuleMetrics
 from rules_engine.no_data import NoDataWorker
@@ -21,8 +21,8 @@ from tests.support.fleet import make_fleet
 HOT = {"type": "threshold", "operator": ">", "value": 25}
 
 
-def reading(dm: int, ts: datetime, value: float) -> StoredReading:
-    return StoredReading(dm, ts, value, "numeric", "SN", "Device", "temperature")
+def reading(dm: int, ts: datetime, value: float) -> BatchReading:
+    return BatchReading(dm, ts, value, "numeric", "SN", "Device", "temperature")
 
 
 def test_a_rule_that_cannot_be_compiled_is_skipped_not_fatal(db_url: str, unique: str) -> None:

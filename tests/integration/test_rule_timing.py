@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
-from ingestor.hooks import StoredReading
+from ingestor.hooks import BatchReading
 from iothub.daemon import assemble
 from rules_engine.engine import RuleEngine
 from rules_engine.metrics import RuleMetrics
@@ -47,8 +47,8 @@ def events(dsn: str) -> list[tuple[str, datetime, str]]:
         ]
 
 
-def reading(dm: int, ts: datetime, value: float) -> StoredReading:
-    return StoredReading(dm, ts, value, "numeric", "SN", "Device", "temperature")
+def reading(dm: int, ts: datetime, value: float) -> BatchReading:
+    return BatchReading(dm, ts, value, "numeric", "SN", "Device", "temperature")
 
 
 def feed(dsn: str, engine: RuleEngine, dm: int, ts: datetime, value: float) -> None:

@@ -83,7 +83,7 @@ ERD: dict[str, dict[str, Column]] = {
     },
 }
 
-# Columns added to the ERD's tables (DESIGN §2 allows additions; docs/schema.md lists them).
+# Columns added to the ERD's tables (the design allows additions; docs/schema.md lists them).
 ADDITIONS = {
     ("events", "kind"),
     ("events", "device_metric_id"),

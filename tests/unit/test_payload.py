@@ -1,4 +1,4 @@
-"""Payload parsing and validation: every form of DESIGN §3, a corpus of bad input, and fuzzing."""
+"""Payload parsing and validation: every form of docs/mqtt.md, a bad-input corpus, fuzzing."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def reasons(result: ParseResult) -> dict[str | None, Reason]:
     return {rejection.metric: rejection.reason for rejection in result.rejections}
 
 
-# --- the forms of DESIGN §3 -------------------------------------------------------------------
+# --- the forms of docs/mqtt.md -----------------------------------------------------------------
 
 
 def test_design_example_on_shared_topic() -> None:
