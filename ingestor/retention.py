@@ -10,7 +10,6 @@ service's other threads do not depend on it.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from config.settings import Settings
 from ingestor.backoff import Backoff
 from ingestor.metrics import IngestMetrics
+from ingestor.worker import WorkerThread
 from schema import sql as queries_mod
 
 log = structlog.get_logger(__name__)
@@ -54,7 +54,7 @@ def targets(settings: Settings) -> tuple[Target, ...]:
     )
 
 
-class RetentionWorker:
+class RetentionWorker(WorkerThread):
     """The `iothub-retention` thread (`service.Worker`: start, stop, alive)."""
 
     name = THREAD_NAME
@@ -64,21 +64,7 @@ class RetentionWorker:
         self._pool = pool
         self._metrics = metrics
         self._targets = targets(settings)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        """False only when the thread should be running and is not (it died)."""
-        return self._thread.is_alive() or self._stop.is_set()
+        super().__init__()
 
     def prune_once(self) -> Counter[str]:
         """One pass over every table; returns the rows deleted per table. Raises on a

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
+from ingestor.worker import WorkerThread
 from rules_engine.events import EventWriter
 from rules_engine.failures import RuleFailures
 from rules_engine.metrics import RuleMetrics
@@ -35,30 +36,15 @@ class RuleHost(Protocol):
     intake_since: Callable[[], datetime | None]
 
 
-class EngineThread:
+class EngineThread(WorkerThread):
+    """A rule engine worker: the shared thread shape, with the engine's host and a pool."""
+
     name = "iothub-rules"  # each subclass names its thread
 
     def __init__(self, engine: RuleHost, pool: ConnectionPool) -> None:
         self._engine = engine
         self._pool = pool
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        """False only when the thread should be running and is not (it died)."""
-        return self._thread.is_alive() or self._stop.is_set()
-
-    def _run(self) -> None:
-        raise NotImplementedError
+        super().__init__()
 
 
 class PoolKeeper:
