@@ -8,6 +8,7 @@ listener moved to a free port on 127.0.0.1, so these tests fail when the shipped
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import queue
 import re
@@ -29,6 +30,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from config.settings import DEFAULT_CLIENT_ID, DEFAULT_MAX_PAYLOAD, Settings
 from ingestor import mqtt as mqttclient
+from iothub.devtools.demo.console import Console
+from iothub.devtools.demo.environment import Environment
 from rules_engine.actions import exceptions, targets
 from rules_engine.actions import mqtt as actions_mqtt
 
@@ -665,3 +668,39 @@ def test_dev_config_has_the_same_packet_limit() -> None:
     assert _shipped_max_packet_size("mosquitto-dev.conf") == _shipped_max_packet_size(
         "mosquitto.conf"
     )
+
+
+def test_the_demo_never_connects_under_a_service_login(
+    tmp_path: Path, clients: list[Client]
+) -> None:
+    """`iothub demo` configured with the service's broker URL (login included) does not even
+    probe that broker: the shipped broker binds sessions to logins, so the probe alone would
+    discard the service's queued telemetry. It starts a broker of its own, and the service's
+    session keeps every queued reading."""
+    base = tmp_path / "broker"
+    base.mkdir()
+    _write_passwords(base / "passwd")
+    server = Broker("mosquitto.conf", base)
+    server.start()
+    queued = [_marker() for _ in range(3)]
+    try:
+        service = _persistent(clients, server, SERVICE, SERVICE_CLIENT_ID)
+        service.subscribe("devices/+/telemetry")
+        service.close()
+        publisher = _connected(clients, server, DEVICE_2)
+        for payload in queued:
+            assert not publisher.publish(f"devices/{DEVICE_2[0]}/telemetry", payload).is_failure
+
+        url = f"mqtt://{SERVICE[0]}:{SERVICE[1]}@127.0.0.1:{server.port}"
+        settings = Settings(mqtt_url=url)
+        with contextlib.ExitStack() as stack:
+            env = Environment(settings, stack, Console(io.StringIO()), keep=False)
+            chosen, shared = env.broker()
+        assert shared is False and chosen != url
+
+        service = _persistent(clients, server, SERVICE, SERVICE_CLIENT_ID)
+        received = [service.expect()[1] for _ in queued]
+        assert service.session_present is True
+    finally:
+        server.stop()
+    assert received == queued

@@ -196,7 +196,15 @@ class Environment:
         configured = self.settings.mqtt_url
         target = self.settings.mqtt
         where = f"{target.host}:{target.port}"
-        if broker_answers(configured):
+        # A login belongs to a service: the shipped broker binds each session to its login
+        # (use_username_as_clientid), so even a probe under it would discard that service's
+        # queued telemetry, and the demo's daemon would take its session over. Only a broker
+        # reached without a login (a development broker) is shared with the demo.
+        if target.username is not None:
+            why = f"the configured broker ({where}) is reached with login {target.username!r}"
+            self.console.say(f"  Mosquitto   {why}, which belongs to a service: not used")
+            log.info("demo_broker_login_not_used", address=where, login=target.username)
+        elif broker_answers(configured):
             self.console.say(f"  Mosquitto   the configured broker ({where}), demo topics only")
             log.info("demo_broker", server="configured", address=where)
             return configured, True
