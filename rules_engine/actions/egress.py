@@ -88,12 +88,12 @@ class AddressPolicy:
 
     def why_refused(self, address: IPAddress) -> str | None:
         """None when `address` may be connected to, else what kind of address it is."""
-        if self._allow_listed(address):
+        if self.allow_listed(address):
             return None
         if isinstance(address, ipaddress.IPv6Address):
             embedded = _embedded_ipv4(address)
             if embedded is not None:
-                if self._allow_listed(embedded):
+                if self.allow_listed(embedded):
                     return None
                 address = embedded
         if address.is_loopback:
@@ -114,7 +114,16 @@ class AddressPolicy:
             return "reserved"
         return None
 
-    def _allow_listed(self, address: IPAddress) -> bool:
+    def opened(self, address: IPAddress) -> bool:
+        """The operator opened this address explicitly (`action_allow_networks`), directly or
+        as the IPv4 address an IPv6 form carries."""
+        if self.allow_listed(address):
+            return True
+        embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+        return embedded is not None and self.allow_listed(embedded)
+
+    def allow_listed(self, address: IPAddress) -> bool:
+        """`address` lies in one of the allow-listed networks."""
         return any(address in network for network in self.allowed)
 
 
@@ -207,19 +216,7 @@ class GuardedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        addresses = self._resolve(host, port, timeout)
-        refused = [
-            f"{address} ({why})"
-            for address in addresses
-            if (why := self.policy.why_refused(address)) is not None
-        ]
-        if refused:
-            # One bad address refuses the host: which address a connect would pick is not ours
-            # to predict (and a rebinding name offers a good one first).
-            raise DestinationRefused(
-                f"{host} resolves to a non-public address: {', '.join(refused)}; "
-                "allow its network in action_allow_networks if it is meant"
-            )
+        addresses = self.checked_addresses(host, port, timeout)
         failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
         for address in addresses:
             try:
@@ -236,6 +233,24 @@ class GuardedBackend(httpcore.NetworkBackend):
             return DeadlineStream(stream, self)
         assert failure is not None  # _resolve never returns an empty list
         raise failure
+
+    def checked_addresses(self, host: str, port: int, timeout: float | None) -> list[IPAddress]:
+        """The host's addresses, resolved within the deadline; raises DestinationRefused when
+        any of them is not allowed."""
+        addresses = self._resolve(host, port, timeout)
+        refused = [
+            f"{address} ({why})"
+            for address in addresses
+            if (why := self.policy.why_refused(address)) is not None
+        ]
+        if refused:
+            # One bad address refuses the host: which address a connect would pick is not ours
+            # to predict (and a rebinding name offers a good one first).
+            raise DestinationRefused(
+                f"{host} resolves to a non-public address: {', '.join(refused)}; "
+                "allow its network in action_allow_networks if it is meant"
+            )
+        return addresses
 
     def _resolve(self, host: str, port: int, timeout: float | None) -> list[IPAddress]:
         try:

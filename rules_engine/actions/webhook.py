@@ -22,6 +22,8 @@ WEBHOOK_CONNECTIONS: Final = 8  # kept-alive connections to webhook receivers at
 WEBHOOK_KEEPALIVE: Final = 30.0  # seconds an idle webhook connection is kept
 USER_AGENT: Final = "iothub-outbox"
 DELIVERY_HEADER: Final = "X-Iothub-Delivery"  # the outbox id: receivers can drop a repeat
+# Headers that carry credentials: never sent over plain http:// (see _check_plain_http).
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 
 
 class WebhookSender:
@@ -32,7 +34,8 @@ class WebhookSender:
 
     def __init__(self, timeout: float, policy: egress.AddressPolicy | None = None) -> None:
         self._timeout = timeout
-        self._backend = egress.GuardedBackend(policy or egress.AddressPolicy())
+        self._policy = policy or egress.AddressPolicy()
+        self._backend = egress.GuardedBackend(self._policy)
         self._pool = httpcore.ConnectionPool(
             network_backend=self._backend,
             max_connections=WEBHOOK_CONNECTIONS,
@@ -52,6 +55,11 @@ class WebhookSender:
         limit = {"connect": self._timeout, "read": self._timeout, "write": self._timeout}
         cut = ""
         try:
+            if url.scheme == b"http" and any(
+                name.lower() in CREDENTIAL_HEADERS for name, _ in headers
+            ):
+                with self._backend.deadline(self._timeout):
+                    self._check_plain_http(url)
             with (
                 self._backend.deadline(self._timeout),
                 self._pool.stream(
@@ -87,9 +95,8 @@ class WebhookSender:
             f"HTTP {status} {reason}".rstrip() + f" from {where}{moved}"
         )
 
-    @staticmethod
     def _request(
-        outbox_id: int, target: targets.WebhookTarget
+        self, outbox_id: int, target: targets.WebhookTarget
     ) -> tuple[httpcore.URL, list[tuple[bytes, bytes]], bytes]:
         try:
             url = httpx.URL(target.url)
@@ -119,6 +126,19 @@ class WebhookSender:
             scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
         )
         return plain, headers, body
+
+    def _check_plain_http(self, url: httpcore.URL) -> None:
+        # Credentials over plain HTTP travel in clear to whoever is on the path (the same rule
+        # as SMTP without STARTTLS): they go only to a host whose every address lies in a
+        # network the operator opened (`action_allow_networks`), never to the internet. The
+        # address policy is applied first, so a refused address is refused for what it is.
+        host = url.host.decode("ascii")
+        addresses = self._backend.checked_addresses(host, url.port or 80, self._timeout)
+        if not all(self._policy.opened(address) for address in addresses):
+            raise egress.DestinationRefused(
+                "credentials over plain http:// would travel in clear: use https://"
+                " (or a receiver in action_allow_networks)"
+            )
 
     @staticmethod
     def _drain(response: httpcore.Response) -> bool:

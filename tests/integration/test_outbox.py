@@ -1310,3 +1310,41 @@ def test_an_https_receiver_that_never_finishes_the_handshake_fails_at_the_deadli
         1,
         f"no complete answer from https://127.0.0.1:{port} within 1 s",
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "headers"),
+    [
+        ("http://hub:s3cret@{host}:{port}/x", {}),  # user-info becomes Basic auth
+        ("http://{host}:{port}/x", {"Authorization": "Bearer t0ken"}),
+        ("http://{host}:{port}/x", {"Cookie": "session=s3cret"}),
+    ],
+)
+def test_credentials_never_go_over_plain_http_to_the_internet(
+    webhook: Callable[..., WebhookServer],
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    headers: dict[str, str],
+) -> None:
+    """Credentials over http:// would travel in clear: refused at once, before any connection,
+    unless every address of the host lies in action_allow_networks (the receivers of the other
+    tests, on 127.0.0.1, do)."""
+    server = webhook()
+    port = server.httpd.server_port
+    # hooks.example resolves to a public address: allowed without credentials, never with.
+    monkeypatch.setattr(socket, "getaddrinfo", _resolving([["93.184.216.34"]], port))
+    sender = WebhookSender(2.0, egress.AddressPolicy(egress.parse_networks(["127.0.0.1/32"])))
+    try:
+        public = WebhookTarget(
+            url=url.format(host="hooks.example", port=port), body={}, headers=headers
+        )
+        with pytest.raises(RefusedTarget, match="would travel in clear"):
+            sender.send(1, public)
+        assert server.requests == []
+        opened = WebhookTarget(
+            url=url.format(host="127.0.0.1", port=port), body={}, headers=headers
+        )
+        sender.send(2, opened)
+    finally:
+        sender.close()
+    assert len(server.requests) == 1
