@@ -69,7 +69,9 @@ def test_a_batch_stops_taking_messages_at_its_reading_bound_and_memory_stays_bou
 
 def test_a_batch_stops_taking_messages_at_its_byte_bound() -> None:
     """Payload bytes bound a batch too; the message that crosses the bound is the last one."""
-    messages = [message({"metrics": {"m0": i}, "ts": time.time() - i}, i) for i in range(10)]
+    # Whole seconds: every payload has the same length (a float's repr would vary by a digit).
+    now = int(time.time())
+    messages = [message({"metrics": {"m0": i}, "ts": now - i}, i) for i in range(10)]
     size = len(messages[0].payload)
     bounds = batch.Bounds(max_bytes=3 * size)
     prepared = batch.prepare(messages, snapshot(1), ROUTER, payload.Limits(), bounds)
