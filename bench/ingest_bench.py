@@ -49,12 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import paho.mqtt.client as mqtt  # noqa: E402
 import psycopg  # noqa: E402
 from mqtt_wire import WirePublisher  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-from paho.mqtt.packettypes import PacketTypes  # noqa: E402
-from paho.mqtt.properties import Properties  # noqa: E402
+from paho_api import CallbackAPIVersion, PacketTypes, Properties  # noqa: E402
+from paho_api import client as mqtt  # noqa: E402
 
 from schema import migrate  # noqa: E402
 

@@ -21,12 +21,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from config.settings import DEFAULT_CLIENT_ID, DEFAULT_MAX_PAYLOAD, Settings
 from ingestor import mqtt as mqttclient
@@ -34,6 +29,14 @@ from iothub.devtools.demo.console import Console
 from iothub.devtools.demo.environment import Environment
 from rules_engine.actions import exceptions, targets
 from rules_engine.actions import mqtt as actions_mqtt
+from tests.support.paho_api import (
+    CallbackAPIVersion,
+    MQTTProtocolVersion,
+    PacketTypes,
+    Properties,
+    ReasonCode,
+)
+from tests.support.paho_api import client as mqtt
 
 MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "mosquitto"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

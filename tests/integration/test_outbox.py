@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 import structlog
@@ -43,6 +42,7 @@ from rules_engine.rule_cache import RuleEntry
 from schema import db
 from tests.support.daemon import running
 from tests.support.fleet import make_fleet, wait_for
+from tests.support.paho_api import client as mqtt
 
 FAST_RETRY = 0.05  # seconds: the first retry delay in these tests
 LOOPBACK = "127.0.0.1/32"  # where the test receivers listen

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import psycopg
 from structlog.testing import capture_logs
 
@@ -20,6 +19,7 @@ from ingestor import mqtt as mqttclient
 from iothub import exitcodes
 from iothub.daemon.service import IngestService
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
+from tests.support.paho_api import client as mqtt
 from tests.support.services import LocalMosquitto
 
 FAULT = b'{"metrics": {"status": "FAULT"}}'  # no ts: it would take each receipt's time

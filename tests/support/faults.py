@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import psycopg
 
 from ingestor import mqtt as mqttclient
+from tests.support.paho_api import client as mqtt
 
 REPO = Path(__file__).resolve().parents[2]
 

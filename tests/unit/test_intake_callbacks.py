@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import paho.mqtt.client as mqtt
 from structlog.testing import capture_logs
 
 from config.settings import Settings
 from config.topics import TopicRouter
 from ingestor.intake import MqttIntake
+from tests.support.paho_api import client as mqtt
 
 
 def make_intake(**overrides: object) -> MqttIntake:
@@ -80,8 +80,7 @@ def test_on_message_keeps_the_retain_flag() -> None:
 
 
 def _suback(intake: MqttIntake, *codes: int) -> None:
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.reasoncodes import ReasonCode
+    from tests.support.paho_api import PacketTypes, ReasonCode
 
     intake._on_subscribe(
         intake._client, None, 1, [ReasonCode(PacketTypes.SUBACK, identifier=c) for c in codes], None

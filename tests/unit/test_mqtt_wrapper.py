@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import paho.mqtt.client as paho
 from structlog.testing import capture_logs
 
 from config.settings import MqttTarget
 from ingestor import mqtt
+from tests.support.paho_api import client as paho
 
 
 class Counter:
