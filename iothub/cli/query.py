@@ -5,6 +5,11 @@ aligned text table (header, rows, a count line), for an operator at a terminal.
   readings of one device metric, served by a backward scan of the (device_metric_id, ts) index.
 - `recent --device SERIAL_OR_ID [--hours 24]`: every reading of one device over the last hours,
   with its name and metric types.
+- `stats --device SERIAL [--metric TYPE] [--bucket hour|day] [--since ISO] [--until ISO]`: one
+  device's hourly or daily buckets (readings, min/max/avg, last value) read from
+  `telemetry_hourly` / `telemetry_daily`: continuous aggregates on TimescaleDB, plain views over
+  `telemetries` elsewhere (schema/migrations/0010_telemetry_buckets.sql). The same query runs on
+  both.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Final
 
 import psycopg
 import structlog
+from psycopg import sql
 
 from config.settings import Settings
 from iothub import exitcodes
 from iothub.cli import argtypes
+from rules_engine import backtest
 from schema import db
 from schema import sql as queries_mod
 
@@ -32,6 +39,11 @@ queries = queries_mod.load("iothub.cli", "query.sql")
 DEFAULT_LIMIT: Final = 100  # readings, as in the seed's example
 DEFAULT_HOURS: Final = 24.0  # hours, as in the seed's example
 MAX_LIMIT: Final = 100_000  # readings: more is a job for psql \copy, not for a terminal table
+# bucket -> (the view or continuous aggregate, how far back without --since)
+AGGREGATES: Final = {
+    "hour": ("telemetry_hourly", timedelta(hours=24)),
+    "day": ("telemetry_daily", timedelta(days=31)),
+}
 
 
 class TargetNotFound(Exception):
@@ -73,6 +85,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HOURS,
         help=f"how far back (default {DEFAULT_HOURS:g})",
     )
+    stats = sub.add_parser(
+        "stats",
+        help="one device's hourly or daily buckets: readings, min/max/avg, last value",
+        description="Hourly or daily buckets of one device's metrics, oldest first, read from "
+        "telemetry_hourly / telemetry_daily (continuous aggregates on TimescaleDB, plain views "
+        "otherwise). Buckets starting in [--since, --until) are shown; by default the last 24 "
+        "hours (hour) or 31 days (day). Times without an offset are in the configured time "
+        "zone; buckets are cut in UTC.",
+    )
+    stats.add_argument("--device", required=True, metavar="SERIAL", help="the device's serial_id")
+    stats.add_argument("--metric", metavar="TYPE", help="only this metric type")
+    stats.add_argument(
+        "--bucket", choices=sorted(AGGREGATES), default="hour", help="bucket width (default hour)"
+    )
+    stats.add_argument("--since", metavar="ISO", help="first bucket start (inclusive)")
+    stats.add_argument("--until", metavar="ISO", help="last bucket start (exclusive)")
 
 
 def _cell(value: object) -> str:
@@ -140,6 +168,52 @@ def _device(conn: psycopg.Connection, device: str) -> tuple[int, str, str]:
     return int(row[0]), str(row[1]), str(row[2])
 
 
+def _stats_period(settings: Settings, args: argparse.Namespace) -> tuple[datetime, datetime]:
+    """[since, until) from the command line, checked; raises backtest.UsageError."""
+    until = (
+        backtest.parse_time(args.until, "--until", settings.tz) if args.until else datetime.now(UTC)
+    )
+    since = (
+        backtest.parse_time(args.since, "--since", settings.tz)
+        if args.since
+        else until - AGGREGATES[args.bucket][1]
+    )
+    if since >= until:
+        raise backtest.UsageError("--since must be before --until")
+    return since, until
+
+
+def _stats(
+    conn: psycopg.Connection, args: argparse.Namespace, since: datetime, until: datetime
+) -> None:
+    device_id, serial_id, name = _device_by_serial(conn, args.device)
+    ids = [
+        int(row[0])
+        for row in conn.execute(
+            queries["stats_bindings"], {"device_id": device_id, "metric_type": args.metric}
+        ).fetchall()
+    ]
+    if not ids:
+        what = f"metric {args.metric!r}" if args.metric else "metrics"
+        raise TargetNotFound(f"device {serial_id!r} has no {what}")
+    aggregate = AGGREGATES[args.bucket][0]
+    # The aggregate's name comes from our own table, never from the command line as text.
+    statement = sql.SQL(queries["bucket_stats"]).format(aggregate=sql.Identifier(aggregate))
+    cursor = conn.execute(statement, {"ids": ids, "since": since, "until": until})
+    _print(
+        f"{serial_id} ({name}, device {device_id}): {aggregate} from {since.isoformat()} "
+        f"until {until.isoformat()}",
+        cursor,
+    )
+
+
+def _device_by_serial(conn: psycopg.Connection, serial: str) -> tuple[int, str, str]:
+    row = conn.execute(queries["device_by_serial"], {"device": serial}).fetchone()
+    if row is None:
+        raise TargetNotFound(f"no device with serial {serial!r}")
+    return int(row[0]), str(row[1]), str(row[2])
+
+
 def _print(title: str, cursor: psycopg.Cursor[tuple[object, ...]]) -> None:
     headers = [column.name for column in cursor.description or ()]
     rows = cursor.fetchall()
@@ -162,6 +236,13 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return exitcodes.USAGE
+    since = until = datetime.now(UTC)
+    if args.query == "stats":
+        try:
+            since, until = _stats_period(settings, args)
+        except backtest.UsageError as exc:
+            print(f"iothub query stats: {exc}", file=sys.stderr)
+            return exitcodes.USAGE
     try:
         conn = db.connect(settings, "query", autocommit=True)
     except psycopg.OperationalError as exc:
@@ -180,6 +261,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                     f"newest {args.limit} readings",
                     cursor,
                 )
+            elif args.query == "stats":
+                _stats(conn, args, since, until)
             else:
                 device_id, serial_id, name = _device(conn, args.device)
                 cursor = conn.execute(
@@ -199,4 +282,4 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-__all__ = ["DEFAULT_HOURS", "DEFAULT_LIMIT", "add_arguments", "main", "render_table"]
+__all__ = ["AGGREGATES", "DEFAULT_HOURS", "DEFAULT_LIMIT", "add_arguments", "main", "render_table"]

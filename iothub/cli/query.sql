@@ -50,3 +50,33 @@ SELECT id, serial_id::text, name::text FROM devices WHERE serial_id = %(device)s
 
 -- name: device_by_id
 SELECT id, serial_id::text, name::text FROM devices WHERE id = %(device_id)s
+
+-- name: stats_bindings
+SELECT dm.id
+FROM device_metrics dm
+JOIN metrics m ON m.id = dm.metric_id
+WHERE dm.device_id = %(device_id)s
+AND (%(metric_type)s::text IS NULL OR m.metric_type = %(metric_type)s::citext)
+
+-- name: bucket_stats
+-- {aggregate} is telemetry_hourly or telemetry_daily (an identifier chosen by the command).
+-- The filters are on the aggregate's own columns, so on TimescaleDB they reach the
+-- materialization's index (device_metric_id, bucket) and its chunk exclusion; on plain
+-- PostgreSQL they are pushed into the view's GROUP BY and reach the (device_metric_id, ts) index.
+-- value_last is shown as the bare value; value_jsonb keeps its type tag.
+SELECT
+    m.metric_type::text AS metric,
+    s.bucket,
+    s.readings,
+    s.value_min,
+    s.value_max,
+    trim_scale(round(s.value_avg, 6)) AS value_avg,
+    s.value_last ->> 'v' AS value_last,
+    s.ts_last
+FROM {aggregate} s
+JOIN device_metrics dm ON dm.id = s.device_metric_id
+JOIN metrics m ON m.id = dm.metric_id
+WHERE s.device_metric_id = ANY(%(ids)s)
+AND s.bucket >= %(since)s
+AND s.bucket < %(until)s
+ORDER BY m.metric_type, s.bucket
