@@ -1,11 +1,13 @@
 """Turning `telemetries` into a TimescaleDB hypertable: the steps, the checks, the run.
 
-The seed's six steps (schema/timescale.sql, blocks step_1 .. step_6), in one transaction, so a
-failure at any step leaves the database exactly as it was:
+The seed's six steps and the aggregates' eight (schema/timescale.sql, blocks step_1 ..
+step_14), in one transaction, so a failure at any step leaves the database exactly as it was:
 
 1. install the extension          4. enable compression, segmented by device_metric_id, ts DESC
 2. drop the id-only primary key   5. compress chunks older than 30 days
 3. hypertable on ts, 7-day chunks 6. drop chunks older than 1 year
+7-10. replace the plain view telemetry_hourly by a continuous aggregate, refresh and retention
+11-14. the same for telemetry_daily
 
 Checks first: the extension must be available on the server, `telemetries` must exist, and
 nothing runs when it is already a hypertable unless forced. `setup()` and `dry_run()` return what
@@ -56,7 +58,7 @@ def one_line(sql: str) -> str:
 
 
 def steps() -> tuple[Step, ...]:
-    """The six steps in the order they run."""
+    """The steps in the order they run."""
     found = []
     for name in queries:
         match = _STEP_BLOCK.match(name)
@@ -87,21 +89,29 @@ class State:
     installed_version: str | None  # None: not installed in this database
     telemetries_exists: bool
     is_hypertable: bool
+    aggregates_exist: bool = False  # telemetry_hourly and telemetry_daily are continuous aggregates
+
+    @property
+    def set_up(self) -> bool:
+        """Nothing left to do: the hypertable and both continuous aggregates are in place."""
+        return self.is_hypertable and self.aggregates_exist
 
 
 def read_state(conn: psycopg.Connection) -> State:
     available = conn.execute(queries["extension_available"]).fetchone()
     installed = conn.execute(queries["extension_installed"]).fetchone()
     exists = conn.execute(queries["telemetries_exists"]).fetchone()
-    is_hypertable = False
+    is_hypertable = aggregates_exist = False
     if installed is not None and exists is not None and exists[0]:
         row = conn.execute(queries["is_hypertable"]).fetchone()
         is_hypertable = bool(row and row[0])
+        aggregates_exist = _is_true(conn, queries["aggregates_exist"])
     return State(
         available_version=available[0] if available else None,
         installed_version=installed[0] if installed else None,
         telemetries_exists=bool(exists and exists[0]),
         is_hypertable=is_hypertable,
+        aggregates_exist=aggregates_exist,
     )
 
 
@@ -131,7 +141,7 @@ UNAVAILABLE: Final = (
 
 class Outcome(enum.Enum):
     DONE = "done"  # the steps ran (or were in place) and committed
-    ALREADY = "already"  # telemetries was a hypertable already and no force: nothing ran
+    ALREADY = "already"  # hypertable and aggregates in place already, no force: nothing ran
     UNAVAILABLE = "unavailable"  # the server does not have the extension
     TELEMETRIES_MISSING = "telemetries_missing"  # the schema is not migrated
     FAILED = "failed"  # a statement failed: everything rolled back
@@ -183,7 +193,7 @@ def dry_run(conn: psycopg.Connection, *, force: bool) -> DryRunResult:
     with conn.transaction():
         conn.execute("SET TRANSACTION READ ONLY")
         state = read_state(conn)
-    if state.is_hypertable and not force:
+    if state.set_up and not force:
         return DryRunResult(state, ())
     return DryRunResult(state, tuple(dry_run_lines()))
 
@@ -207,7 +217,7 @@ def setup(conn: psycopg.Connection, *, force: bool) -> SetupResult:
                     available_version=state.available_version,
                     detail="step 1 installs it",
                 )
-            elif state.is_hypertable and not force:
+            elif state.set_up and not force:
                 return SetupResult(Outcome.ALREADY, state)
             ran: list[int] = []
             for step in steps():

@@ -82,3 +82,107 @@ SELECT add_compression_policy('telemetries', INTERVAL '30 days', if_not_exists =
 
 -- name: step_6_retention_policy
 SELECT add_retention_policy('telemetries', INTERVAL '1 year', if_not_exists => true)
+
+-- Steps 7 .. 14: continuous aggregates under the names migration 0010 gave to plain views, with
+-- the same columns, so every query against them works before and after. Each aggregate's plain
+-- view is dropped first (it would hold the name; a view someone built on top of it makes the
+-- drop fail, and the whole setup rolls back, rather than being dropped by CASCADE). WITH NO
+-- DATA: materializing WITH DATA cannot run inside a transaction block (the refresh commits on
+-- its own), and real-time aggregation (materialized_only = false) answers from `telemetries`
+-- for whatever is not materialized yet, so the aggregates are correct at once and the refresh
+-- policy fills them in the background. The refresh windows end before the newest bucket
+-- (end_offset) so a bucket still receiving readings is not materialized over and over; the
+-- retention of the aggregates (5 years) outlives the raw data's (1 year), and no refresh window
+-- reaches back to where raw chunks have been dropped, so old buckets stay.
+
+-- name: step_7_drop_hourly_view
+DROP VIEW IF EXISTS telemetry_hourly
+
+-- name: done_step_7
+SELECT EXISTS (
+    SELECT 1 FROM timescaledb_information.continuous_aggregates
+    WHERE view_schema = current_schema() AND view_name = 'telemetry_hourly'
+)
+
+-- name: step_8_hourly_aggregate
+CREATE MATERIALIZED VIEW telemetry_hourly
+WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+SELECT
+    device_metric_id,
+    time_bucket(INTERVAL '1 hour', ts) AS bucket,
+    count(*) AS readings,
+    min(value_numeric) AS value_min,
+    max(value_numeric) AS value_max,
+    avg(value_numeric) AS value_avg,
+    last(value_jsonb, ts) AS value_last,
+    max(ts) AS ts_last
+FROM telemetries
+GROUP BY device_metric_id, time_bucket(INTERVAL '1 hour', ts)
+WITH NO DATA
+
+-- name: done_step_8
+SELECT EXISTS (
+    SELECT 1 FROM timescaledb_information.continuous_aggregates
+    WHERE view_schema = current_schema() AND view_name = 'telemetry_hourly'
+)
+
+-- name: step_9_hourly_refresh_policy
+SELECT add_continuous_aggregate_policy(
+    'telemetry_hourly',
+    start_offset => INTERVAL '3 days',
+    end_offset => INTERVAL '1 hour',
+    schedule_interval => INTERVAL '15 minutes',
+    if_not_exists => true
+)
+
+-- name: step_10_hourly_retention_policy
+SELECT add_retention_policy('telemetry_hourly', INTERVAL '5 years', if_not_exists => true)
+
+-- name: step_11_drop_daily_view
+DROP VIEW IF EXISTS telemetry_daily
+
+-- name: done_step_11
+SELECT EXISTS (
+    SELECT 1 FROM timescaledb_information.continuous_aggregates
+    WHERE view_schema = current_schema() AND view_name = 'telemetry_daily'
+)
+
+-- name: step_12_daily_aggregate
+CREATE MATERIALIZED VIEW telemetry_daily
+WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+SELECT
+    device_metric_id,
+    time_bucket(INTERVAL '1 day', ts) AS bucket,
+    count(*) AS readings,
+    min(value_numeric) AS value_min,
+    max(value_numeric) AS value_max,
+    avg(value_numeric) AS value_avg,
+    last(value_jsonb, ts) AS value_last,
+    max(ts) AS ts_last
+FROM telemetries
+GROUP BY device_metric_id, time_bucket(INTERVAL '1 day', ts)
+WITH NO DATA
+
+-- name: done_step_12
+SELECT EXISTS (
+    SELECT 1 FROM timescaledb_information.continuous_aggregates
+    WHERE view_schema = current_schema() AND view_name = 'telemetry_daily'
+)
+
+-- name: step_13_daily_refresh_policy
+SELECT add_continuous_aggregate_policy(
+    'telemetry_daily',
+    start_offset => INTERVAL '31 days',
+    end_offset => INTERVAL '1 day',
+    schedule_interval => INTERVAL '1 hour',
+    if_not_exists => true
+)
+
+-- name: step_14_daily_retention_policy
+SELECT add_retention_policy('telemetry_daily', INTERVAL '5 years', if_not_exists => true)
+
+-- name: aggregates_exist
+-- Both continuous aggregates are in place: with a hypertable, the setup is complete. A
+-- hypertable set up by an earlier release lacks them, and a plain rerun adds them.
+SELECT count(*) = 2 FROM timescaledb_information.continuous_aggregates
+WHERE view_schema = current_schema() AND view_name IN ('telemetry_hourly', 'telemetry_daily')

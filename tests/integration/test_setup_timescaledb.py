@@ -22,7 +22,7 @@ from iothub.cli import main as cli
 from tests.support import services, skips
 
 # The six steps as the seed describes them, as `--dry-run` must print them.
-EXPECTED_STEPS = [
+SEED_STEPS = [
     "1. CREATE EXTENSION IF NOT EXISTS timescaledb;",
     "2. ALTER TABLE telemetries DROP CONSTRAINT IF EXISTS telemetries_pkey;",
     "3. SELECT create_hypertable('telemetries', 'ts', chunk_time_interval => INTERVAL '7 days', "
@@ -33,6 +33,40 @@ EXPECTED_STEPS = [
     "5. SELECT add_compression_policy('telemetries', INTERVAL '30 days', if_not_exists => true);",
     "6. SELECT add_retention_policy('telemetries', INTERVAL '1 year', if_not_exists => true);",
 ]
+
+
+def _aggregate(number: int, name: str, width: str) -> str:
+    return (
+        f"{number}. CREATE MATERIALIZED VIEW {name} WITH (timescaledb.continuous, "
+        "timescaledb.materialized_only = false) AS SELECT device_metric_id, "
+        f"time_bucket(INTERVAL '{width}', ts) AS bucket, count(*) AS readings, "
+        "min(value_numeric) AS value_min, max(value_numeric) AS value_max, "
+        "avg(value_numeric) AS value_avg, last(value_jsonb, ts) AS value_last, "
+        "max(ts) AS ts_last FROM telemetries "
+        f"GROUP BY device_metric_id, time_bucket(INTERVAL '{width}', ts) WITH NO DATA;"
+    )
+
+
+# Steps 7 .. 14: the plain views of migration 0010 become continuous aggregates.
+AGGREGATE_STEPS = [
+    "7. DROP VIEW IF EXISTS telemetry_hourly;",
+    _aggregate(8, "telemetry_hourly", "1 hour"),
+    "9. SELECT add_continuous_aggregate_policy('telemetry_hourly', "
+    "start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour', "
+    "schedule_interval => INTERVAL '15 minutes', if_not_exists => true);",
+    "10. SELECT add_retention_policy('telemetry_hourly', INTERVAL '5 years', "
+    "if_not_exists => true);",
+    "11. DROP VIEW IF EXISTS telemetry_daily;",
+    _aggregate(12, "telemetry_daily", "1 day"),
+    "13. SELECT add_continuous_aggregate_policy('telemetry_daily', "
+    "start_offset => INTERVAL '31 days', end_offset => INTERVAL '1 day', "
+    "schedule_interval => INTERVAL '1 hour', if_not_exists => true);",
+    "14. SELECT add_retention_policy('telemetry_daily', INTERVAL '5 years', "
+    "if_not_exists => true);",
+]
+EXPECTED_STEPS = SEED_STEPS + AGGREGATE_STEPS
+# What --force runs on a complete setup: the IF NOT EXISTS steps; the others are in place.
+FORCED_RAN = [1, 3, 5, 6, 9, 10, 13, 14]
 
 
 @pytest.fixture(autouse=True)
@@ -220,7 +254,7 @@ def test_setup_timescaledb_runs_without_error(
     result = run(monkeypatch, capsys, db_url)
     assert result.code == exitcodes.OK, result.err
     assert not [e for e in result.events if e["level"] == "error"]
-    assert result.event("timescaledb_setup_done")["steps"] == 6
+    assert result.event("timescaledb_setup_done")["steps"] == 14
     assert is_hypertable(conn)
     count = conn.execute("SELECT count(*) FROM telemetries").fetchone()
     assert count == (readings,)
@@ -262,8 +296,9 @@ def test_force_flag_bypasses_hypertable_check(
     done = result.event("timescaledb_setup_done")
     assert done["forced"] is True
     # Steps 2 and 4 are already in place and skipped: TimescaleDB refuses both on a hypertable
-    # with compression enabled; the others are IF NOT EXISTS and run.
-    assert done["ran"] == [1, 3, 5, 6]
+    # with compression enabled; so are the aggregates (7, 8, 11, 12); the others are IF NOT
+    # EXISTS and run.
+    assert done["ran"] == FORCED_RAN
     assert "timescaledb_already_set_up" not in result.names()
     assert_fully_set_up(conn)  # exactly one job of each kind: the steps are idempotent
 
@@ -285,7 +320,7 @@ def test_force_with_compressed_chunks_succeeds(
     assert compressed is not None and compressed[0] >= 1
     result = run(monkeypatch, capsys, db_url, "--force")
     assert result.code == exitcodes.OK, result.err
-    assert result.event("timescaledb_setup_done")["ran"] == [1, 3, 5, 6]
+    assert result.event("timescaledb_setup_done")["ran"] == FORCED_RAN
     assert_fully_set_up(conn)
     assert conn.execute("SELECT count(*) FROM telemetries").fetchone() == (readings,)
 
@@ -297,7 +332,7 @@ def test_dry_run_and_force_together(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """--dry-run --force prints the six steps even for a hypertable, and still changes nothing."""
+    """--dry-run --force prints all the steps even for a hypertable, and still changes nothing."""
     if timescaledb_available:
         assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
         remove_retention(conn)
@@ -425,14 +460,15 @@ def test_table_not_yet_hypertable_proceeds_with_setup(
 # --- Dry run (TestSetupTimescaleDBDryRun) ----------------------------------------------------
 
 
-def test_dry_run_shows_all_six_sql_steps_exactly(
+def test_dry_run_shows_all_sql_steps_exactly(
     db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--dry-run prints the six steps, numbered, in order, and nothing else on stdout."""
+    """--dry-run prints the seed's six steps then the aggregates' eight, numbered, in order, and
+    nothing else on stdout."""
     result = run(monkeypatch, capsys, db_url, "--dry-run")
     assert result.code == exitcodes.OK, result.err
     assert result.out.splitlines() == EXPECTED_STEPS
-    assert result.event("timescaledb_dry_run")["steps"] == 6
+    assert result.event("timescaledb_dry_run")["steps"] == 14
 
 
 def test_dry_run_shows_cleaned_sql_without_extra_whitespace(
@@ -441,7 +477,7 @@ def test_dry_run_shows_cleaned_sql_without_extra_whitespace(
     """Each printed step is one line: no comments, tabs, doubled spaces or padded parentheses."""
     result = run(monkeypatch, capsys, db_url, "--dry-run")
     lines = result.out.splitlines()
-    assert len(lines) == 6
+    assert len(lines) == 14
     for number, line in enumerate(lines, start=1):
         assert line.startswith(f"{number}. ")
         assert line == line.strip()
