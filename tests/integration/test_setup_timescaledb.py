@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from typing import Any
 
 import psycopg
@@ -578,3 +579,85 @@ def test_operational_error_mid_transaction_rolls_back(
     assert (failed["step"], failed["sqlstate"]) == (2, "55P03")
     assert "Traceback" not in result.err
     assert not installed(conn)
+
+
+# --- Continuous aggregates (steps 7 .. 14) ----------------------------------------------------
+
+
+def aggregate_jobs(conn: psycopg.Connection) -> list[tuple[str, str, bool]]:
+    """The aggregates' background jobs: (view, proc, whether its intervals are the setup's)."""
+    rows = conn.execute(
+        """
+        SELECT c.view_name::text, j.proc_name::text,
+            CASE j.proc_name
+            WHEN 'policy_retention' THEN (j.config ->> 'drop_after')::interval = INTERVAL '5 years'
+            ELSE (j.schedule_interval, (j.config ->> 'start_offset')::interval,
+                  (j.config ->> 'end_offset')::interval)
+                 = CASE c.view_name
+                   WHEN 'telemetry_hourly'
+                   THEN (INTERVAL '15 minutes', INTERVAL '3 days', INTERVAL '1 hour')
+                   ELSE (INTERVAL '1 hour', INTERVAL '31 days', INTERVAL '1 day')
+                   END
+            END
+        FROM timescaledb_information.jobs j
+        JOIN timescaledb_information.continuous_aggregates c
+          ON c.materialization_hypertable_schema = j.hypertable_schema
+         AND c.materialization_hypertable_name = j.hypertable_name
+        ORDER BY 1, 2
+        """
+    ).fetchall()
+    return [(view, proc, bool(ok)) for view, proc, ok in rows]
+
+
+@pytest.mark.timescaledb
+def test_setup_replaces_the_views_by_continuous_aggregates(
+    db_url: str,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Both plain views become real-time continuous aggregates with their refresh and
+    retention policies, once each, and a --force rerun adds no second job."""
+    add_readings(conn)
+    assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
+    kinds = conn.execute(
+        "SELECT view_name::text, materialized_only, finalized "
+        "FROM timescaledb_information.continuous_aggregates ORDER BY 1"
+    ).fetchall()
+    assert kinds == [("telemetry_daily", False, True), ("telemetry_hourly", False, True)]
+    expected = [
+        ("telemetry_daily", "policy_refresh_continuous_aggregate", True),
+        ("telemetry_daily", "policy_retention", True),
+        ("telemetry_hourly", "policy_refresh_continuous_aggregate", True),
+        ("telemetry_hourly", "policy_retention", True),
+    ]
+    assert aggregate_jobs(conn) == expected
+    assert run(monkeypatch, capsys, db_url, "--force").code == exitcodes.OK
+    assert aggregate_jobs(conn) == expected
+    total = conn.execute("SELECT sum(readings) FROM telemetry_hourly").fetchone()
+    assert total == (20 * 24,)  # real-time aggregation: right before any refresh
+
+
+@pytest.mark.timescaledb
+def test_hypertable_without_aggregates_gets_them_from_a_plain_rerun(
+    db_url: str,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A hypertable set up before the aggregates existed is not "already set up": a rerun
+    without --force skips what is in place and creates the aggregates."""
+    add_readings(conn)
+    assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
+    # What an earlier release left: the hypertable and its policies, the plain views of 0010.
+    conn.execute("DROP MATERIALIZED VIEW telemetry_hourly")
+    conn.execute("DROP MATERIALIZED VIEW telemetry_daily")
+    migration = resources.files("schema").joinpath("migrations/0010_telemetry_buckets.sql")
+    conn.execute(migration.read_text(encoding="utf-8"))
+    result = run(monkeypatch, capsys, db_url)
+    assert result.code == exitcodes.OK, result.err
+    assert "timescaledb_already_set_up" not in result.names()
+    # 2 and 4 are in place; 1, 3, 5 and 6 are IF NOT EXISTS; every aggregate step runs.
+    assert result.event("timescaledb_setup_done")["ran"] == [1, 3, 5, 6, *range(7, 15)]
+    assert len(aggregate_jobs(conn)) == 4
+    assert_fully_set_up(conn)
