@@ -133,8 +133,22 @@ class IngestMetrics:
         self.db_connected = Gauge(
             "iothub_db_connected", "1 while the database is reachable, else 0", registry=r
         )
+        self.table_bytes = Gauge(
+            "iothub_table_bytes",
+            "Size on disk of each pruned side table with its indexes and TOAST "
+            "(pg_total_relation_size), measured by the retention thread every few minutes",
+            ["table"],
+            registry=r,
+        )
+        # The same sizes for the stats line; replaced whole, so a reader never sees half.
+        self.table_sizes: dict[str, int] = {}
 
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason=reason)
         for table in RETENTION_TABLES:
             self.retention_deleted.labels(table=table)
+
+    def record_table_sizes(self, sizes: dict[str, int]) -> None:
+        for table, size in sizes.items():
+            self.table_bytes.labels(table=table).set(size)
+        self.table_sizes = dict(sizes)

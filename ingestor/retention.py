@@ -6,6 +6,11 @@ each statement committed on its own: a backlog (the first pass after an upgrade,
 rejections) is worked off in many short transactions instead of one that holds locks and WAL.
 A failing pass (the database away, the disk full) is logged and retried with backoff; the
 service's other threads do not depend on it.
+
+The same thread measures the tables' sizes (pg_total_relation_size: a catalogue look-up, no
+scan) at most every SIZE_INTERVAL, for the `iothub_table_bytes` gauges and the stats line. The
+tables stay plain tables on TimescaleDB too, so the pruning is the same on both servers
+(docs/timescaledb.md, "Side tables").
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ FIRST_PASS_DELAY = 10.0  # seconds after start: let the service get going before
 POOL_WAIT = 10.0  # seconds to wait for a pooled connection
 STATEMENTS_PER_PASS = 1000  # DELETEs per table and pass at most; the next pass goes on
 BACKOFF_MAX = 300.0  # seconds between failed passes at most
+SIZE_INTERVAL = 300.0  # seconds between two measurements of the tables' sizes at least
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,22 @@ class RetentionWorker(WorkerThread):
         self._pool = pool
         self._metrics = metrics
         self._targets = targets(settings)
+        self._sized_at: float | None = None  # monotonic time of the last measurement
         super().__init__()
+
+    def measure_sizes(self) -> dict[str, int]:
+        """Every pruned table's size in bytes, recorded in the metrics. Raises on a database
+        error (the caller backs off)."""
+        tables = [target.table for target in self._targets]
+        with self._pool.connection(timeout=POOL_WAIT) as conn:
+            rows = conn.execute(queries["table_sizes"], {"tables": tables}).fetchall()
+        sizes = {str(table): int(size) for table, size in rows if size is not None}
+        self._metrics.record_table_sizes(sizes)
+        self._sized_at = time.monotonic()
+        return sizes
+
+    def _sizes_due(self) -> bool:
+        return self._sized_at is None or time.monotonic() - self._sized_at >= SIZE_INTERVAL
 
     def prune_once(self) -> Counter[str]:
         """One pass over every table; returns the rows deleted per table. Raises on a
@@ -92,6 +113,8 @@ class RetentionWorker(WorkerThread):
             started = time.monotonic()
             try:
                 deleted = self.prune_once()
+                if self._sizes_due():
+                    self.measure_sizes()
             except (psycopg.Error, PoolTimeout) as exc:
                 delay = backoff.next()
                 log.warning(

@@ -49,3 +49,9 @@ WHERE id IN (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
+
+-- name: table_sizes
+-- Sizes with indexes and TOAST, read from the catalogue (no scan of the tables); a table that
+-- does not exist (to_regclass NULL) gives NULL and is left out.
+SELECT name, pg_total_relation_size(to_regclass(name))
+FROM unnest(%(tables)s::text[]) AS name

@@ -169,6 +169,7 @@ class Observer:
             oldest_unacked_s=round(self.oldest_unacked_age(), 3),
             mqtt_connected=self.intake.connected,
             db_ok=db_ok,
+            table_bytes=self.metrics.ingest.table_sizes,  # as last measured by retention
         )
         self.notifier.status(
             f"{s.messages / elapsed:.0f} msg/s, {s.rows / elapsed:.0f} rows/s, "

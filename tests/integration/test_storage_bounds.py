@@ -23,7 +23,7 @@ from psycopg import sql
 
 from config.settings import Settings
 from ingestor import retention
-from ingestor.metrics import IngestMetrics
+from ingestor.metrics import RETENTION_TABLES, IngestMetrics
 from iothub.daemon.service import IngestService
 from schema import db, migrate
 from tests.support.daemon import running
@@ -440,8 +440,15 @@ def test_retention_prunes_old_rows_in_small_batches_and_keeps_pending_actions(
             "action_outbox": 2,
         }
         assert worker.prune_once() == {}
+        sizes = worker.measure_sizes()
     finally:
         pool.close()
+    # Each table's size, as the server reports it, in the gauge and for the stats line.
+    assert set(sizes) == set(RETENTION_TABLES)
+    for table, size in sizes.items():
+        assert size == count(db_url, f"SELECT pg_total_relation_size('{table}')") > 0
+        assert metrics.registry.get_sample_value("iothub_table_bytes", {"table": table}) == size
+    assert metrics.table_sizes == sizes
     assert (
         metrics.registry.get_sample_value(
             "iothub_retention_deleted_total", {"table": "rejected_messages"}
@@ -473,7 +480,7 @@ def test_the_daemon_prunes_on_its_timer_and_backs_off_when_the_database_refuses(
             "CREATE TRIGGER refuse BEFORE DELETE ON rejected_messages "
             "FOR EACH STATEMENT EXECUTE FUNCTION refuse()"
         )
-    service = IngestService(make_settings(retention_interval=0.2))
+    service = IngestService(make_settings(retention_interval=0.2, stats_interval=0.5))
     with structlog.testing.capture_logs() as logs, running(service):
         assert wait_for(lambda: any(e["event"] == "retention_failed" for e in logs), timeout=20)
         assert service.retention.alive
@@ -481,6 +488,14 @@ def test_the_daemon_prunes_on_its_timer_and_backs_off_when_the_database_refuses(
             conn.execute("DROP TRIGGER refuse ON rejected_messages")
         assert wait_for(
             lambda: count(db_url, "SELECT count(*) FROM rejected_payloads") == 5, timeout=30
+        )
+        # The first successful pass also measured the tables; the stats line shows them.
+        assert wait_for(
+            lambda: any(
+                e["event"] == "stats" and e["table_bytes"].get("rejected_messages", 0) > 0
+                for e in logs
+            ),
+            timeout=10,
         )
     failed = [e for e in logs if e["event"] == "retention_failed"]
     assert failed[0]["sqlstate"] == "42501" and failed[0]["retry_in"] >= 4
