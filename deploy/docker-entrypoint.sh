@@ -5,7 +5,8 @@
 #   docker-entrypoint.sh COMMAND [ARGS...] any other iothub command, as is (simulate, query, ...)
 #
 # Preparing the database means, in this order: apply the schema migrations; make telemetries a
-# TimescaleDB hypertable (kept a plain table when the server has no TimescaleDB); load the
+# TimescaleDB hypertable and telemetry_hourly / telemetry_daily continuous aggregates (kept a
+# plain table and plain views when the server has no TimescaleDB); load the
 # development data set when IOTHUB_SEED_DATA is true. All three are idempotent, so every start
 # of the container runs them. The daemon is started with `exec` so that it is PID 1's direct
 # replacement and receives docker's SIGTERM itself (graceful drain: flush, commit, acknowledge).

@@ -661,3 +661,57 @@ def test_hypertable_without_aggregates_gets_them_from_a_plain_rerun(
     assert result.event("timescaledb_setup_done")["ran"] == [1, 3, 5, 6, *range(7, 15)]
     assert len(aggregate_jobs(conn)) == 4
     assert_fully_set_up(conn)
+
+
+# --- Writes into compressed chunks ------------------------------------------------------------
+
+
+@pytest.mark.timescaledb
+def test_insert_on_conflict_into_a_compressed_chunk(
+    db_url: str,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A backfill into a compressed chunk with the writer's ON CONFLICT DO NOTHING stores the
+    new readings and drops the duplicates, and the chunk stays compressed."""
+    add_readings(conn, days=45)
+    assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
+    conn.execute(
+        "SELECT compress_chunk(c) FROM show_chunks('telemetries', older_than => INTERVAL "
+        "'30 days') c"
+    )
+    old = conn.execute(
+        "SELECT device_metric_id, ts FROM telemetries WHERE ts < now() - INTERVAL '35 days' "
+        "ORDER BY ts LIMIT 3"
+    ).fetchall()
+    assert len(old) == 3
+    binding = old[0][0]
+    fresh = [ts + timedelta(minutes=30) for _, ts in old]  # between two hourly readings
+    rows = [(binding, ts, Jsonb({"t": "numeric", "v": 1000})) for ts in fresh]
+    rows += [(binding, ts, Jsonb({"t": "numeric", "v": -1})) for _, ts in old]  # duplicates
+    before = conn.execute("SELECT count(*) FROM telemetries").fetchone()
+    assert before is not None
+    with conn.cursor() as cur:
+        cur.execute(
+            "CREATE TEMP TABLE backfill (device_metric_id int, ts timestamptz, value_jsonb jsonb)"
+        )
+        cur.executemany("INSERT INTO backfill VALUES (%s, %s, %s)", rows)
+        stored = cur.execute(
+            "INSERT INTO telemetries (device_metric_id, ts, value_jsonb) "
+            "SELECT device_metric_id, ts, value_jsonb FROM backfill "
+            "ON CONFLICT (device_metric_id, ts) DO NOTHING RETURNING ts"
+        ).fetchall()
+    assert sorted(ts for (ts,) in stored) == fresh
+    assert conn.execute("SELECT count(*) FROM telemetries").fetchone() == (before[0] + 3,)
+    kept = conn.execute(
+        "SELECT count(*) FROM telemetries WHERE ts = ANY(%s) AND value_jsonb ->> 'v' = '-1'",
+        ([ts for _, ts in old],),
+    ).fetchone()
+    assert kept == (0,)  # the stored readings were not overwritten
+    chunk = conn.execute(
+        "SELECT is_compressed FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = 'telemetries' AND %s >= range_start AND %s < range_end",
+        (fresh[0], fresh[0]),
+    ).fetchone()
+    assert chunk == (True,)
