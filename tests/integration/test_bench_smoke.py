@@ -46,3 +46,15 @@ def test_rule_hook_benchmark_prints_every_mode() -> None:
     for mode in ("cached", "re-read", "stepwise"):
         line = next((x for x in done.stdout.splitlines() if x.strip().startswith(mode)), "")
         assert " ms " in line and "us per reading" in line, done.stdout
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_timescale_cost_benchmark_runs(pg_admin_dsn: str, timescaledb_available: bool) -> None:
+    """`bench/timescale_costs.py` on a small load exits 0 with a line per run: figures for the
+    plain table, and for the hypertable exactly when the server has TimescaleDB."""
+    done = run_script(REPO / "bench" / "timescale_costs.py", pg_admin_dsn, "--rows", "5000")
+    lines = done.stdout.splitlines()
+    plain = next(x for x in lines if x.startswith("plain table"))
+    assert len(plain.split()) == 7, done.stdout  # label (4 words) and three figures
+    hyper = next(x for x in lines if x.startswith("hypertable"))
+    assert ("not measured" in hyper) is not timescaledb_available, done.stdout
