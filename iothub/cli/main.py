@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[CommandModule, str]] = {
     "simulate": (simulate, "simulated devices publishing telemetry"),
     "demo": (demo, "the whole pipeline on this machine, then a summary"),
     "rules": (rules, "check rules; backtest a rule over stored history"),
-    "query": (query, "the seed's example queries: last readings, recent readings"),
+    "query": (query, "the example queries: last readings, recent readings, bucket stats"),
 }
 
 
