@@ -68,6 +68,12 @@ DEFAULT_MAX_REJECTIONS_PER_MESSAGE = 100  # rejected readings recorded per messa
 DEFAULT_RETENTION = 30 * 24 * 3600.0  # seconds (30 days) for rejections and finished actions
 DEFAULT_RETENTION_INTERVAL = 300.0  # seconds between two pruning passes
 DEFAULT_RETENTION_BATCH = 1000  # rows per DELETE statement
+# Continuous aggregates (TimescaleDB only; `iothub setup-timescaledb` sets their policies).
+DEFAULT_HOURLY_REFRESH_INTERVAL = 15 * 60.0  # seconds between refreshes of telemetry_hourly
+DEFAULT_HOURLY_REFRESH_WINDOW = 3 * 24 * 3600.0  # seconds back each refresh of it covers
+DEFAULT_DAILY_REFRESH_INTERVAL = 3600.0  # seconds between refreshes of telemetry_daily
+DEFAULT_DAILY_REFRESH_WINDOW = 31 * 24 * 3600.0  # seconds back each refresh of it covers
+DEFAULT_AGGREGATE_RETENTION = 5 * 365 * 24 * 3600.0  # seconds (1825 days) buckets are kept
 
 MASK = "***"  # what a secret looks like in logs and error messages
 # The settings that may hold passwords.
@@ -191,6 +197,22 @@ class Settings(BaseSettings):
     )
     retention_interval: float = Field(default=DEFAULT_RETENTION_INTERVAL, gt=0)
     retention_batch_size: int = Field(default=DEFAULT_RETENTION_BATCH, ge=1, le=100_000)
+
+    # --- continuous aggregates (TimescaleDB; applied by `iothub setup-timescaledb`)
+    # A refresh window must span two buckets beyond its end offset (one bucket): hence the minima.
+    aggregate_hourly_refresh_interval: float = Field(default=DEFAULT_HOURLY_REFRESH_INTERVAL, ge=60)
+    aggregate_hourly_refresh_window: float = Field(
+        default=DEFAULT_HOURLY_REFRESH_WINDOW, ge=3 * 3600
+    )
+    aggregate_daily_refresh_interval: float = Field(default=DEFAULT_DAILY_REFRESH_INTERVAL, ge=60)
+    aggregate_daily_refresh_window: float = Field(
+        default=DEFAULT_DAILY_REFRESH_WINDOW, ge=3 * 24 * 3600
+    )
+    aggregate_retention: float = Field(
+        default=DEFAULT_AGGREGATE_RETENTION,
+        gt=0,
+        description="seconds telemetry_hourly and telemetry_daily buckets are kept",
+    )
 
     # --- rules and actions
     timezone: str = Field(default="UTC", description="time zone of rule time restrictions")

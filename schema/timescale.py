@@ -25,8 +25,11 @@ from typing import Final
 
 import psycopg
 import structlog
+from psycopg import sql
 from psycopg.errors import Diagnostic
 
+from config import settings as settings_mod
+from config.settings import Settings
 from schema import locks
 from schema import sql as queries_mod
 
@@ -57,30 +60,64 @@ def one_line(sql: str) -> str:
     return re.sub(r"\s+\)", ")", re.sub(r"\(\s+", "(", text))
 
 
-def steps() -> tuple[Step, ...]:
-    """The steps in the order they run."""
+@dataclass(frozen=True)
+class AggregatePolicy:
+    """The continuous aggregates' refresh and retention intervals, in seconds (the aggregate_*
+    settings); the defaults are the settings' defaults."""
+
+    hourly_refresh_interval: float = settings_mod.DEFAULT_HOURLY_REFRESH_INTERVAL
+    hourly_refresh_window: float = settings_mod.DEFAULT_HOURLY_REFRESH_WINDOW
+    daily_refresh_interval: float = settings_mod.DEFAULT_DAILY_REFRESH_INTERVAL
+    daily_refresh_window: float = settings_mod.DEFAULT_DAILY_REFRESH_WINDOW
+    aggregate_retention: float = settings_mod.DEFAULT_AGGREGATE_RETENTION
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AggregatePolicy:
+        return cls(
+            hourly_refresh_interval=settings.aggregate_hourly_refresh_interval,
+            hourly_refresh_window=settings.aggregate_hourly_refresh_window,
+            daily_refresh_interval=settings.aggregate_daily_refresh_interval,
+            daily_refresh_window=settings.aggregate_daily_refresh_window,
+            aggregate_retention=settings.aggregate_retention,
+        )
+
+    def literals(self) -> dict[str, sql.Composable]:
+        """The steps' placeholders, each an interval literal such as '3 days'."""
+        return {name: sql.Literal(interval_text(seconds)) for name, seconds in vars(self).items()}
+
+
+def interval_text(seconds: float) -> str:
+    """An interval in the largest whole unit of days, hours, minutes ('3 days', '15 minutes'),
+    else in seconds, so that `--dry-run` reads as the settings are meant."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds:g} seconds"
+
+
+def steps(policy: AggregatePolicy | None = None) -> tuple[Step, ...]:
+    """The steps in the order they run, with the policy's intervals put in."""
+    values = (policy or AggregatePolicy()).literals()
     found = []
     for name in queries:
         match = _STEP_BLOCK.match(name)
         if match:
             number = int(match.group(1))
-            found.append(
-                Step(
-                    number,
-                    match.group(2),
-                    queries[name],
-                    queries.get(f"done_step_{number}"),
-                )
-            )
+            text = queries[name]
+            if "{" in text:
+                # Literals composed by psycopg, from numbers: nothing in them comes as SQL text.
+                text = sql.SQL(text).format(**values).as_string(None)
+            found.append(Step(number, match.group(2), text, queries.get(f"done_step_{number}")))
     found.sort(key=lambda step: step.number)
     if [step.number for step in found] != list(range(1, len(found) + 1)):
         raise RuntimeError("timescale.sql: the steps must be numbered 1..n without gaps")
     return tuple(found)
 
 
-def dry_run_lines() -> list[str]:
+def dry_run_lines(policy: AggregatePolicy | None = None) -> list[str]:
     """What `--dry-run` prints: one numbered line per step."""
-    return [f"{step.number}. {step.one_line};" for step in steps()]
+    return [f"{step.number}. {step.one_line};" for step in steps(policy)]
 
 
 @dataclass(frozen=True)
@@ -186,7 +223,9 @@ class DryRunResult:
     lines: tuple[str, ...]  # what would run, one numbered line per step; () when nothing would
 
 
-def dry_run(conn: psycopg.Connection, *, force: bool) -> DryRunResult:
+def dry_run(
+    conn: psycopg.Connection, *, force: bool, policy: AggregatePolicy | None = None
+) -> DryRunResult:
     """What `setup()` would run, read in a read-only transaction; changes nothing.
 
     Raises psycopg.OperationalError when the server cannot be read."""
@@ -195,10 +234,12 @@ def dry_run(conn: psycopg.Connection, *, force: bool) -> DryRunResult:
         state = read_state(conn)
     if state.set_up and not force:
         return DryRunResult(state, ())
-    return DryRunResult(state, tuple(dry_run_lines()))
+    return DryRunResult(state, tuple(dry_run_lines(policy)))
 
 
-def setup(conn: psycopg.Connection, *, force: bool) -> SetupResult:
+def setup(
+    conn: psycopg.Connection, *, force: bool, policy: AggregatePolicy | None = None
+) -> SetupResult:
     """Run the steps in one transaction, under the setup's advisory lock (`conn` in autocommit
     mode); a failure at any step rolls all of them back."""
     current: Step | None = None
@@ -220,7 +261,7 @@ def setup(conn: psycopg.Connection, *, force: bool) -> SetupResult:
             elif state.set_up and not force:
                 return SetupResult(Outcome.ALREADY, state)
             ran: list[int] = []
-            for step in steps():
+            for step in steps(policy):
                 current = step
                 if step.done_sql is not None and _is_true(conn, step.done_sql):
                     log.info(
@@ -241,6 +282,7 @@ def setup(conn: psycopg.Connection, *, force: bool) -> SetupResult:
 
 __all__ = [
     "UNAVAILABLE",
+    "AggregatePolicy",
     "DryRunResult",
     "Failure",
     "Outcome",
@@ -250,6 +292,7 @@ __all__ = [
     "dry_run",
     "dry_run_lines",
     "first_line",
+    "interval_text",
     "log_notice",
     "one_line",
     "read_state",

@@ -93,7 +93,8 @@ SELECT add_retention_policy('telemetries', INTERVAL '1 year', if_not_exists => t
 -- policy fills them in the background. The refresh windows end before the newest bucket
 -- (end_offset) so a bucket still receiving readings is not materialized over and over; the
 -- retention of the aggregates (5 years) outlives the raw data's (1 year), and no refresh window
--- reaches back to where raw chunks have been dropped, so old buckets stay.
+-- reaches back to where raw chunks have been dropped, so old buckets stay. The placeholders are the
+-- aggregate_* settings (config/settings.py), put in as interval literals by schema/timescale.py.
 
 -- name: step_7_drop_hourly_view
 DROP VIEW IF EXISTS telemetry_hourly
@@ -129,14 +130,14 @@ SELECT EXISTS (
 -- name: step_9_hourly_refresh_policy
 SELECT add_continuous_aggregate_policy(
     'telemetry_hourly',
-    start_offset => INTERVAL '3 days',
+    start_offset => INTERVAL {hourly_refresh_window},
     end_offset => INTERVAL '1 hour',
-    schedule_interval => INTERVAL '15 minutes',
+    schedule_interval => INTERVAL {hourly_refresh_interval},
     if_not_exists => true
 )
 
 -- name: step_10_hourly_retention_policy
-SELECT add_retention_policy('telemetry_hourly', INTERVAL '5 years', if_not_exists => true)
+SELECT add_retention_policy('telemetry_hourly', INTERVAL {aggregate_retention}, if_not_exists => true)
 
 -- name: step_11_drop_daily_view
 DROP VIEW IF EXISTS telemetry_daily
@@ -172,14 +173,14 @@ SELECT EXISTS (
 -- name: step_13_daily_refresh_policy
 SELECT add_continuous_aggregate_policy(
     'telemetry_daily',
-    start_offset => INTERVAL '31 days',
+    start_offset => INTERVAL {daily_refresh_window},
     end_offset => INTERVAL '1 day',
-    schedule_interval => INTERVAL '1 hour',
+    schedule_interval => INTERVAL {daily_refresh_interval},
     if_not_exists => true
 )
 
 -- name: step_14_daily_retention_policy
-SELECT add_retention_policy('telemetry_daily', INTERVAL '5 years', if_not_exists => true)
+SELECT add_retention_policy('telemetry_daily', INTERVAL {aggregate_retention}, if_not_exists => true)
 
 -- name: aggregates_exist
 -- Both continuous aggregates are in place: with a hypertable, the setup is complete. A

@@ -44,15 +44,16 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         log.error("db_unavailable", error=timescale.first_line(exc))
         return exitcodes.CONNECTION_FAILED
     conn.add_notice_handler(timescale.log_notice)
+    policy = timescale.AggregatePolicy.from_settings(settings)
     with conn:
         if args.dry_run:
-            return _dry_run(conn, force=args.force)
-        return _setup(conn, force=args.force, debug=debug)
+            return _dry_run(conn, force=args.force, policy=policy)
+        return _setup(conn, force=args.force, debug=debug, policy=policy)
 
 
-def _dry_run(conn: psycopg.Connection, *, force: bool) -> int:
+def _dry_run(conn: psycopg.Connection, *, force: bool, policy: timescale.AggregatePolicy) -> int:
     try:
-        result = timescale.dry_run(conn, force=force)
+        result = timescale.dry_run(conn, force=force, policy=policy)
     except psycopg.OperationalError as exc:
         log.error("db_unavailable", error=timescale.first_line(exc))
         return exitcodes.CONNECTION_FAILED
@@ -85,9 +86,11 @@ def _dry_run(conn: psycopg.Connection, *, force: bool) -> int:
     return exitcodes.OK
 
 
-def _setup(conn: psycopg.Connection, *, force: bool, debug: bool) -> int:
+def _setup(
+    conn: psycopg.Connection, *, force: bool, debug: bool, policy: timescale.AggregatePolicy
+) -> int:
     started = time.monotonic()
-    result = timescale.setup(conn, force=force)
+    result = timescale.setup(conn, force=force, policy=policy)
     state = result.state
     if result.outcome is Outcome.UNAVAILABLE:
         log.error("timescaledb_unavailable", detail=timescale.UNAVAILABLE)
@@ -120,6 +123,7 @@ def _setup(conn: psycopg.Connection, *, force: bool, debug: bool) -> int:
         "telemetries is a hypertable: 7-day chunks, compressed after 30 days, dropped after 1 year"
     )
     print(
-        "telemetry_hourly and telemetry_daily are continuous aggregates (real-time), kept 5 years"
+        "telemetry_hourly and telemetry_daily are continuous aggregates (real-time), kept "
+        f"{timescale.interval_text(policy.aggregate_retention)}"
     )
     return exitcodes.OK

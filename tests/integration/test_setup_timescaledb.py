@@ -55,14 +55,14 @@ AGGREGATE_STEPS = [
     "9. SELECT add_continuous_aggregate_policy('telemetry_hourly', "
     "start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour', "
     "schedule_interval => INTERVAL '15 minutes', if_not_exists => true);",
-    "10. SELECT add_retention_policy('telemetry_hourly', INTERVAL '5 years', "
+    "10. SELECT add_retention_policy('telemetry_hourly', INTERVAL '1825 days', "
     "if_not_exists => true);",
     "11. DROP VIEW IF EXISTS telemetry_daily;",
     _aggregate(12, "telemetry_daily", "1 day"),
     "13. SELECT add_continuous_aggregate_policy('telemetry_daily', "
     "start_offset => INTERVAL '31 days', end_offset => INTERVAL '1 day', "
     "schedule_interval => INTERVAL '1 hour', if_not_exists => true);",
-    "14. SELECT add_retention_policy('telemetry_daily', INTERVAL '5 years', "
+    "14. SELECT add_retention_policy('telemetry_daily', INTERVAL '1825 days', "
     "if_not_exists => true);",
 ]
 EXPECTED_STEPS = SEED_STEPS + AGGREGATE_STEPS
@@ -590,7 +590,8 @@ def aggregate_jobs(conn: psycopg.Connection) -> list[tuple[str, str, bool]]:
         """
         SELECT c.view_name::text, j.proc_name::text,
             CASE j.proc_name
-            WHEN 'policy_retention' THEN (j.config ->> 'drop_after')::interval = INTERVAL '5 years'
+            WHEN 'policy_retention'
+            THEN (j.config ->> 'drop_after')::interval = INTERVAL '1825 days'
             ELSE (j.schedule_interval, (j.config ->> 'start_offset')::interval,
                   (j.config ->> 'end_offset')::interval)
                  = CASE c.view_name
@@ -715,3 +716,31 @@ def test_insert_on_conflict_into_a_compressed_chunk(
         (fresh[0], fresh[0]),
     ).fetchone()
     assert chunk == (True,)
+
+
+def test_dry_run_shows_the_aggregate_settings(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The aggregate_* settings are what steps 9, 10, 13 and 14 print (and run), in whole
+    units; the other steps do not change."""
+    monkeypatch.setenv("IOTHUB_AGGREGATE_HOURLY_REFRESH_INTERVAL", "600")
+    monkeypatch.setenv("IOTHUB_AGGREGATE_HOURLY_REFRESH_WINDOW", "172800")
+    monkeypatch.setenv("IOTHUB_AGGREGATE_DAILY_REFRESH_INTERVAL", "7200")
+    monkeypatch.setenv("IOTHUB_AGGREGATE_DAILY_REFRESH_WINDOW", "5184000")
+    monkeypatch.setenv("IOTHUB_AGGREGATE_RETENTION", "315360000")
+    result = run(monkeypatch, capsys, db_url, "--dry-run")
+    assert result.code == exitcodes.OK, result.err
+    lines = result.out.splitlines()
+    changed = {8, 9, 12, 13}  # list indexes of steps 9, 10, 13 and 14
+    assert [x for i, x in enumerate(lines) if i not in changed] == [
+        x for i, x in enumerate(EXPECTED_STEPS) if i not in changed
+    ]
+    assert "start_offset => INTERVAL '2 days'" in lines[8]
+    assert "schedule_interval => INTERVAL '10 minutes'" in lines[8]
+    assert lines[9] == (
+        "10. SELECT add_retention_policy('telemetry_hourly', INTERVAL '3650 days', "
+        "if_not_exists => true);"
+    )
+    assert "start_offset => INTERVAL '60 days'" in lines[12]
+    assert "schedule_interval => INTERVAL '2 hours'" in lines[12]
+    assert "INTERVAL '3650 days'" in lines[13]

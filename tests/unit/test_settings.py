@@ -9,6 +9,7 @@ import pytest
 import structlog
 
 from config.settings import ConfigError, Settings, load_settings
+from schema import timescale
 
 
 def test_defaults_need_no_configuration() -> None:
@@ -251,3 +252,16 @@ def test_the_test_suites_ci_switch_is_not_an_unknown_setting() -> None:
     """IOTHUB_REQUIRE_SERVICES (exported by CI to every process) does not stop the CLI."""
     settings = load_settings(None, {"IOTHUB_REQUIRE_SERVICES": "1", "IOTHUB_BATCH_SIZE": "7"})
     assert settings.batch_size == 7
+
+
+def test_aggregate_intervals_read_in_whole_units() -> None:
+    """Interval settings become literals in the largest whole unit, else in seconds."""
+    assert timescale.interval_text(86400) == "1 day"
+    assert timescale.interval_text(3 * 86400) == "3 days"
+    assert timescale.interval_text(7200) == "2 hours"
+    assert timescale.interval_text(900) == "15 minutes"
+    assert timescale.interval_text(90) == "90 seconds"
+    assert timescale.interval_text(1.5) == "1.5 seconds"
+    assert timescale.AggregatePolicy().literals()["aggregate_retention"].as_string(None) == (
+        "'1825 days'"
+    )
