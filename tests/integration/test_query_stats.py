@@ -43,7 +43,12 @@ HEADERS = [
     "value_last",
     "ts_last",
 ]
-DAY = datetime(2026, 1, 10, tzinfo=UTC)
+# Ten days back, at midnight UTC: recent enough that on TimescaleDB no retention job drops it
+# (a fixed date would fall out of the 1-year retention one day), old enough that no refresh
+# policy's window reaches it, so only the test's own refresh materializes it.
+DAY = (datetime.now(UTC) - timedelta(days=10)).replace(hour=0, minute=0, second=0, microsecond=0)
+D = DAY.date().isoformat()  # e.g. 2026-01-10
+NEXT = (DAY + timedelta(days=1)).date().isoformat()
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +141,7 @@ def small(conn: psycopg.Connection) -> dict[str, int]:
     return {"temp": temp, "door": door}
 
 
-WINDOW = ["--since", "2026-01-10T00:00:00Z", "--until", "2026-01-11T00:00:00Z"]
+WINDOW = ["--since", f"{D}T00:00:00Z", "--until", f"{NEXT}T00:00:00Z"]
 
 
 def test_views_have_the_aggregates_columns(conn: psycopg.Connection) -> None:
@@ -165,12 +170,12 @@ def test_hourly_stats_of_one_device(
     assert [c.strip() for c in lines[1].split("|")] == HEADERS
     assert lines[-1] == "(3 rows)"
     assert result.rows == [
-        ["stats_door", "2026-01-10 10:00:00+00:00", "2", "", "", "", "false",
-         "2026-01-10 10:40:00+00:00"],
-        ["stats_temp", "2026-01-10 10:00:00+00:00", "3", "1.5", "3.5", "2.416667", "2.25",
-         "2026-01-10 10:50:00+00:00"],
-        ["stats_temp", "2026-01-10 11:00:00+00:00", "1", "7.0", "7.0", "7", "7.0",
-         "2026-01-10 11:00:00+00:00"],
+        ["stats_door", f"{D} 10:00:00+00:00", "2", "", "", "", "false",
+         f"{D} 10:40:00+00:00"],
+        ["stats_temp", f"{D} 10:00:00+00:00", "3", "1.5", "3.5", "2.416667", "2.25",
+         f"{D} 10:50:00+00:00"],
+        ["stats_temp", f"{D} 11:00:00+00:00", "1", "7.0", "7.0", "7", "7.0",
+         f"{D} 11:00:00+00:00"],
     ]  # fmt: skip
 
 
@@ -188,8 +193,8 @@ def test_daily_stats_of_one_metric(
     assert result.code == exitcodes.OK, result.err
     assert "telemetry_daily" in result.out.splitlines()[0]
     assert result.rows == [
-        ["stats_temp", "2026-01-10 00:00:00+00:00", "4", "1.5", "7.0", "3.5625", "7.0",
-         "2026-01-10 11:00:00+00:00"],
+        ["stats_temp", f"{D} 00:00:00+00:00", "4", "1.5", "7.0", "3.5625", "7.0",
+         f"{D} 11:00:00+00:00"],
     ]  # fmt: skip
 
 
@@ -202,11 +207,11 @@ def test_until_is_exclusive_and_buckets_are_utc(
     """A bucket starting at --until is left out; an offset in --since is honoured."""
     result = run(
         monkeypatch, capsys, db_url, "query", "stats", "--device", "SN-STATS-1",
-        "--metric", "stats_temp", "--since", "2026-01-10T12:00:00+02:00",
-        "--until", "2026-01-10T11:00:00Z",
+        "--metric", "stats_temp", "--since", f"{D}T12:00:00+02:00",
+        "--until", f"{D}T11:00:00Z",
     )  # fmt: skip
     assert result.code == exitcodes.OK, result.err
-    assert [row[:3] for row in result.rows] == [["stats_temp", "2026-01-10 10:00:00+00:00", "3"]]
+    assert [row[:3] for row in result.rows] == [["stats_temp", f"{D} 10:00:00+00:00", "3"]]
 
 
 def test_stats_refuses_bad_input_in_one_line(
@@ -227,7 +232,7 @@ def test_stats_refuses_bad_input_in_one_line(
     assert "humidity" in metric.event("query_target_not_found")["error"]
     backwards = run(
         monkeypatch, capsys, db_url, "query", "stats", "--device", "SN-STATS-1",
-        "--since", "2026-01-11T00:00:00Z", "--until", "2026-01-10T00:00:00Z",
+        "--since", f"{NEXT}T00:00:00Z", "--until", f"{D}T00:00:00Z",
     )  # fmt: skip
     assert backwards.code == exitcodes.USAGE
     assert "--since must be before --until" in backwards.err
