@@ -390,3 +390,30 @@ def test_stats_read_the_materialization_not_telemetries(
     )  # fmt: skip
     assert printed.code == exitcodes.OK, printed.err
     assert sum(int(row[2]) for row in printed.rows) == per_device
+
+
+def test_plain_views_read_one_binding_through_the_index(conn: psycopg.Connection) -> None:
+    """Without TimescaleDB, the bucket query's device_metric_id filter is pushed into the view:
+    on 100,000 readings it reaches telemetries through an index, never a sequential scan."""
+    ids = [binding(conn, f"SN-IDX-{n:02d}", f"idx_metric_{n:02d}", "numeric") for n in range(20)]
+    start = datetime.now(UTC) - timedelta(days=5)
+    conn.execute(
+        """
+        INSERT INTO telemetries (device_metric_id, ts, value_jsonb)
+        SELECT dm, %(start)s + n * INTERVAL '1 minute',
+               jsonb_build_object('t', 'numeric', 'v', n %% 97)
+        FROM unnest(%(ids)s::int[]) AS dm, generate_series(0, 4999) AS n
+        """,
+        {"start": start, "ids": ids},
+    )
+    conn.execute("ANALYZE telemetries")
+    statement = sql.SQL(query.queries["bucket_stats"]).format(
+        aggregate=sql.Identifier("telemetry_hourly")
+    )
+    params = {"ids": [ids[0]], "since": start, "until": datetime.now(UTC)}
+    found = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + statement, params).fetchone()
+    assert found is not None
+    nodes = [n for n in plan_nodes(found[0][0]["Plan"]) if n.get("Relation Name") == "telemetries"]
+    assert nodes, found
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], nodes
+    assert {n["Node Type"] for n in nodes} <= {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}
