@@ -62,7 +62,7 @@ AND (%(metric_type)s::text IS NULL OR m.metric_type = %(metric_type)s::citext)
 -- {aggregate} is telemetry_hourly or telemetry_daily (an identifier chosen by the command).
 -- The filters are on the aggregate's own columns, so on TimescaleDB they reach the
 -- materialization's index (device_metric_id, bucket) and its chunk exclusion; on plain
--- PostgreSQL they are pushed into the view's GROUP BY and reach the (device_metric_id, ts) index.
+-- PostgreSQL they are pushed into the view's GROUP BY and reach telemetries through an index.
 -- value_last is shown as the bare value; value_jsonb keeps its type tag.
 SELECT
     m.metric_type::text AS metric,
