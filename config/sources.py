@@ -164,6 +164,8 @@ class Source:
 
     def keeps(self, key: str) -> bool:
         """Whether a key (below root, nested keys joined with ".") passes include/exclude."""
+        if self.include is None and not self.exclude:
+            return True  # the common case, once per key of every message
         if self.include is not None and not any(
             fnmatch.fnmatchcase(key, glob) for glob in self.include
         ):

@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from ingestor.reasons import Reason
 from schema.types import DATA_TYPES, DataType
@@ -331,12 +331,12 @@ def load_json(payload: bytes, serial_hint: str | None, limits: Limits) -> Any | 
     return document
 
 
-@dataclass(frozen=True)
-class Extracted:
+class Extracted(NamedTuple):
     """One reading a decoder found: what the message says, before any check.
 
     ``ts`` is None for "receipt time", or the problem with the message's time as detail text
-    (the reading then becomes bad_timestamp); ``value`` is any decoded JSON value.
+    (the reading then becomes bad_timestamp); ``value`` is any decoded JSON value. A tuple, not
+    a frozen dataclass: one is built per reading, and a tuple builds several times faster.
     """
 
     metric: str
