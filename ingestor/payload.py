@@ -398,6 +398,11 @@ def finish(
     return ParseResult(tuple(parser.readings), tuple(parser.rejections))
 
 
+def storable(name: str | None) -> str | None:
+    """``name`` when a table column may hold it (1-255 characters, no NUL), else None."""
+    return _storable(name)
+
+
 def parse_number(text: str) -> int | float | Decimal:
     """A JSON number's text as the native format keeps it (exact, see ``_parse_float``)."""
     if any(char in text for char in ".eE"):

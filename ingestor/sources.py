@@ -15,7 +15,7 @@ from datetime import datetime
 from config import topics
 from config.sources import Source
 from ingestor import payload
-from ingestor.decoders import base, flat_json, native, tasmota, value
+from ingestor.decoders import base, flat_json, native, senml, tasmota, value
 from ingestor.payload import Limits, ParseResult
 from ingestor.reasons import Reason
 
@@ -24,6 +24,7 @@ DECODERS: Mapping[str, base.Decoder] = {
     "flat_json": flat_json.decode,
     "tasmota": tasmota.decode,
     "value": value.decode,
+    "senml": senml.decode,
 }
 _NOTHING = ParseResult((), ())
 

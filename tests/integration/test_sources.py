@@ -56,6 +56,11 @@ def all_sources(unique: str) -> list[dict[str, Any]]:
             "values": {"ON": True, "OFF": False},
         },
         {
+            "name": "senml",
+            "topic": f"t{unique}/senml/{{site}}",
+            "decoder": "senml",
+        },
+        {
             "name": "legacy",
             "topic": f"t{unique}/legacy/{{s}}/up",
             "decoder": "native",
@@ -249,5 +254,35 @@ def test_service_started_names_the_sources(
             service.request_stop("test over")
             thread.join(30)
     [started] = [e for e in logs if e["event"] == "service_started"]
-    assert started["sources"] == ["tasmota", "z2m", "esphome", "legacy"]
+    assert started["sources"] == ["tasmota", "z2m", "esphome", "senml", "legacy"]
     assert json.dumps(started["sources"])
+
+
+def test_senml_through_the_daemon(
+    daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
+) -> None:
+    """A SenML pack: the device from bn, an absolute bt and a relative t; vd is rejected with
+    its reason while the pack's other records are stored."""
+    fleet = make_fleet(db_url, f"urn:dev:{unique}", 1)
+    serial = fleet.serials[0]
+    daemon()
+    bt = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)
+    pack = [
+        {"bn": f"{serial}:", "bt": bt.timestamp(), "bu": "Cel", "n": "temperature", "v": 23.1},
+        {"n": "temperature", "t": 60, "v": 23.4},
+        {"n": "humidity", "u": "%RH", "t": 60, "v": 41},
+        {"n": "status", "vd": "aGVsbG8"},
+    ]
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        pub.publish(f"t{unique}/senml/north", pack)
+        assert wait_for(lambda: count(db_url, "SELECT count(*) FROM telemetries") >= 3)
+        assert wait_for(lambda: len(rejected(db_url)) >= 1)
+    finally:
+        pub.close()
+    later = bt + timedelta(seconds=60)
+    assert stored(db_url, fleet, serial, "temperature") == [(bt, 23.1), (later, 23.4)]
+    assert stored(db_url, fleet, serial, "humidity") == [(later, 41)]
+    [(reason, who, _, detail)] = rejected(db_url)
+    assert (reason, who) == ("bad_schema", serial)
+    assert "vd (a data value) is not supported" in detail

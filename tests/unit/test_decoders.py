@@ -436,3 +436,97 @@ def test_nanosecond_local_fraction_is_cut_to_microseconds() -> None:
 
     assert parsed.readings[0].ts == datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
     assert parsed.readings[0].ts - datetime(2026, 1, 1, tzinfo=UTC) < timedelta(seconds=1)
+
+
+# --- senml ---------------------------------------------------------------------------------------
+
+SENML = {"name": "senml", "topic": "senml/{site}", "decoder": "senml"}
+
+
+def test_senml_rfc8428_multiple_datapoints_example() -> None:
+    """RFC 8428's example of multiple measurements over time (section 5.1, "Examples",
+    https://www.rfc-editor.org/rfc/rfc8428#section-5.1): base name, base time and base unit
+    carry forward; bn's trailing ":" is dropped."""
+    pack = """[
+     {"bn":"urn:dev:ow:10e2073a01080063:","bt":1.320067464e+09,
+      "bu":"%RH","v":20},
+     {"u":"lon","v":24.30621},
+     {"u":"lat","v":60.07965},
+     {"t":60,"v":20.3},
+     {"u":"lon","t":60,"v":24.30622},
+     {"u":"lat","t":60,"v":60.07965},
+     {"t":120,"v":20.7},
+     {"u":"lon","t":120,"v":24.30623},
+     {"u":"lat","t":120,"v":60.07966},
+     {"u":"%EL","t":150,"v":98},
+     {"t":180,"v":21.2},
+     {"u":"lon","t":180,"v":24.30628},
+     {"u":"lat","t":180,"v":60.07967}
+   ]"""
+    start = datetime(2011, 10, 31, 13, 24, 24, tzinfo=UTC)  # 1.320067464e9
+    parsed = decode(SENML, "senml/a", pack, start + timedelta(minutes=4))
+
+    assert {r.serial_id for r in parsed.readings} == {"urn:dev:ow:10e2073a01080063"}
+    assert parsed.rejections == ()
+    got = [(r.metric, r.value, r.ts - start, r.unit) for r in parsed.readings]
+    assert got[:4] == [
+        ("%RH", 20, timedelta(0), "%RH"),
+        ("lon", 24.30621, timedelta(0), "lon"),
+        ("lat", 60.07965, timedelta(0), "lat"),
+        ("%RH", 20.3, timedelta(seconds=60), "%RH"),
+    ]
+    assert ("%EL", 98, timedelta(seconds=150), "%EL") in got
+    assert len(got) == 13
+
+
+def test_senml_names_values_and_relative_time() -> None:
+    """Built on RFC 8428 section 5.1's voltage/current pack, with vs/vb records: times below
+    2**28 are relative to receipt; bv is added to v."""
+    pack = (
+        '[{"bn":"urn:dev:ow:10e2073a01080063:","bv":100,"n":"voltage","u":"V","v":20.1},'
+        '{"n":"current","t":-5,"v":1.2},{"n":"state","vs":"ok"},{"n":"on","vb":true}]'
+    )
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    parsed = decode(SENML, "senml/a", pack, now)
+
+    assert [(r.metric, r.value, r.ts, r.unit) for r in parsed.readings] == [
+        ("voltage", 120.1, now, "V"),
+        ("current", 101.2, now - timedelta(seconds=5), None),
+        ("state", "ok", now, None),
+        ("on", True, now, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("record", "reason", "problem"),
+    [
+        ('{"n":"blob","vd":"aGVsbG8"}', "bad_schema", "vd (a data value) is not supported"),
+        ('{"n":"x","v":1,"foo_":1}', "bad_schema", "must-understand"),
+        ('{"n":"x","v":"1"}', "type_mismatch", "v must be a number"),
+        ('{"n":"x"}', "bad_schema", "exactly one of v, vs and vb"),
+        ('{"bver":11,"n":"x","v":1}', "bad_schema", "bver 11 is not supported"),
+    ],
+)
+def test_senml_unsupported_records_are_rejected_with_a_reason(
+    record: str, reason: str, problem: str
+) -> None:
+    """Such a record is refused on its own, with why; the pack's other records still count."""
+    pack = f'[{{"bn":"dev1/","n":"ok","v":1}},{record}]'
+    parsed = decode(SENML, "senml/a", pack, datetime(2026, 1, 1, tzinfo=UTC))
+
+    assert [(r.serial_id, r.metric) for r in parsed.readings] == [("dev1", "ok")]
+    assert reasons(parsed) == [(reason, None)]
+    assert problem in parsed.rejections[0].detail
+    assert parsed.rejections[0].serial_id == "dev1"
+
+
+def test_senml_serial_template_with_bn() -> None:
+    """serial may combine topic levels and {bn}; without bn and serial the pack is refused."""
+    entry = {**SENML, "serial": "{site}-{bn}"}
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    parsed = decode(entry, "senml/north", '[{"bn":"pump:","n":"rpm","v":1}]', now)
+
+    assert [r.serial_id for r in parsed.readings] == ["north-pump"]
+    refused = decode(SENML, "senml/a", '[{"n":"rpm","v":1}]', now)
+    assert reasons(refused) == [("bad_schema", None)]
+    assert "no serial_id" in refused.rejections[0].detail
