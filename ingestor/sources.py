@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import structlog
+
 from config import topics
 from config.sources import Source
 from ingestor import payload
@@ -27,6 +29,7 @@ DECODERS: Mapping[str, base.Decoder] = {
     "senml": senml.decode,
 }
 _NOTHING = ParseResult((), ())
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,8 @@ class Route:
         try:
             parsed = DECODERS[source.decoder](source, self.fields, data, received_at, limits)
         except Exception as exc:
-            # Same last line of defence as parse_message: recorded, and intake goes on.
+            # Same last line of defence as parse_message: recorded, logged, and intake goes on.
+            log.exception("source_decoder_failed", source=source.name, decoder=source.decoder)
             return ParseResult(
                 (),
                 (

@@ -13,8 +13,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from config.sources import parse_sources
+from ingestor import sources
 from ingestor.payload import Limits, ParseResult
 from ingestor.sources import router_for
 
@@ -530,3 +532,18 @@ def test_senml_serial_template_with_bn() -> None:
     refused = decode(SENML, "senml/a", '[{"n":"rpm","v":1}]', now)
     assert reasons(refused) == [("bad_schema", None)]
     assert "no serial_id" in refused.rejections[0].detail
+
+
+def test_a_decoder_bug_is_recorded_and_logged_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception inside a decoder becomes a bad_schema rejection and a log event."""
+
+    def broken(*_: object) -> ParseResult:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(sources, "DECODERS", {**sources.DECODERS, "tasmota": broken})
+    with capture_logs() as logs:
+        parsed = decode(TASMOTA, "tele/x/SENSOR", "{}", datetime(2026, 1, 1, tzinfo=UTC))
+
+    assert reasons(parsed) == [("bad_schema", None)]
+    assert "internal error" in parsed.rejections[0].detail
+    assert [e["event"] for e in logs] == ["source_decoder_failed"]
