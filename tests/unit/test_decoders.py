@@ -8,6 +8,7 @@ resolution and type checks, is covered by tests/integration/test_sources.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from config.sources import parse_sources
+from config.sources import Source, parse_sources
 from ingestor import sources
+from ingestor.decoders.base import Decoder
 from ingestor.payload import Limits, ParseResult
 from ingestor.sources import router_for
 
@@ -537,10 +539,17 @@ def test_senml_serial_template_with_bn() -> None:
 def test_a_decoder_bug_is_recorded_and_logged_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception inside a decoder becomes a bad_schema rejection and a log event."""
 
-    def broken(*_: object) -> ParseResult:
-        raise KeyError("bug")
+    def broken(
+        source: Source,
+        fields: Mapping[str, str],
+        data: bytes,
+        received_at: datetime,
+        limits: Limits,
+    ) -> ParseResult:
+        raise KeyError(source.name)
 
-    monkeypatch.setattr(sources, "DECODERS", {**sources.DECODERS, "tasmota": broken})
+    patched: dict[str, Decoder] = {**sources.DECODERS, "tasmota": broken}
+    monkeypatch.setattr(sources, "DECODERS", patched)
     with capture_logs() as logs:
         parsed = decode(TASMOTA, "tele/x/SENSOR", "{}", datetime(2026, 1, 1, tzinfo=UTC))
 
