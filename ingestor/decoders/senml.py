@@ -142,14 +142,14 @@ def _reading(
         value = record["vb"]
         if not isinstance(value, bool):
             return Rejection(Reason.type_mismatch, f"{where}vb must be a boolean")
-    seconds = _add(context.get("bt", 0), record.get("t", 0))
+    # Decimal of each number's shortest text: bt 1764582504.429 is .429000 s exactly, where
+    # float arithmetic would give .428999 (the native ms epoch is exact too).
+    seconds = Decimal(str(context.get("bt", 0))) + Decimal(str(record.get("t", 0)))
     try:
-        # A double holds an epoch of this century to better than a microsecond.
-        number = float(seconds)
-        delta = timedelta(seconds=number)
-        ts = now + delta if abs(number) < RELATIVE_BELOW else _EPOCH + delta
-    except (OverflowError, ValueError):
-        return Rejection(Reason.bad_timestamp, f"{where}time {seconds!r} is out of range")
+        delta = timedelta(microseconds=round(seconds * 1_000_000))
+        ts = now + delta if abs(seconds) < RELATIVE_BELOW else _EPOCH + delta
+    except (OverflowError, ValueError, ArithmeticError):
+        return Rejection(Reason.bad_timestamp, f"{where}time {seconds} is out of range")
     return Extracted(metric, value, ts, unit if isinstance(unit, str) else None)
 
 
