@@ -20,14 +20,14 @@ NATIVE = ("devices/{serial_id}/telemetry",)
 MESSAGES = 40  # messages of each format checked
 
 
-def factory() -> MessageFactory:
+def factory(origin: float) -> MessageFactory:
     devices = [SimDevice(f"SIM-{i:04d}", DEFAULT_METRICS) for i in range(3)]
     return MessageFactory(
         NATIVE,
         devices,
         bad_share=0.0,
         readings_per_message=None,
-        origin=time.time() - 60,
+        origin=origin,
         time_scale=1.0,
         max_payload_bytes=256 * 1024,
         tz=UTC,
@@ -40,7 +40,9 @@ def test_format_traffic_decodes_like_the_native_traffic(fmt: str) -> None:
     """Same (serial, metric, value, ts) as native, no rejection, through the printed source."""
     native_router = router_for(NATIVE, ())
     router = router_for(NATIVE, parse_sources([formats.SOURCES[fmt]]))
-    native, rendered = factory(), formats.FormatFactory(factory(), fmt)
+    # One origin for both: the device times derive from it.
+    origin = time.time() - 60
+    native, rendered = factory(origin), formats.FormatFactory(factory(origin), fmt)
     now = datetime.now(UTC)
     limits = Limits()
     expected, got = set(), set()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from iothub.devtools.simulator.messages import MessageFactory
@@ -43,6 +43,7 @@ SOURCES: Final[dict[str, dict[str, Any]]] = {
     },
     "senml": {"name": "sim-senml", "topic": "senml/{node}", "decoder": "senml"},
 }
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _LINKQUALITY = 120  # a plausible Zigbee link quality; excluded by the source anyway
 
 
@@ -74,7 +75,8 @@ class FormatFactory:
         return topic, data, None
 
     def _render(self, serial: str, ts_ms: int, metrics: dict[str, Any]) -> list[tuple[str, bytes]]:
-        at = datetime.fromtimestamp(ts_ms / 1000, UTC)
+        # Exact: fromtimestamp(ts_ms / 1000) can land a microsecond off through the float.
+        at = _EPOCH + timedelta(milliseconds=ts_ms)
         if self.fmt == "tasmota":
             # Tasmota's Time: the device's wall clock without an offset (here UTC).
             wall_clock = at.replace(tzinfo=None).isoformat(timespec="seconds")
