@@ -7,6 +7,7 @@ their time is moved to now, since the daemon checks times against its own clock.
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +20,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from config.settings import Settings
+from iothub import exitcodes
+from iothub.cli import simulate as simulate_cli
 from iothub.daemon.service import IngestService
+from iothub.devtools.simulator import formats
 from tests.integration.test_retained_and_qos import publish_retained
 from tests.support.fleet import Fleet, Publisher, count, make_fleet, wait_for
 
@@ -286,3 +290,33 @@ def test_senml_through_the_daemon(
     [(reason, who, _, detail)] = rejected(db_url)
     assert (reason, who) == ("bad_schema", serial)
     assert "vd (a data value) is not supported" in detail
+
+
+def test_simulate_format_traffic_is_ingested_with_its_printed_source(
+    make_settings: Callable[..., Settings], db_url: str, unique: str
+) -> None:
+    """`iothub simulate --format tasmota` into a daemon configured with the source the
+    simulator prints: every reading stored, none rejected. Under one message per second per
+    device, since Tasmota's Time has whole seconds (docs/sources.md)."""
+    fleet = make_fleet(db_url, f"simtas{unique}", 1)
+    settings = make_settings(sources=(formats.SOURCES["tasmota"],))
+    service = IngestService(settings)
+    thread = threading.Thread(target=service.run, name="test-service")
+    thread.start()
+    try:
+        assert service.wait_ready(30)
+        parser = argparse.ArgumentParser()
+        simulate_cli.add_arguments(parser)
+        args = parser.parse_args(
+            ["--format", "tasmota", "--duration", "2.5", "--rate", "0.9",
+             "--devices", ",".join(fleet.serials), "--client-id", f"sim-{unique}"]
+        )  # fmt: skip
+        assert simulate_cli.main(settings, args) == exitcodes.OK
+        assert wait_for(lambda: service.totals["messages"] >= 2)
+    finally:
+        service.request_stop("test over")
+        thread.join(30)
+    assert rejected(db_url) == []
+    assert service.totals["duplicates"] == 0
+    # Every message carries all four metrics of the device.
+    assert count(db_url, "SELECT count(*) FROM telemetries") == 4 * service.totals["messages"]
