@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg.conninfo
 import psycopg.pq
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -29,7 +29,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from config import topics
+from config import sources, topics
 
 ENV_PREFIX = "IOTHUB_"
 TEST_PREFIX = "IOTHUB_TEST_"  # the test suite's own variables, not settings
@@ -40,6 +40,7 @@ NOT_SETTINGS = frozenset({"IOTHUB_REQUIRE_SERVICES"})
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_CLIENT_ID = "iothub-ingestor"
 DEFAULT_TOPICS = ("devices/{serial_id}/telemetry", "telemetry")
+DEFAULT_SOURCES: tuple[dict[str, Any], ...] = ()  # only the native topics (mqtt_topics)
 DEFAULT_KEEPALIVE = 30  # seconds
 DEFAULT_SESSION_EXPIRY = 7 * 24 * 3600  # seconds: a week of outage is kept by the broker
 DEFAULT_BATCH_SIZE = 5000  # messages per transaction at most
@@ -118,6 +119,12 @@ class Settings(BaseSettings):
     mqtt_client_id: str = Field(default=DEFAULT_CLIENT_ID, min_length=1, max_length=128)
     # NoDecode: the variable may be a JSON list or plain comma-separated text (_split_topics).
     mqtt_topics: Annotated[tuple[str, ...], NoDecode] = Field(default=DEFAULT_TOPICS, min_length=1)
+    # Raw tables as configured; config.sources.parse_sources validates them (at start, below) and
+    # builds the Source values the intake routes with. NoDecode: _sources_json reads the variable.
+    sources: Annotated[tuple[dict[str, Any], ...], NoDecode] = Field(
+        default=DEFAULT_SOURCES,
+        description="[[sources]]: other device formats by topic pattern (docs/sources.md)",
+    )
     mqtt_shared_group: str | None = Field(
         default=None, description="subscribe through $share/<group>/... to spread load"
     )
@@ -294,6 +301,29 @@ class Settings(BaseSettings):
         # The router's own checks, so that a pattern it would refuse stops start-up here.
         topics.TopicRouter.from_strings(value)
         return value
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources_json(cls, value: object, info: ValidationInfo) -> object:
+        # IOTHUB_SOURCES is a JSON list of objects; the TOML file gives a list of tables.
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else []
+            except ValueError:
+                raise ValueError("not a JSON list of source objects") from None
+        # Every mistake of every source, one line each, before start-up goes any further.
+        parsed = sources.parse_sources(value)
+        native = {
+            p.replace(topics.SERIAL_PLACEHOLDER, "+") for p in info.data.get("mqtt_topics", ())
+        }
+        for source in parsed:
+            # The same filter twice would make the broker deliver each message twice.
+            if source.topic.subscription in native:
+                raise ValueError(
+                    f"source {source.name!r} subscribes to {source.topic.subscription!r}, "
+                    "like one of mqtt_topics"
+                )
+        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("action_allow_networks", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from ingestor.catalog import Snapshot
 from ingestor.hooks import BatchReading
 from ingestor.messages import InboundMessage
 from ingestor.reasons import Reason
+from ingestor.sources import SourceRouter
 
 MAX_BATCH_READINGS = 50_000  # readings (rows + rejections) per batch, before the last message
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch, before the last message
@@ -138,13 +139,15 @@ def _show_topic(topic: str) -> str:
 def prepare(
     messages: Sequence[InboundMessage],
     snapshot: Snapshot,
-    router: TopicRouter,
+    router: TopicRouter | SourceRouter,
     limits: payload.Limits,
     bounds: Bounds | None = None,
 ) -> Batch:
     """Prepare a prefix of `messages` as one batch (`Batch.messages` says how many were taken:
     at least one, fewer than all when a bound was reached)."""
     bounds = bounds or Bounds()
+    if isinstance(router, TopicRouter):
+        router = SourceRouter(router)
     batch = Batch([], bounds=bounds, keep_payload_bytes=limits.max_payload_bytes)
     seen: set[tuple[int, datetime]] = set()
     readings = 0
@@ -188,7 +191,7 @@ def prepare(
             )
             continue
         received_at = datetime.fromtimestamp(msg.received_at, UTC)
-        parsed = payload.parse_message(msg.payload, match.serial_id, received_at, limits)
+        parsed = match.decode(msg.payload, received_at, limits)
         readings += len(parsed.rejections) + len(parsed.readings)
         for rejection in parsed.rejections:
             reject(rejection.reason, rejection.detail, rejection.serial_id, rejection.metric)

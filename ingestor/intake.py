@@ -32,6 +32,7 @@ from config.settings import Settings
 from config.topics import TopicRouter
 from ingestor import mqtt
 from ingestor.messages import InboundMessage
+from ingestor.sources import SourceRouter
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +48,7 @@ def held_bytes(messages: Iterable[InboundMessage]) -> int:
 
 
 class MqttIntake:
-    def __init__(self, settings: Settings, router: TopicRouter) -> None:
+    def __init__(self, settings: Settings, router: TopicRouter | SourceRouter) -> None:
         self._settings = settings
         self._router = router
         self._max_pending = settings.max_pending_messages
@@ -270,7 +271,7 @@ class MqttIntake:
         options = mqtt.SubscribeOptions(
             qos=REQUIRED_QOS, retainHandling=mqtt.SubscribeOptions.RETAIN_DO_NOT_SEND
         )
-        topics = [(p.subscription_for(group), options) for p in self._router.patterns]
+        topics = [(topic, options) for topic in self._router.subscriptions(group)]
         self._subscribed_filters = [topic for topic, _ in topics]
         client.subscribe(topics)
 

@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from ingestor.reasons import Reason
 from schema.types import DATA_TYPES, DataType
@@ -255,8 +255,46 @@ def parse_message(
 def _parse_message(
     payload: bytes, topic_serial: str | None, now: datetime, limits: Limits
 ) -> ParseResult:
-    size = len(payload)
     serial_hint = _storable(topic_serial)
+    if topic_serial is not None:
+        problem = _name_problem(topic_serial)
+        if problem is not None:
+            return _single(
+                Reason.bad_schema, f"the topic's serial_id {_show(topic_serial)} {problem}"
+            )
+    document = load_json(payload, serial_hint, limits)
+    if isinstance(document, ParseResult):
+        return document
+
+    elements = _elements(document, serial_hint)
+    if isinstance(elements, ParseResult):
+        return elements
+
+    # Bound the output (readings + rejections) before building any of it.
+    count = 0
+    for element, _ in elements:
+        metrics = element.get("metrics") if isinstance(element, dict) else None
+        count += len(metrics) if isinstance(metrics, dict) and metrics else 1
+    if count > limits.max_readings_per_message:
+        return _single(
+            Reason.payload_too_large,
+            f"payload holds {count} readings (limit {limits.max_readings_per_message})",
+            serial_hint,
+        )
+
+    parser = _MessageParser(topic_serial, now, limits)
+    for element, where in elements:
+        parser.element(element, where)
+    return ParseResult(tuple(parser.readings), tuple(parser.rejections))
+
+
+def load_json(payload: bytes, serial_hint: str | None, limits: Limits) -> Any | ParseResult:
+    """The JSON document of a payload, or the ParseResult rejecting it (never raises).
+
+    Every JSON decoder shares these rules (size first, strict UTF-8, strict JSON, a BOM ignored),
+    so that a payload refused as native is refused the same way from any source.
+    """
+    size = len(payload)
     if size > limits.max_payload_bytes:
         # Checked before decoding so that an oversize payload costs nothing to refuse.
         return _single(
@@ -264,12 +302,6 @@ def _parse_message(
             f"payload is {size} bytes (limit {limits.max_payload_bytes})",
             serial_hint,
         )
-    if topic_serial is not None:
-        problem = _name_problem(topic_serial)
-        if problem is not None:
-            return _single(
-                Reason.bad_schema, f"the topic's serial_id {_show(topic_serial)} {problem}"
-            )
     if payload.startswith(_BOM):
         payload = payload[len(_BOM) :]
     if not payload.strip():
@@ -296,27 +328,91 @@ def _parse_message(
         return _single(
             Reason.bad_json, f"payload is not valid JSON: {_brief(str(exc))}", serial_hint
         )
+    return document
 
-    elements = _elements(document, serial_hint)
-    if isinstance(elements, ParseResult):
-        return elements
 
-    # Bound the output (readings + rejections) before building any of it.
-    count = 0
-    for element, _ in elements:
-        metrics = element.get("metrics") if isinstance(element, dict) else None
-        count += len(metrics) if isinstance(metrics, dict) and metrics else 1
-    if count > limits.max_readings_per_message:
+class Extracted(NamedTuple):
+    """One reading a decoder found: what the message says, before any check.
+
+    ``ts`` is None for "receipt time", or the problem with the message's time as detail text
+    (the reading then becomes bad_timestamp); ``value`` is any decoded JSON value. A tuple, not
+    a frozen dataclass: one is built per reading, and a tuple builds several times faster.
+    """
+
+    metric: str
+    value: object
+    ts: datetime | str | None = None
+    unit: str | None = None
+
+
+def finish(
+    serial: str | None,
+    extracted: list[Extracted],
+    received_at: datetime,
+    limits: Limits,
+    rejections: tuple[Rejection, ...] = (),
+) -> ParseResult:
+    """Readings and rejections from a decoder's extraction, with the native format's checks.
+
+    Names, scalar values, time bounds and duplicates are checked exactly as for native messages;
+    ``rejections`` are the decoder's own (a key it could not read), kept in order before them.
+    """
+    now = received_at.astimezone(UTC)
+    hint = _storable(serial)
+    if serial is None or (problem := _name_problem(serial)) is not None:
+        what = "no serial_id" if serial is None else f"serial_id {_show(serial)} {problem}"
+        return ParseResult(
+            (), (*rejections, Rejection(Reason.bad_schema, f"the source gives {what}"))
+        )
+    if len(extracted) + len(rejections) > limits.max_readings_per_message:
         return _single(
             Reason.payload_too_large,
-            f"payload holds {count} readings (limit {limits.max_readings_per_message})",
-            serial_hint,
+            f"payload holds {len(extracted) + len(rejections)} readings "
+            f"(limit {limits.max_readings_per_message})",
+            hint,
         )
-
-    parser = _MessageParser(topic_serial, now, limits)
-    for element, where in elements:
-        parser.element(element, where)
+    parser = _MessageParser(serial, now, limits)
+    parser.rejections.extend(rejections)
+    for item in extracted:
+        problem = _name_problem(item.metric)
+        if problem is not None:
+            parser.reject(Reason.bad_schema, f"metric name {_show(item.metric)} {problem}", serial)
+            continue
+        if item.unit is not None and (problem := _name_problem(item.unit)) is not None:
+            parser.reject(
+                Reason.bad_schema,
+                f"metric {_show(item.metric)}: unit {_show(item.unit)} {problem}",
+                serial,
+                item.metric,
+            )
+            continue
+        ts = now if item.ts is None else item.ts
+        parser.accept(
+            serial,
+            item.metric,
+            item.value,
+            ts,
+            unit=item.unit,
+            label=f"metric {_show(item.metric)}: ",
+        )
     return ParseResult(tuple(parser.readings), tuple(parser.rejections))
+
+
+def storable(name: str | None) -> str | None:
+    """``name`` when a table column may hold it (1-255 characters, no NUL), else None."""
+    return _storable(name)
+
+
+def parse_number(text: str) -> int | float | Decimal:
+    """A JSON number's text as the native format keeps it (exact, see ``_parse_float``)."""
+    if any(char in text for char in ".eE"):
+        return _parse_float(text)
+    return _parse_int(text)
+
+
+def parse_time(raw: object, subject: str) -> datetime | str:
+    """A JSON time as the native format reads it (RFC 3339, or epoch s / ms), or the problem."""
+    return _parse_ts(raw, subject)
 
 
 def _elements(document: Any, serial_hint: str | None) -> list[tuple[Any, str]] | ParseResult:
@@ -476,6 +572,19 @@ class _MessageParser:
         else:
             value = raw
 
+        self.accept(serial, name, value, ts, unit=unit, label=label)
+
+    def accept(
+        self,
+        serial: str,
+        name: str,
+        value: Any,
+        ts: datetime | str,
+        *,
+        unit: str | None,
+        label: str,
+    ) -> None:
+        """The checks every reading passes, whichever decoder found it."""
         if value is None or isinstance(value, list | dict):
             self.reject(
                 Reason.type_mismatch,

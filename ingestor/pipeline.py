@@ -29,6 +29,7 @@ from ingestor.backoff import Backoff
 from ingestor.intake import MqttIntake, held_bytes
 from ingestor.messages import InboundMessage
 from ingestor.metrics import IngestMetrics
+from ingestor.sources import SourceRouter
 from ingestor.writer import BatchTimedOut, BatchWriter, DatabaseUnavailable, WriteResult
 
 log = structlog.get_logger(__name__)
@@ -73,7 +74,7 @@ class Pipeline:
         intake: MqttIntake,
         catalog: catalog.CatalogListener,
         writer: BatchWriter,
-        router: TopicRouter,
+        router: TopicRouter | SourceRouter,
         metrics: IngestMetrics,
         stop: threading.Event,
         on_committed: OnCommitted,

@@ -8,6 +8,7 @@ is told in iothub/devtools/simulator/.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import threading
@@ -19,6 +20,7 @@ import structlog
 from config.settings import Settings
 from iothub import exitcodes, signals
 from iothub.cli import argtypes
+from iothub.devtools.simulator import formats
 from iothub.devtools.simulator.devices import choose_devices
 from iothub.devtools.simulator.messages import MessageFactory
 from iothub.devtools.simulator.publisher import (
@@ -63,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     argtypes.add_bad_share(parser, 0.0)
     parser.add_argument(
+        "--format",
+        choices=formats.FORMATS,
+        default="native",
+        help="the devices' format (default native); the others need the [[sources]] entry that "
+        "the simulate_source log line prints (docs/sources.md)",
+    )
+    parser.add_argument(
         "--qos", type=int, choices=(0, 1, 2), default=DEFAULT_QOS, help="MQTT QoS (default 1)"
     )
     parser.add_argument(
@@ -98,6 +107,10 @@ def _simulate(
     settings: Settings, args: argparse.Namespace, client_id: str, stop: threading.Event
 ) -> int:
     serials = [s.strip() for s in args.devices.split(",") if s.strip()] if args.devices else None
+    if args.format != "native" and args.bad_share:
+        # Bad messages are native ones; on another format's topic they would test nothing.
+        log.error("simulate_bad_arguments", why="--bad-share works with --format native only")
+        return exitcodes.USAGE
     try:
         devices, source = choose_devices(settings, serials, args.device_count)
         factory = MessageFactory(
@@ -111,11 +124,16 @@ def _simulate(
             tz=settings.tz,
             rng=random.Random(),
         )
+        traffic: MessageFactory | formats.FormatFactory = factory
+        if args.format != "native":
+            traffic = formats.FormatFactory(factory, args.format)
+            # The daemon decodes this traffic only with this source configured.
+            log.info("simulate_source", source=json.dumps(formats.SOURCES[args.format]))
         log.info(
             "simulate_starting",
             devices=len(devices),
             source=source,
-            topic=factory.pattern.pattern,
+            topic=factory.pattern.pattern if args.format == "native" else args.format,
             rate=args.rate,
             duration=args.duration,
             bad_share=args.bad_share,
@@ -123,7 +141,7 @@ def _simulate(
         )
         Simulator(
             settings.mqtt_url,
-            factory,
+            traffic,
             rate=args.rate,
             duration=args.duration,
             stop=stop,

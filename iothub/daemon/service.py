@@ -30,9 +30,9 @@ from typing import Protocol, runtime_checkable
 import structlog
 from psycopg_pool import ConnectionPool
 
+from config import sources as config_sources
 from config.settings import Settings
-from config.topics import TopicRouter
-from ingestor import catalog, retention
+from ingestor import catalog, retention, sources
 from ingestor.hooks import BatchHook, NoHook
 from ingestor.intake import MqttIntake
 from ingestor.pipeline import Pipeline
@@ -88,7 +88,9 @@ class IngestService:
         self.metrics = metrics or ServiceMetrics()
         self.notifier = notifier or SystemdNotifier(None)
         self.stop_event = threading.Event()
-        self.router = TopicRouter.from_strings(settings.mqtt_topics)
+        self.router = sources.router_for(
+            settings.mqtt_topics, config_sources.parse_sources(settings.sources)
+        )
         self.pool = pool or db.make_pool(settings, "ingest", configure=connection_setup(settings))
         self.hook = hook or NoHook()
         # Retention runs with or without rules: rejections pile up either way.
@@ -151,6 +153,7 @@ class IngestService:
             "service_started",
             http_port=self.http.port,
             topics=list(self.settings.mqtt_topics),
+            sources=[source.name for source in self.router.sources],
             batch_size=self.settings.batch_size,
             batch_interval=self.settings.batch_interval,
         )

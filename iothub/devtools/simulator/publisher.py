@@ -28,6 +28,7 @@ import structlog
 from config.settings import DEFAULT_MAX_PAYLOAD
 from ingestor import mqtt as mqttclient
 from iothub.devtools.simulator.devices import SimDevice
+from iothub.devtools.simulator.formats import FormatFactory
 from iothub.devtools.simulator.messages import MessageFactory
 
 log = structlog.get_logger(__name__)
@@ -74,7 +75,7 @@ class Simulator:
     def __init__(
         self,
         broker_url: str,
-        factory: MessageFactory,
+        factory: MessageFactory | FormatFactory,
         *,
         rate: float,
         duration: float | None,

@@ -1,0 +1,126 @@
+"""Which decoder reads a topic: the native patterns first, then the ``sources`` in order.
+
+``SourceRouter.match`` gives a ``Route`` whose ``decode`` turns the payload into readings and
+rejections; ``ingestor.batch`` does the rest as for any native message. A topic one of a source's
+``exclude_topics`` names is ignored: acknowledged, neither stored nor recorded (bridge state,
+availability, commands: not telemetry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from config import topics
+from config.sources import Source
+from ingestor import payload
+from ingestor.decoders import base, flat_json, native, senml, tasmota, value
+from ingestor.payload import Limits, ParseResult
+from ingestor.reasons import Reason
+
+DECODERS: Mapping[str, base.Decoder] = {
+    "native": native.decode,
+    "flat_json": flat_json.decode,
+    "tasmota": tasmota.decode,
+    "value": value.decode,
+    "senml": senml.decode,
+}
+_NOTHING = ParseResult((), ())
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A received topic with its source (None for the native patterns) and topic fields."""
+
+    serial_id: str | None  # for the rejection of a retained copy, before any decoding
+    source: Source | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+    ignored: bool = False
+
+    def decode(self, data: bytes, received_at: datetime, limits: Limits) -> ParseResult:
+        """The message's readings and rejections; never raises for any payload."""
+        if self.ignored:
+            return _NOTHING
+        source = self.source
+        if source is None:
+            return payload.parse_message(data, self.serial_id, received_at, limits)
+        try:
+            parsed = DECODERS[source.decoder](source, self.fields, data, received_at, limits)
+        except Exception as exc:
+            # Same last line of defence as parse_message: recorded, logged, and intake goes on.
+            log.exception("source_decoder_failed", source=source.name, decoder=source.decoder)
+            return ParseResult(
+                (),
+                (
+                    payload.Rejection(
+                        Reason.bad_schema,
+                        f"source {source.name!r}: {payload.INTERNAL_ERROR}{type(exc).__name__}",
+                        self.serial_id,
+                    ),
+                ),
+            )
+        if not parsed.rejections:
+            return parsed
+        # The source's name in rejected_messages.detail says which mapping read the message.
+        return ParseResult(
+            parsed.readings,
+            tuple(
+                payload.Rejection(
+                    r.reason, f"source {source.name!r}: {r.detail}", r.serial_id, r.metric
+                )
+                for r in parsed.rejections
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class SourceRouter:
+    """The native topic patterns and the configured sources, tried in that order."""
+
+    native: topics.TopicRouter
+    sources: tuple[Source, ...] = ()
+
+    def __post_init__(self) -> None:
+        missing = [s.decoder for s in self.sources if s.decoder not in DECODERS]
+        if missing:
+            raise ValueError(f"no decoder {missing[0]!r} in this build")
+        native_filters = {p.subscription for p in self.native.patterns}
+        for source in self.sources:
+            # One filter twice would make the broker deliver each of its messages twice.
+            if source.topic.subscription in native_filters:
+                raise ValueError(
+                    f"source {source.name!r} subscribes to {source.topic.subscription!r}, "
+                    "like one of mqtt_topics"
+                )
+
+    def subscriptions(self, group: str | None = None) -> tuple[str, ...]:
+        """Every MQTT filter to subscribe to, shared under ``group`` when given."""
+        own = tuple(
+            source.topic.subscription
+            if group is None
+            else f"$share/{group}/{source.topic.subscription}"
+            for source in self.sources
+        )
+        return (*self.native.subscriptions(group), *own)
+
+    def match(self, topic: str) -> Route | None:
+        """The route of the first pattern or source that fits ``topic``, or None."""
+        found = self.native.match(topic)
+        if found is not None:
+            return Route(found.serial_id)
+        for source in self.sources:
+            fields = source.topic.match(topic)
+            if fields is None:
+                continue
+            serial = source.serial_for(fields)
+            return Route(serial, source, fields, ignored=source.ignores(topic))
+        return None
+
+
+def router_for(native_patterns: tuple[str, ...], sources: tuple[Source, ...]) -> SourceRouter:
+    """The router of the settings' ``mqtt_topics`` and parsed ``sources``."""
+    return SourceRouter(topics.TopicRouter.from_strings(native_patterns), sources)
