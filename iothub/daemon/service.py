@@ -149,6 +149,16 @@ class IngestService:
     # --- lifecycle
 
     def start(self) -> None:
+        if self.settings.mqtt_shared_group is not None:
+            # Mosquitto hands a shared subscription out message by message: readings of one
+            # device reach several instances and commit out of device-time order.
+            log.warning(
+                "shared_subscription_order_not_guaranteed",
+                group=self.settings.mqtt_shared_group,
+                why="on a round-robin broker rule events can differ from one instance's;"
+                " late readings are counted in iothub_readings_late_total",
+                fix="a broker that routes the shared subscription by topic, or partitions",
+            )
         self.pool.open(wait=False)
         self.catalog.start()
         if not self.http.started:  # run() serves it from standby on
