@@ -28,7 +28,7 @@ from schema import locks
 from tests.integration.test_faults import daemon_env
 from tests.integration.test_rules_in_pipeline import add_rule
 from tests.support.daemon import make_service, running
-from tests.support.faults import Daemon
+from tests.support.faults import Daemon, NumberedPublisher, wait_stored
 from tests.support.fleet import make_fleet
 from tests.support.paho_api import client as mqtt
 
@@ -281,11 +281,13 @@ def _run_takeover(
         )
         stream.thread.start()
         time.sleep(KILL_AFTER)
-        before, _ = _rows(db_url, temperature)
-        assert before > 0, f"the active stored nothing before the stop: {active.tail()}"
+        assert _rows(db_url, temperature)[0] > 0, f"the active stored nothing: {active.tail()}"
         stopped_at = time.monotonic()
-        stop_active(active)
-        # The stopped instance commits no more: the first new row is the standby's first batch.
+        stop_active(active)  # returns once the process has exited
+        # The stopped instance commits no more, so the first new row is the standby's. (After
+        # SIGTERM the standby may have committed before the drained process exited: then
+        # this measures its second batch, an upper bound.)
+        before, _ = _rows(db_url, temperature)
         after = before
         while after == before and time.monotonic() - stopped_at < 60:
             time.sleep(0.02)
@@ -403,3 +405,35 @@ def test_a_second_election_waits_until_the_first_releases(
     waiter.join(5)
     assert second.role == "active"
     second.release()
+
+
+def test_an_active_that_loses_its_lock_session_fences_itself(
+    db_url: str, broker_url: str, unique: str, pair: tuple[Daemon, Daemon]
+) -> None:
+    """The server ends the active's election session (what a failover or an administrator
+    does): the active logs lock_lost, stops acknowledging, leaves the broker and exits 69; the
+    standby takes over and every acknowledged reading is stored once."""
+    active, standby = pair
+    fleet = make_fleet(db_url, f"SN-{unique}", 1)
+    serial = fleet.serials[0]
+    dm_id = fleet.bindings[(serial, "temperature")]
+    pub = NumberedPublisher(broker_url, f"t{unique}/devices/{serial}/telemetry", n=2000, rate=400)
+    pub.run()
+    time.sleep(1.5)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND granted AND classid = %s AND objid = %s::int::oid AND objsubid = 2",
+            (locks.STANDBY_CLASS, locks.standby_key(f"iothub-fault-{unique}")),
+        ).fetchone()
+    assert row and row[0], "no granted election lock to end"
+    assert active.process is not None
+    assert active.process.wait(30) == 69
+    log = active.log_path.read_text()
+    assert '"event": "lock_lost"' in log
+    standby.wait_log("became_active")
+    pub.wait(60)
+    numbers, total = wait_stored(db_url, dm_id, pub.base, pub.acked, timeout=60)
+    assert pub.acked and pub.acked <= numbers, f"lost: {sorted(pub.acked - numbers)[:10]}"
+    assert total == len(numbers), f"{total - len(numbers)} duplicate rows"
+    assert standby.terminate() == 0
