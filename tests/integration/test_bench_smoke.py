@@ -46,3 +46,13 @@ def test_rule_hook_benchmark_prints_every_mode() -> None:
     for mode in ("cached", "re-read", "stepwise"):
         line = next((x for x in done.stdout.splitlines() if x.strip().startswith(mode)), "")
         assert " ms " in line and "us per reading" in line, done.stdout
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_takeover_benchmark_prints_both_stops() -> None:
+    """`bench/takeover_bench.py --rounds 2` exits 0 (every takeover under its target) and
+    prints a takeover figure for kill -9 and for SIGTERM."""
+    done = run_script(REPO / "bench" / "takeover_bench.py", "--rounds", "2")
+    for how in ("kill -9", "SIGTERM"):
+        line = next(x for x in done.stdout.splitlines() if x.startswith(f"takeover after {how}"))
+        assert "target < 10 s: MET" in line, done.stdout
