@@ -224,6 +224,11 @@ def _healthz(port: int) -> tuple[int, dict[str, object]]:
         return exc.code, json.loads(exc.read())
 
 
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
 @pytest.fixture
 def pair(
     db_url: str, broker_url: str, unique: str, tmp_path: Path
@@ -262,6 +267,7 @@ def _run_takeover(
         add_rule(db_url, fleet.bindings[(tested, metric)], condition, name=name)
         add_rule(db_url, fleet.bindings[(reference, metric)], condition, name=name)
     temperature = fleet.bindings[(tested, "temperature")]
+    active.wait_log("catalog_reloaded")  # the new devices are known before their first reading
     series = Series.make(READINGS)
     # The reference: one instance of its own, never interrupted, on topics of its own.
     ref = make_service(
@@ -274,6 +280,7 @@ def _run_takeover(
         # A healthy standby is not restarted by an orchestrator: 200, and it says what it is.
         status, body = _healthz(_http_port(standby))
         assert (status, body["status"], body["role"]) == (200, "standby", "standby")
+        assert "iothub_active 0.0" in _metrics(_http_port(standby))
         stream = Stream(
             broker_url,
             (f"t{unique}/devices/{tested}/telemetry", f"r{unique}/devices/{reference}/telemetry"),
@@ -331,6 +338,8 @@ def _run_takeover(
     assert got == expected
     assert takeover < TAKEOVER_LIMIT, f"takeover took {takeover:.2f}s"
     standby.wait_log("became_active")
+    assert "iothub_active 1.0" in _metrics(_http_port(standby))
+    assert _healthz(_http_port(standby))[1]["role"] == "active"
     return takeover
 
 
@@ -417,6 +426,7 @@ def test_an_active_that_loses_its_lock_session_fences_itself(
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     serial = fleet.serials[0]
     dm_id = fleet.bindings[(serial, "temperature")]
+    active.wait_log("catalog_reloaded")  # the new device is known before its first reading
     pub = NumberedPublisher(broker_url, f"t{unique}/devices/{serial}/telemetry", n=2000, rate=400)
     pub.run()
     time.sleep(1.5)
