@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import tempfile
 import threading
 import time
 import urllib.request
@@ -447,3 +449,39 @@ def test_an_active_that_loses_its_lock_session_fences_itself(
     assert pub.acked and pub.acked <= numbers, f"lost: {sorted(pub.acked - numbers)[:10]}"
     assert total == len(numbers), f"{total - len(numbers)} duplicate rows"
     assert standby.terminate() == 0
+
+
+def test_a_standby_tells_systemd_it_is_started_and_waiting(
+    make_settings: Callable[..., Settings],
+    db_url: str,
+    broker_url: str,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    """While another session holds the lock, `iothub run` sends READY=1 (systemd must not
+    time its start out) and a standby STATUS; once the lock is free it becomes active and says
+    so; SIGTERM then stops it with 0."""
+    env = daemon_env(db_url, broker_url, unique)
+    holder = Election(make_settings(mqtt_client_id=env["IOTHUB_MQTT_CLIENT_ID"]), threading.Event())
+    assert holder.acquire(on_wait=lambda: None)
+    sock_dir = Path(tempfile.mkdtemp(prefix="iothub-sd-"))  # short: a socket path has 108 bytes
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_dir / "notify"))
+        sock.settimeout(10)
+        daemon = Daemon({**env, "NOTIFY_SOCKET": str(sock_dir / "notify")}, tmp_path / "d.log")
+        daemon.start()
+        try:
+            messages = [sock.recv(4096).decode() for _ in range(2)]
+            assert messages[0] == "READY=1"
+            assert messages[1].startswith("STATUS=standby: waiting for the lock of ")
+            daemon.wait_log("standby")
+            time.sleep(1.5)
+            assert '"event": "became_active"' not in daemon.log_path.read_text()
+            holder.release()
+            daemon.wait_log("service_ready")
+            assert sock.recv(4096).decode() == "STATUS=active: ingesting"
+            assert daemon.terminate() == 0
+        finally:
+            if daemon.alive():
+                daemon.kill9()
+            holder.release()
