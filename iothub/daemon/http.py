@@ -153,6 +153,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         down = sorted(name for name, up in checks.items() if not up)
+        if role == "fenced":
+            # It lost the election lock and is stopping: never healthy, whatever else holds.
+            down.append("election")
         extra = {} if role is None else {"role": role}
         if down:
             body = {"status": "unavailable", "checks": checks, "down": down, **extra}

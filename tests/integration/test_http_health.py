@@ -118,6 +118,9 @@ def test_healthz_names_the_role_and_a_healthy_standby_is_200(
             "ok",
             "active",
         )
+        role[0] = "fenced"
+        fenced = _get(server, "/healthz")
+        assert (fenced.status_code, fenced.json()["down"]) == (503, ["election"])
 
 
 def test_healthz_is_503_when_the_check_itself_fails(
