@@ -52,6 +52,8 @@ DEFAULT_FUTURE_TOLERANCE = 300.0  # seconds (5 minutes)
 DEFAULT_MAX_AGE = 7 * 24 * 3600.0  # seconds (7 days)
 DEFAULT_HTTP_PORT = 9108
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds
+DEFAULT_STANDBY_LOCK_CHECK_INTERVAL = 1.0  # seconds between the active's checks of its lock
+DEFAULT_STANDBY_LOCK_LOST_AFTER = 3.0  # seconds without a confirmed check: the active fences
 DEFAULT_STATS_INTERVAL = 10.0  # seconds
 DEFAULT_NO_DATA_CHECK = 10.0  # seconds
 DEFAULT_NO_DATA_MAX_BACKLOG = 5.0  # seconds: older unacknowledged messages defer no_data verdicts
@@ -255,6 +257,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)
+    # Active/standby election (iothub.daemon.election): instances sharing mqtt_client_id.
+    standby_lock_check_interval: float = Field(
+        default=DEFAULT_STANDBY_LOCK_CHECK_INTERVAL, gt=0, le=60
+    )
+    standby_lock_lost_after: float = Field(default=DEFAULT_STANDBY_LOCK_LOST_AFTER, gt=0, le=300)
     stats_interval: float = Field(default=DEFAULT_STATS_INTERVAL, gt=0)
     seed_data: bool = False
 

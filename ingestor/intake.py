@@ -73,6 +73,7 @@ class MqttIntake:
         self.fatal: str | None = None
         self._subscribed_filters: list[str] = []
         self.stale_acks = 0  # acknowledgements skipped because their connection was gone
+        self._fenced = False  # another instance may own the session: never acknowledge again
         client = mqtt.make_client(settings.mqtt, settings.mqtt_client_id, manual_ack=True)
         client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
         client.on_connect = self._on_connect
@@ -111,6 +112,18 @@ class MqttIntake:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def fence(self) -> None:
+        """Another instance may hold the session now: acknowledge nothing more, take nothing
+        more, and leave the broker (paho does not reconnect after our own disconnect)."""
+        with self._ack_lock:
+            self._fenced = True
+        self.close_intake()
+        self._client.disconnect()
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
 
     def stop(self) -> None:
         """Disconnect cleanly (the session stays on the broker) and end the network thread."""
@@ -174,7 +187,7 @@ class MqttIntake:
             for msg in messages:
                 if msg.qos == 0:
                     continue
-                if msg.generation != self._generation or not self._connected:
+                if self._fenced or msg.generation != self._generation or not self._connected:
                     skipped += 1
                     continue
                 self._client.ack(msg.mid, msg.qos)

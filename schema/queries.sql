@@ -18,3 +18,28 @@ SELECT pg_advisory_lock(%(key)s)
 
 -- name: unlock_migrations
 SELECT pg_advisory_unlock(%(key)s)
+
+-- name: standby_session
+-- The election connection's own settings. The server-side keepalives end the session of an
+-- active whose host vanished (and so free its lock) within idle + interval * count seconds;
+-- lock_timeout bounds each wait for the lock so that the waiting loop can see a stop request.
+SELECT set_config('lock_timeout', %(lock_timeout)s, false),
+       set_config('statement_timeout', %(statement_timeout)s, false),
+       set_config('tcp_keepalives_idle', %(keepalives_idle)s, false),
+       set_config('tcp_keepalives_interval', %(keepalives_interval)s, false),
+       set_config('tcp_keepalives_count', %(keepalives_count)s, false),
+       set_config('tcp_user_timeout', %(user_timeout)s, false)
+
+-- name: standby_lock
+-- A session lock: it lasts until unlocked or until this connection's session ends.
+SELECT pg_advisory_lock(%(lock_class)s, %(key)s)
+
+-- name: standby_check
+-- Is the lock still held by this very session? (A cheap round trip that proves the session.)
+SELECT count(*) > 0 AS held
+FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+  AND classid = %(lock_class)s::int::oid AND objid = %(key)s::int::oid AND objsubid = 2
+
+-- name: standby_unlock
+SELECT pg_advisory_unlock(%(lock_class)s, %(key)s)

@@ -21,6 +21,8 @@ log = structlog.get_logger(__name__)
 
 Readiness = Callable[[], Mapping[str, bool]]
 """Returns each dependency's state, e.g. {"mqtt": True, "database": False}."""
+RoleOf = Callable[[], str]
+"""Returns the instance's role in its active/standby pair: active, standby or fenced."""
 
 THREAD_NAME = "iothub-http"
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request before we hang up
@@ -30,7 +32,11 @@ JSON_TYPE = "application/json"
 
 
 class HealthServer:
-    """Serves /healthz (200 when every readiness check is true, else 503) and /metrics."""
+    """Serves /healthz (200 when every readiness check is true, else 503) and /metrics.
+
+    With `role`, the body names it; a standby whose checks pass answers 200 with status
+    "standby": it is healthy, and an orchestrator must not restart it for not ingesting.
+    """
 
     def __init__(
         self,
@@ -39,13 +45,19 @@ class HealthServer:
         *,
         readiness: Readiness,
         metrics: ServiceMetrics,
+        role: RoleOf | None = None,
     ) -> None:
         self._host = host
         self._requested_port = port
         self._readiness = readiness
+        self._role = role
         self._metrics = metrics
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -68,6 +80,7 @@ class HealthServer:
             raise RuntimeError("HealthServer already started")
         server = _Server((self._host, self._requested_port), _Handler)
         server.readiness = self._readiness
+        server.role = self._role
         server.metrics = self._metrics
         self._server = server
         self._thread = threading.Thread(
@@ -108,6 +121,7 @@ class _Server(ThreadingHTTPServer):
     # Without this a restart within TIME_WAIT of the old socket fails with "address in use".
     allow_reuse_address = True
     readiness: Readiness
+    role: RoleOf | None
     metrics: ServiceMetrics
 
 
@@ -129,6 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _healthz(self) -> None:
         try:
             checks = {name: bool(up) for name, up in self.server.readiness().items()}
+            role = self.server.role() if self.server.role is not None else None
         except Exception as exc:
             # A broken check must read as "not ready", never as a crashed endpoint.
             log.warning("readiness_check_failed", error=repr(exc))
@@ -138,11 +153,16 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         down = sorted(name for name, up in checks.items() if not up)
+        if role == "fenced":
+            # It lost the election lock and is stopping: never healthy, whatever else holds.
+            down.append("election")
+        extra = {} if role is None else {"role": role}
         if down:
-            body = {"status": "unavailable", "checks": checks, "down": down}
+            body = {"status": "unavailable", "checks": checks, "down": down, **extra}
             self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, body)
         else:
-            self._send_json(HTTPStatus.OK, {"status": "ok", "checks": checks})
+            status = "standby" if role == "standby" else "ok"
+            self._send_json(HTTPStatus.OK, {"status": status, "checks": checks, **extra})
 
     def _send_json(self, status: HTTPStatus, body: Mapping[str, Any]) -> None:
         self._send(status, JSON_TYPE, json.dumps(body, sort_keys=True).encode("utf-8"))

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
-from prometheus_client import CollectorRegistry, exposition
+from prometheus_client import CollectorRegistry, Gauge, exposition
 
 from ingestor import batch as batch_mod
 from ingestor.intake import MqttIntake
@@ -40,6 +40,11 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.ingest = IngestMetrics(self.registry)
         self.rules = RuleMetrics(self.registry)
+        self.active = Gauge(
+            "iothub_active",
+            "1 while this instance is the active one of its client id, 0 while standby or fenced",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format (see CONTENT_TYPE)."""

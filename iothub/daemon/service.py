@@ -13,8 +13,14 @@ Threads, each named, each watched (if one dies the service stops loudly rather t
 - the health/metrics HTTP server.
 The main thread handles signals, the systemd watchdog and the periodic stats line.
 
+Before any of that, `run()` waits in standby until it holds the election lock of its client id
+(`iothub.daemon.election`); only the active connects to the broker. Losing the lock fences the
+service: no more acknowledgements, off the broker, stop (exit 69; the supervisor restarts it
+as a standby).
+
 Stop order (SIGTERM/SIGINT): close intake → the writer flushes what it holds, commits and
-acknowledges → disconnect from the broker (the session stays) → stop workers → close the pool.
+acknowledges → disconnect from the broker (the session stays) → release the election lock (a
+standby takes over now) → stop workers → close the pool.
 The whole stop is bounded by `shutdown_timeout`; what is not committed by then stays
 unacknowledged and the broker delivers it again on the next start. A second signal exits at once.
 """
@@ -38,6 +44,7 @@ from ingestor.intake import MqttIntake
 from ingestor.pipeline import Pipeline
 from ingestor.writer import BatchWriter, connection_setup
 from iothub import exitcodes
+from iothub.daemon.election import Election
 from iothub.daemon.http import HealthServer
 from iothub.daemon.observe import Observer, ServiceMetrics
 from iothub.daemon.systemd import SystemdNotifier
@@ -112,11 +119,13 @@ class IngestService:
             stop=self.stop_event,
             on_committed=self.observer.batch_committed,
         )
+        self.election = Election(settings, self.stop_event)
         self.http = HealthServer(
             settings.http_host,
             settings.http_port,
             readiness=self.readiness,
             metrics=self.metrics,
+            role=lambda: self.election.role,
         )
         self._fatal: str | None = None
         self._stalled = False  # what the main loop last logged
@@ -142,9 +151,20 @@ class IngestService:
     # --- lifecycle
 
     def start(self) -> None:
+        if self.settings.mqtt_shared_group is not None:
+            # Mosquitto hands a shared subscription out message by message: readings of one
+            # device reach several instances and commit out of device-time order.
+            log.warning(
+                "shared_subscription_order_not_guaranteed",
+                group=self.settings.mqtt_shared_group,
+                why="on a round-robin broker rule events can differ from one instance's;"
+                " late readings are counted in iothub_readings_late_total",
+                fix="a broker that routes the shared subscription by topic, or partitions",
+            )
         self.pool.open(wait=False)
         self.catalog.start()
-        self.http.start()
+        if not self.http.started:  # run() serves it from standby on
+            self.http.start()
         self.intake.start()
         for worker in self.workers:
             worker.start()
@@ -170,6 +190,9 @@ class IngestService:
         return True
 
     def readiness(self) -> dict[str, bool]:
+        if self.election.role == "standby":
+            # Nothing else runs yet: a standby is healthy while it can wait on the lock.
+            return {"database": self.election.db_connected}
         checks = {
             "mqtt": self.intake.connected,
             "database": self.db_ok and self.catalog.connected,
@@ -209,6 +232,9 @@ class IngestService:
                 why="not committed in time; the broker will deliver these again",
             )
         self.intake.stop()
+        # Off the broker first, then the lock: a standby that connects now meets no one.
+        self.election.release()
+        self.metrics.active.set(0)
         for worker in reversed(self.workers):  # started first, stopped last
             worker.stop(max(0.5, deadline - time.monotonic()))
         self.http.stop()
@@ -218,7 +244,9 @@ class IngestService:
         return flushed
 
     def run(self) -> int:
-        """Start, serve until stopped, stop. Returns the exit code."""
+        """Wait for the election lock, start, serve until stopped, stop. Returns the exit code."""
+        if not self._standby():
+            return exitcodes.OK
         self.start()
         if not self.wait_ready(STARTUP_TIMEOUT):
             if self.intake.fatal is not None:
@@ -234,6 +262,7 @@ class IngestService:
         next_stats = time.monotonic() + self.settings.stats_interval
         next_pet = time.monotonic()
         while not self.stop_event.wait(MAIN_TICK):
+            self.election.overdue()
             self._check_threads()
             self._check_writer_progress()
             now = time.monotonic()
@@ -250,9 +279,45 @@ class IngestService:
         self.observer.log_stats(self.db_ok)
         if self.intake.fatal is not None:
             return exitcodes.CONFIG_ERROR
+        if self.election.lost_why is not None:
+            return exitcodes.CONNECTION_FAILED
         if self.fatal:
             return exitcodes.CRASH
         return exitcodes.OK if flushed else exitcodes.FAILURE
+
+    def _standby(self) -> bool:
+        """Serve /healthz as a standby until this instance holds the lock (True) or is asked
+        to stop (False)."""
+        self.http.start()
+        self.metrics.active.set(0)
+        # A standby is a started unit: systemd must neither time its start out nor restart it.
+        self.notifier.ready()
+        self.notifier.status(f"standby: waiting for the lock of {self.settings.mqtt_client_id}")
+        watchdog = self.notifier.watchdog_interval()
+        next_pet = time.monotonic()
+
+        def tick() -> None:
+            nonlocal next_pet
+            if watchdog and time.monotonic() >= next_pet:
+                self.notifier.watchdog()
+                next_pet = time.monotonic() + watchdog
+
+        if not self.election.acquire(on_wait=tick):
+            self.http.stop()
+            log.info("service_stopped", flushed=True, totals={}, role="standby")
+            return False
+        self.metrics.active.set(1)
+        self.notifier.status("active: ingesting")
+        self.election.guard(self._fence)
+        return True
+
+    def _fence(self, why: str) -> None:
+        """The lock is gone, so a standby may take the session over: acknowledge nothing more,
+        leave the broker, stop. What is committed meanwhile comes back as duplicates."""
+        self.metrics.active.set(0)
+        self._fatal = f"election lock lost: {why}"
+        self.intake.fence()
+        self.request_stop(self._fatal)
 
     def _refuse_broker(self) -> int:
         """The broker will not give us QoS 1 subscriptions: stop, as a configuration error."""
@@ -281,12 +346,18 @@ class IngestService:
             log.error("mqtt_qos_refused", why=self.intake.fatal, fix="let the broker grant QoS 1")
             self.request_stop("broker subscription not at QoS 1")
         dead = []
-        if not self.intake.thread_alive and self.intake.ever_connected.is_set():
+        if (
+            not self.intake.thread_alive
+            and self.intake.ever_connected.is_set()
+            and not self.intake.fenced
+        ):
             dead.append("mqtt")
         if not self.pipeline.thread.is_alive():
             dead.append("iothub-writer")
         if not self.catalog.thread.is_alive():
             dead.append("iothub-catalog")
+        if not self.election.alive:
+            dead.append("iothub-election")
         dead += [w.name for w in self.workers if not w.alive]
         if dead:
             self._fatal = f"thread(s) died: {', '.join(dead)}"

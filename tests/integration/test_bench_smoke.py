@@ -58,3 +58,12 @@ def test_timescale_cost_benchmark_runs(pg_admin_dsn: str, timescaledb_available:
     assert len(plain.split()) == 7, done.stdout  # label (4 words) and three figures
     hyper = next(x for x in lines if x.startswith("hypertable"))
     assert ("not measured" in hyper) is not timescaledb_available, done.stdout
+
+
+def test_takeover_benchmark_prints_both_stops() -> None:
+    """`bench/takeover_bench.py --rounds 2` exits 0 (every takeover under its target) and
+    prints a takeover figure for kill -9 and for SIGTERM."""
+    done = run_script(REPO / "bench" / "takeover_bench.py", "--rounds", "2")
+    for how in ("kill -9", "SIGTERM"):
+        line = next(x for x in done.stdout.splitlines() if x.startswith(f"takeover after {how}"))
+        assert "target < 10 s: MET" in line, done.stdout

@@ -88,6 +88,41 @@ def test_healthz_is_503_naming_what_is_down(server: HealthServer, readiness: Rea
     assert _get(server, "/healthz").status_code == 200
 
 
+def test_healthz_names_the_role_and_a_healthy_standby_is_200(
+    readiness: Readiness, metrics: ServiceMetrics
+) -> None:
+    """With a role: a standby whose database check holds answers 200 with status standby (an
+    orchestrator must not restart it), 503 when it does not; the active's body names its role."""
+    role = ["standby"]
+    readiness.state = {"database": True}
+    with HealthServer(
+        "127.0.0.1", 0, readiness=readiness, metrics=metrics, role=lambda: role[0]
+    ) as server:
+        standby = _get(server, "/healthz")
+        assert (standby.status_code, standby.json()) == (
+            200,
+            {"status": "standby", "role": "standby", "checks": {"database": True}},
+        )
+        readiness.state = {"database": False}
+        lost = _get(server, "/healthz")
+        assert (lost.status_code, lost.json()["role"], lost.json()["down"]) == (
+            503,
+            "standby",
+            ["database"],
+        )
+        role[0] = "active"
+        readiness.state = {"mqtt": True, "database": True}
+        active = _get(server, "/healthz")
+        assert (active.status_code, active.json()["status"], active.json()["role"]) == (
+            200,
+            "ok",
+            "active",
+        )
+        role[0] = "fenced"
+        fenced = _get(server, "/healthz")
+        assert (fenced.status_code, fenced.json()["down"]) == (503, ["election"])
+
+
 def test_healthz_is_503_when_the_check_itself_fails(
     server: HealthServer, readiness: Readiness
 ) -> None:

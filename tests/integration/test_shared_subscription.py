@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+import structlog.testing
 
 from config.settings import Settings
 from tests.integration.test_rules_in_pipeline import add_rule, events
@@ -128,7 +129,7 @@ def test_a_fleet_at_full_speed_on_a_shared_subscription_keeps_what_is_promised(
         finally:
             pub.close()
 
-    with running(a), running(b):
+    with structlog.testing.capture_logs() as logs, running(a), running(b):
         threads = [threading.Thread(target=publish, args=(s,)) for s in fleet.serials]
         for thread in threads:
             thread.start()
@@ -140,6 +141,12 @@ def test_a_fleet_at_full_speed_on_a_shared_subscription_keeps_what_is_promised(
         assert a.totals["rows"] > 0 and b.totals["rows"] > 0
         assert a.totals["rows"] + b.totals["rows"] == total
     assert _all_rows(db_url) == total
+    # Both instances said at start that a round-robin broker can change rule events, and
+    # each counts its late readings, the measure of how far they differed.
+    warned = [e for e in logs if e["event"] == "shared_subscription_order_not_guaranteed"]
+    assert [e["group"] for e in warned] == ["iothub", "iothub"]
+    late = [s.metrics.registry.get_sample_value("iothub_readings_late_total") for s in (a, b)]
+    assert all(n is not None and n >= 0 for n in late)
 
     one_instance = _transitions(values)
     for serial, dm_id in bindings.items():
