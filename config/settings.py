@@ -258,6 +258,14 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)
     # Active/standby election (iothub.daemon.election): instances sharing mqtt_client_id.
+    # Off by default for now: an active fences itself (exit 69) when its lock session ends,
+    # which a database restart also does, and a lone instance must ride a database outage out
+    # on its broker connection (docs/operations.md, "Active and standby").
+    standby: bool = Field(
+        default=False,
+        description="elect one active among the instances sharing mqtt_client_id "
+        "(PostgreSQL advisory lock); the others wait as standbys",
+    )
     standby_lock_check_interval: float = Field(
         default=DEFAULT_STANDBY_LOCK_CHECK_INTERVAL, gt=0, le=60
     )

@@ -245,8 +245,12 @@ class IngestService:
 
     def run(self) -> int:
         """Wait for the election lock, start, serve until stopped, stop. Returns the exit code."""
-        if not self._standby():
+        if self.settings.standby and not self._standby():
             return exitcodes.OK
+        if not self.settings.standby:
+            # No election: this instance is the active one from the start, with no lock to lose.
+            self.election.role = "active"
+            self.metrics.active.set(1)
         self.start()
         if not self.wait_ready(STARTUP_TIMEOUT):
             if self.intake.fatal is not None:
@@ -262,7 +266,8 @@ class IngestService:
         next_stats = time.monotonic() + self.settings.stats_interval
         next_pet = time.monotonic()
         while not self.stop_event.wait(MAIN_TICK):
-            self.election.overdue()
+            if self.settings.standby:
+                self.election.overdue()
             self._check_threads()
             self._check_writer_progress()
             now = time.monotonic()

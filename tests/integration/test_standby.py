@@ -236,7 +236,7 @@ def pair(
     db_url: str, broker_url: str, unique: str, tmp_path: Path
 ) -> Iterator[tuple[Daemon, Daemon]]:
     """Two daemons with one client id: the first active, the second a standby."""
-    env = daemon_env(db_url, broker_url, unique)
+    env = {**daemon_env(db_url, broker_url, unique), "IOTHUB_STANDBY": "true"}
     first = Daemon(env, tmp_path / "first.log")
     second = Daemon(env, tmp_path / "second.log")
     first.start()
@@ -402,7 +402,7 @@ def test_a_second_election_waits_until_the_first_releases(
     """Two elections of one client id: the second stays standby while the first holds the
     lock (also for a key that is negative as an int4), and becomes active once it is released."""
     client_id = next(f"neg-{i}" for i in range(100) if locks.standby_key(f"neg-{i}") < 0)
-    settings = make_settings(mqtt_client_id=client_id)
+    settings = make_settings(mqtt_client_id=client_id, standby=True)
     stop = threading.Event()
     first, second = Election(settings, stop), Election(settings, stop)
     assert first.acquire(on_wait=lambda: None)
@@ -461,8 +461,10 @@ def test_a_standby_tells_systemd_it_is_started_and_waiting(
     """While another session holds the lock, `iothub run` sends READY=1 (systemd must not
     time its start out) and a standby STATUS; once the lock is free it becomes active and says
     so; SIGTERM then stops it with 0."""
-    env = daemon_env(db_url, broker_url, unique)
-    holder = Election(make_settings(mqtt_client_id=env["IOTHUB_MQTT_CLIENT_ID"]), threading.Event())
+    env = {**daemon_env(db_url, broker_url, unique), "IOTHUB_STANDBY": "true"}
+    holder = Election(
+        make_settings(mqtt_client_id=env["IOTHUB_MQTT_CLIENT_ID"], standby=True), threading.Event()
+    )
     assert holder.acquire(on_wait=lambda: None)
     sock_dir = Path(tempfile.mkdtemp(prefix="iothub-sd-"))  # short: a socket path has 108 bytes
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
