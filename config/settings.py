@@ -294,16 +294,7 @@ class Settings(BaseSettings):
     @field_validator("mqtt_topics", mode="before")
     @classmethod
     def _split_topics(cls, value: object) -> object:
-        # An environment variable may list topics separated by commas instead of JSON.
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    return tuple(json.loads(text))
-                except (ValueError, TypeError):
-                    raise ValueError("not a JSON list of topic patterns") from None
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        return value
+        return _json_or_commas(value, "topic patterns")
 
     @field_validator("mqtt_topics")
     @classmethod
@@ -343,15 +334,7 @@ class Settings(BaseSettings):
     @field_validator("action_allow_networks", mode="before")
     @classmethod
     def _split_networks(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    return tuple(json.loads(text))
-                except (ValueError, TypeError):
-                    raise ValueError("not a JSON list of networks") from None
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        return value
+        return _json_or_commas(value, "networks")
 
     @field_validator("action_allow_networks")
     @classmethod
@@ -445,6 +428,20 @@ class Settings(BaseSettings):
             if values.get(key):
                 values[key] = _mask_url(str(values[key]))
         return values
+
+
+def _json_or_commas(value: object, what: str) -> object:
+    """A list setting given as text (an environment variable): a JSON list, or items separated
+    by commas. Anything else is left to the field's own validation."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return tuple(json.loads(text))
+        except (ValueError, TypeError):
+            raise ValueError(f"not a JSON list of {what}") from None
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _check_userinfo(url: str) -> None:
