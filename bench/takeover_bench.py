@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))
     workdir = Path(tempfile.mkdtemp(prefix="iothub-takeover-"))
-    bench = Bench(QUICK, workdir, {"IOTHUB_STANDBY": "true"})
+    bench = Bench(QUICK, workdir, {})
     for line in machine():
         print(line)
     procs: dict[str, subprocess.Popen[bytes]] = {}

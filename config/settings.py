@@ -53,7 +53,7 @@ DEFAULT_MAX_AGE = 7 * 24 * 3600.0  # seconds (7 days)
 DEFAULT_HTTP_PORT = 9108
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds
 DEFAULT_STANDBY_LOCK_CHECK_INTERVAL = 1.0  # seconds between the active's checks of its lock
-DEFAULT_STANDBY_LOCK_LOST_AFTER = 3.0  # seconds without a confirmed check: the active fences
+DEFAULT_STANDBY_LOCK_LOST_AFTER = 3.0  # seconds without a confirmed check: acks are held
 DEFAULT_STATS_INTERVAL = 10.0  # seconds
 DEFAULT_NO_DATA_CHECK = 10.0  # seconds
 DEFAULT_NO_DATA_MAX_BACKLOG = 5.0  # seconds: older unacknowledged messages defer no_data verdicts
@@ -258,11 +258,11 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)
     # Active/standby election (iothub.daemon.election): instances sharing mqtt_client_id.
-    # Off by default for now: an active fences itself (exit 69) when its lock session ends,
-    # which a database restart also does, and a lone instance must ride a database outage out
-    # on its broker connection (docs/operations.md, "Active and standby").
+    # A lone instance is its own active and rides a database outage out on its broker
+    # connection (docs/operations.md, "Active and standby"). Off: no election, for instances
+    # with client ids of their own on one shared subscription.
     standby: bool = Field(
-        default=False,
+        default=True,
         description="elect one active among the instances sharing mqtt_client_id "
         "(PostgreSQL advisory lock); the others wait as standbys",
     )

@@ -11,6 +11,13 @@ it, so each message carries the connection generation and only the current gener
 acknowledged. After a reconnect with the session present the broker resends what was not
 acknowledged; the unique key in the database drops the copies.
 
+Holding (active/standby, `hold()`): while the election lock of our client id is unconfirmed
+(its connection broke, the database is away), another instance may get the lock and take the
+broker session over. Acknowledgements then wait, in arrival order, still counted as pending,
+and no connection attempt is made (paho's automatic reconnect included: a reconnect would take
+the session back from an instance that holds the lock). `resume()` sends what waited and lets
+paho connect again; `fence()` drops it and leaves the broker for good.
+
 Memory: at most `max_pending_messages` unacknowledged messages are held. Beyond that the
 callback waits (TCP back-pressure to the broker). The broker's window (our Receive Maximum)
 normally stops it first, but Mosquitto 2.0.x opens a whole new window on each acknowledgement,
@@ -74,8 +81,12 @@ class MqttIntake:
         self._subscribed_filters: list[str] = []
         self.stale_acks = 0  # acknowledgements skipped because their connection was gone
         self._fenced = False  # another instance may own the session: never acknowledge again
+        # The election lock is unconfirmed: acknowledgements wait in `_held`, no connects.
+        self._holding = False
+        self._held: list[InboundMessage] = []
         client = mqtt.make_client(settings.mqtt, settings.mqtt_client_id, manual_ack=True)
         client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
+        mqtt.gate_connects(client, self._may_connect)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -113,13 +124,48 @@ class MqttIntake:
             self._closed = True
             self._cond.notify_all()
 
+    def hold(self) -> None:
+        """Another instance may soon hold the session: acknowledgements wait (in arrival
+        order, their room not freed) and no connection attempt is made until `resume()`."""
+        with self._ack_lock:
+            self._holding = True
+
+    def resume(self) -> int:
+        """The lock is ours again: send the acknowledgements that waited, in arrival order
+        (those of an earlier connection are skipped as stale), let paho connect again.
+        Returns how many waited."""
+        with self._ack_lock:
+            held, self._held = self._held, []
+            self._holding = False
+            # Under the same lock as `ack()`: a batch acknowledged now cannot overtake these.
+            skipped = self._send_acks_locked(held)
+        self._acked(held, skipped)
+        with self._cond:
+            self._cond.notify_all()  # a connection attempt waiting in `_may_connect`
+        return len(held)
+
+    @property
+    def holding(self) -> bool:
+        return self._holding
+
     def fence(self) -> None:
         """Another instance may hold the session now: acknowledge nothing more, take nothing
-        more, and leave the broker (paho does not reconnect after our own disconnect)."""
+        more, and leave the broker; no connection attempt is made again."""
         with self._ack_lock:
             self._fenced = True
+            held, self._held = self._held, []
+        if held:
+            self.stale_acks += len(held)
+            log.info(
+                "ack_skipped_stale",
+                count=len(held),
+                why="fenced: the instance that holds the lock gets them again",
+            )
+            self.release(len(held), held_bytes(held))
         self.close_intake()
         self._client.disconnect()
+        with self._cond:
+            self._cond.notify_all()
 
     @property
     def fenced(self) -> bool:
@@ -181,16 +227,30 @@ class MqttIntake:
             self._wanted = 0
 
     def ack(self, messages: Sequence[InboundMessage]) -> None:
-        """Acknowledge stored messages (arrival order) and free their room."""
-        skipped = 0
+        """Acknowledge stored messages (arrival order) and free their room; while holding,
+        they wait for `resume()`."""
         with self._ack_lock:
-            for msg in messages:
-                if msg.qos == 0:
-                    continue
-                if self._fenced or msg.generation != self._generation or not self._connected:
-                    skipped += 1
-                    continue
-                self._client.ack(msg.mid, msg.qos)
+            if self._holding and not self._fenced:
+                self._held.extend(messages)
+                return
+            skipped = self._send_acks_locked(messages)
+        self._acked(messages, skipped)
+
+    def _send_acks_locked(self, messages: Sequence[InboundMessage]) -> int:
+        """With `_ack_lock` held: acknowledge what the current connection delivered; returns
+        how many were skipped as stale."""
+        skipped = 0
+        for msg in messages:
+            if msg.qos == 0:
+                continue
+            if self._fenced or msg.generation != self._generation or not self._connected:
+                skipped += 1
+                continue
+            self._client.ack(msg.mid, msg.qos)
+        return skipped
+
+    def _acked(self, messages: Sequence[InboundMessage], skipped: int) -> None:
+        """Count and log the skipped acknowledgements, free the messages' room."""
         if skipped:
             self.stale_acks += skipped
             log.info(
@@ -248,6 +308,19 @@ class MqttIntake:
                 count=dropped,
                 why="the broker resends them on the resumed session",
             )
+
+    def _may_connect(self) -> bool:
+        """Asked by paho before each connection attempt: wait while holding (the lock of our
+        client id is unconfirmed), refuse once fenced or when the wait ends with the stop."""
+        with self._cond:
+            if self._holding and not self._fenced and not self._closed:
+                log.warning(
+                    "mqtt_reconnect_held",
+                    why="the election lock is unconfirmed: another instance may own the session",
+                )
+            while self._holding and not self._fenced and not self._closed:
+                self._cond.wait(FULL_WAIT)
+            return not (self._fenced or self._holding)
 
     # --- paho callbacks: they hand work over and never raise (`mqtt.guarded`). paho passes
     # every argument positionally; those a callback does not need are named with a `_`.

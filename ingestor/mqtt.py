@@ -32,6 +32,7 @@ __all__ = [
     "ERR_SUCCESS",
     "Client",
     "ConnectFlags",
+    "ConnectHeld",
     "DisconnectFlags",
     "MQTTMessage",
     "MqttTarget",
@@ -40,6 +41,7 @@ __all__ = [
     "SubscribeOptions",
     "connect_properties",
     "error_string",
+    "gate_connects",
     "guarded",
     "host_port",
     "make_client",
@@ -149,6 +151,32 @@ def guarded(
         return run
 
     return decorate
+
+
+class ConnectHeld(OSError):  # an OSError, so that paho takes it for a failed attempt
+    """Not connecting now: this client id's session may belong to another instance."""
+
+    def __init__(self) -> None:
+        super().__init__(self.__doc__)
+
+
+def gate_connects(client: _paho.Client, may_connect: Callable[[], bool]) -> None:
+    """Ask `may_connect()` before every connection attempt paho makes, its automatic
+    reconnects included; False ends the attempt before a socket is opened.
+
+    paho has no switch that pauses its reconnect loop (`reconnect_on_failure` is read once per
+    lost connection, and off it ends the network thread for good). Its `on_pre_connect` hook
+    runs inside `reconnect()` before the socket is created, and `loop_forever()` takes an
+    OSError out of `reconnect()` for a failed attempt (as a refused TCP connection): it waits
+    its reconnect delay and tries again, or ends if `disconnect()` was called meanwhile. So the
+    hook raises `ConnectHeld`, an OSError. `may_connect` may block (there is no connection
+    to keep alive then) but must return when the client is being stopped."""
+
+    def pre_connect(_client: _paho.Client, _userdata: object) -> None:
+        if not may_connect():
+            raise ConnectHeld
+
+    client.on_pre_connect = pre_connect
 
 
 def message_topic(message: _paho.MQTTMessage) -> str:

@@ -43,3 +43,8 @@ WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
 
 -- name: standby_unlock
 SELECT pg_advisory_unlock(%(lock_class)s, %(key)s)
+
+-- name: standby_try_lock
+-- The active, back from a broken lock connection: the lock at once, or the word that another
+-- session holds it (then that instance is the active now).
+SELECT pg_try_advisory_lock(%(lock_class)s, %(key)s) AS locked

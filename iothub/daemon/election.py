@@ -6,9 +6,14 @@ others wait on the same lock (the request stays queued in the server, in `LOCK_W
 slices so that a stop request is seen) and get it the moment the active's session ends: a
 kill -9 closes its socket, a lost host is found by the keepalives set below.
 
-Fencing: the active proves its session every `standby_lock_check_interval` seconds. When no
-check has succeeded for `standby_lock_lost_after` seconds (or one says the lock is gone), the
-service stops acknowledging and disconnects from the broker. The timing argument, and the
+Fencing: the active proves its session every `standby_lock_check_interval` seconds. When its
+lock connection fails, or no check has succeeded for `standby_lock_lost_after` seconds, the lock
+is *unconfirmed*: the service holds its acknowledgements and makes no broker connection attempt,
+and the guard tries to take the lock back on a new session (`pg_try_advisory_lock`, at once,
+then with backoff) until the database answers. Taken: the held acknowledgements go out and
+ingestion goes on, so a database restart costs a lone active nothing. Held by another session
+(or a live session says it is no longer ours): the lock is lost, the service leaves the broker
+and stops (exit 69; restarted, it comes back as a standby). The timing argument, and the
 broker's one-connection-per-client-id rule as the second fence, are in docs/operations.md
 ("Active and standby").
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import psycopg
 import structlog
@@ -30,7 +35,13 @@ from schema import db, locks, sql
 log = structlog.get_logger(__name__)
 queries = sql.load("schema")
 
-Role = Literal["standby", "active", "fenced"]
+Role = Literal["standby", "active", "unconfirmed", "fenced"]
+GUARDED: Final = ("active", "unconfirmed")  # the roles the guard thread watches
+
+RETRY_INITIAL: Final = 0.25  # seconds before the second attempt to take the lock back
+# seconds at most between attempts: the active tries sooner than a standby (5 s), so that it
+# usually keeps the lock through a database restart and nothing has to be redelivered
+RETRY_MAXIMUM: Final = 1.0
 
 LOCK_WAIT_SLICE: Final = 1.0  # seconds one lock request waits before the loop looks at stop
 CHECK_TIMEOUT: Final = 2.0  # seconds a lock check may run on the server
@@ -43,6 +54,25 @@ KEEPALIVES_COUNT: Final = 3  # unanswered probes that end the connection
 USER_TIMEOUT_MS: Final = 5000  # ms unacknowledged data may wait (Linux TCP_USER_TIMEOUT)
 # Server-side session end of a dead peer: idle + interval * count = 5 s.
 SERVER_DETECTS_DEAD_PEER: Final = KEEPALIVES_IDLE + KEEPALIVES_INTERVAL * KEEPALIVES_COUNT
+
+
+class LockWatcher(Protocol):
+    """What the service does when the lock changes hands (each called once per change)."""
+
+    def lock_unconfirmed(self, why: str) -> None:
+        """The lock cannot be proven now: acknowledge nothing, connect to nothing."""
+
+    def lock_regained(self) -> int:
+        """The lock is proven again: go on (returns the acknowledgements sent that waited)."""
+
+    def lock_lost(self, why: str) -> None:
+        """Another instance may hold the lock: leave the broker, stop."""
+
+
+def first_line(exc: Exception) -> str:
+    """A database error for a log line: libpq's messages run over several lines."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def lock_conninfo(settings: Settings) -> str:
@@ -72,8 +102,10 @@ class Election:
         self.db_connected = False
         self.last_confirmed = 0.0  # monotonic time of the last successful check
         self.lost_why: str | None = None
-        self._on_lost: Callable[[str], None] | None = None
+        self._watcher: LockWatcher | None = None
         self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()  # role changes: the guard thread and the main loop
+        self._unconfirmed_since = 0.0
 
     # --- standby
 
@@ -134,54 +166,128 @@ class Election:
 
     # --- active
 
-    def guard(self, on_lost: Callable[[str], None]) -> None:
-        """Prove the lock every check interval in thread `iothub-election`; `on_lost(why)` is
-        called once when it is gone (also by `overdue()` when the checks hang)."""
-        self._on_lost = on_lost
+    def guard(self, watcher: LockWatcher) -> None:
+        """Prove the lock every check interval in thread `iothub-election`, and tell
+        `watcher` when it turns unconfirmed, is held again, or is lost."""
+        self._watcher = watcher
         self._thread = threading.Thread(target=self._guard, name="iothub-election", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread is None or self._thread.is_alive() or self.role != "active"
+        return self._thread is None or self._thread.is_alive() or self.role not in GUARDED
 
     def _guard(self) -> None:
+        backoff = Backoff(initial=RETRY_INITIAL, maximum=RETRY_MAXIMUM)
+        wait = self._check_interval
+        while self.role in GUARDED and not self._stop.wait(wait):
+            if self._conn is not None:
+                # A live session answers for itself: still ours (also after `overdue()`, when
+                # a check only hung), or gone for good.
+                failure = self._check()
+                wait = 0.0 if failure else self._check_interval  # retry the lock at once
+                continue
+            failure = self._try_lock()
+            if failure is None:
+                backoff.reset()
+                wait = self._check_interval
+                continue
+            wait = backoff.next()
+            log.warning(
+                "lock_retry", client_id=self.client_id, error=failure, retry_in=round(wait, 2)
+            )
+
+    def _check(self) -> str | None:
+        """One check on the lock's own session; the error when the session failed."""
         conn = self._conn
-        while self.role == "active" and not self._stop.wait(self._check_interval):
-            if conn is None:
-                self._lose("no lock connection")
-                return
-            try:
-                row = conn.execute(queries["standby_check"], self.params).fetchone()
-            except psycopg.Error as exc:
-                self._lose(f"lock connection failed: {str(exc).strip()}")
-                return
-            if not (row and row[0]):
-                self._lose("the lock is no longer held by this session")
-                return
-            self.last_confirmed = time.monotonic()
+        assert conn is not None
+        try:
+            row = conn.execute(queries["standby_check"], self.params).fetchone()
+        except psycopg.Error as exc:
+            self._drop_connection()
+            why = f"lock connection failed: {first_line(exc)}"
+            self._unconfirm(why)
+            return why
+        if not (row and row[0]):
+            self._lose("the lock is no longer held by this session")
+            return None
+        self._confirm()
+        return None
+
+    def _try_lock(self) -> str | None:
+        """On a new session: take the lock if it is free. The error when the database does
+        not answer; held by another session, the lock is lost."""
+        try:
+            conn = self._connection()
+            row = conn.execute(queries["standby_try_lock"], self.params).fetchone()
+        except psycopg.Error as exc:
+            self._drop_connection()
+            return first_line(exc)
+        if row and row[0]:
+            self._confirm()
+        else:
+            self._lose("another instance holds the lock")
+        return None
 
     def overdue(self) -> None:
-        """Called by the main loop: a check that hangs (a silent network) fences as well."""
+        """Called by the main loop: a check that hangs (a silent network) unconfirms too."""
         if self.role == "active":
             age = time.monotonic() - self.last_confirmed
             if age > self._lost_after:
-                self._lose(f"no lock check confirmed for {age:.1f}s")
+                self._unconfirm(f"no lock check confirmed for {age:.1f}s")
+
+    def _unconfirm(self, why: str) -> None:
+        with self._mutex:
+            if self.role != "active":
+                return
+            self.role = "unconfirmed"
+            self._unconfirmed_since = time.monotonic()
+            self.db_connected = False
+        # Hold first, log after: nothing may be acknowledged past this point.
+        self._watch().lock_unconfirmed(why)
+        log.warning(
+            "lock_unconfirmed",
+            client_id=self.client_id,
+            why=why,
+            effect="acknowledgements held, no broker reconnects, retrying the lock",
+        )
+
+    def _confirm(self) -> None:
+        with self._mutex:
+            self.last_confirmed = time.monotonic()
+            if self.role != "unconfirmed":
+                return
+            self.role = "active"
+            self.db_connected = True
+            unconfirmed_s = time.monotonic() - self._unconfirmed_since
+        acks = self._watch().lock_regained()
+        log.info(
+            "lock_regained",
+            client_id=self.client_id,
+            unconfirmed_s=round(unconfirmed_s, 2),
+            acks_sent=acks,
+        )
 
     def _lose(self, why: str) -> None:
-        if self.role != "active":
-            return
-        self.role = "fenced"
-        self.lost_why = why
-        self.db_connected = False
+        with self._mutex:
+            if self.role not in GUARDED:
+                return
+            self.role = "fenced"
+            self.lost_why = why
+            self.db_connected = False
         log.error("lock_lost", client_id=self.client_id, why=why)
-        if self._on_lost is not None:
-            self._on_lost(why)
+        self._watch().lock_lost(why)
+
+    def _watch(self) -> LockWatcher:
+        assert self._watcher is not None, "guard() sets the watcher before any check"
+        return self._watcher
 
     def release(self) -> None:
         """Give the lock up (after the broker disconnect) so that a standby takes over now."""
-        was_active = self.role == "active"
-        self.role = "standby" if self.role == "active" else self.role
+        with self._mutex:
+            was_active = self.role == "active"
+            # Unconfirmed: nothing to unlock that closing the session would not free.
+            self.role = "standby" if self.role in GUARDED else self.role
         if self._thread is not None:
             self._thread.join(self._check_interval + CHECK_TIMEOUT)
         if was_active and self._conn is not None and not self._conn.closed:

@@ -153,8 +153,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         down = sorted(name for name, up in checks.items() if not up)
-        if role == "fenced":
-            # It lost the election lock and is stopping: never healthy, whatever else holds.
+        if role in ("fenced", "unconfirmed"):
+            # It lost the election lock and is stopping, or cannot prove it holds the lock (no
+            # acknowledgements then): never healthy, whatever else holds.
             down.append("election")
         extra = {} if role is None else {"role": role}
         if down:

@@ -14,9 +14,11 @@ Threads, each named, each watched (if one dies the service stops loudly rather t
 The main thread handles signals, the systemd watchdog and the periodic stats line.
 
 Before any of that, `run()` waits in standby until it holds the election lock of its client id
-(`iothub.daemon.election`); only the active connects to the broker. Losing the lock fences the
-service: no more acknowledgements, off the broker, stop (exit 69; the supervisor restarts it
-as a standby).
+(`iothub.daemon.election`); only the active connects to the broker. While the lock is
+unconfirmed (its connection broke: a database restart, a network cut) acknowledgements wait and
+no broker reconnect is made; taken back, ingestion goes on. Losing the lock to another instance
+fences the service: no more acknowledgements, off the broker, stop (exit 69; the supervisor
+restarts it as a standby).
 
 Stop order (SIGTERM/SIGINT): close intake → the writer flushes what it holds, commits and
 acknowledges → disconnect from the broker (the session stays) → release the election lock (a
@@ -313,10 +315,26 @@ class IngestService:
             return False
         self.metrics.active.set(1)
         self.notifier.status("active: ingesting")
-        self.election.guard(self._fence)
+        self.election.guard(self)
         return True
 
-    def _fence(self, why: str) -> None:
+    # --- the election's watcher (`election.LockWatcher`), called on the election thread
+
+    def lock_unconfirmed(self, why: str) -> None:  # noqa: ARG002 (the election logs it)
+        """A standby may get the lock now: hold acknowledgements and broker connects. The
+        broker connection itself stays: while it lives, no other instance has the session."""
+        self.intake.hold()
+        self.metrics.active.set(0)
+        self.notifier.status("active, lock unconfirmed: acknowledgements held")
+
+    def lock_regained(self) -> int:
+        """The lock is ours again: send what waited, in arrival order, and go on."""
+        sent = self.intake.resume()
+        self.metrics.active.set(1)
+        self.notifier.status("active: ingesting")
+        return sent
+
+    def lock_lost(self, why: str) -> None:
         """The lock is gone, so a standby may take the session over: acknowledge nothing more,
         leave the broker, stop. What is committed meanwhile comes back as duplicates."""
         self.metrics.active.set(0)

@@ -212,7 +212,8 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def _http_port(daemon: Daemon) -> int:
-    for line in daemon.log_path.read_text().splitlines():
+    """The port of the daemon's latest start (a restarted daemon appends to its log)."""
+    for line in reversed(daemon.log_path.read_text().splitlines()):
         if '"event": "http_server_started"' in line:
             return int(json.loads(line)["port"])
     raise AssertionError(f"no http_server_started line: {daemon.tail()}")
@@ -231,12 +232,84 @@ def _metrics(port: int) -> str:
         return str(response.read().decode())
 
 
+@dataclass(frozen=True)
+class Watched:
+    """The device_metrics of one device of the scenarios, in one database."""
+
+    dsn: str
+    temperature: int
+    status: int
+
+    @classmethod
+    def of(cls, dsn: str, bindings: dict[tuple[str, str], int], serial: str) -> Watched:
+        return cls(dsn, bindings[(serial, "temperature")], bindings[(serial, "status")])
+
+    @classmethod
+    def with_scenarios(cls, dsn: str, bindings: dict[tuple[str, str], int], serial: str) -> Watched:
+        """The device's device_metrics, each scenario's rule added to its own."""
+        for name, (metric, condition) in SCENARIOS.items():
+            add_rule(dsn, bindings[(serial, metric)], condition, name=name)
+        return cls.of(dsn, bindings, serial)
+
+    def events(self, t0: datetime) -> list[tuple[str, str, float]]:
+        return _events(self.dsn, [self.temperature, self.status], t0)
+
+
+def settle(stream: Stream, tested: Watched, reference: Watched, timeout: float = 60.0) -> None:
+    """Wait until every acknowledged reading of both devices is stored, then for the rule
+    transactions of the last batches."""
+    _wait(
+        lambda: stream.acked <= _stored_indexes(tested.dsn, tested.temperature, stream.series),
+        timeout,
+        "every acknowledged reading",
+    )
+    _wait(
+        lambda: _rows(reference.dsn, reference.temperature)[0] >= len(stream.reference_acked),
+        timeout,
+        "the reference device's readings",
+    )
+    time.sleep(1.0)
+
+
+def check_one_instance(stream: Stream, tested: Watched, reference: Watched) -> None:
+    """Every acknowledged reading stored once, and the events those of the reference: one
+    instance, never interrupted."""
+    stored = _stored_indexes(tested.dsn, tested.temperature, stream.series)
+    lost = stream.acked - stored
+    rows, distinct = _rows(tested.dsn, tested.temperature)
+    assert not lost, f"{len(lost)} acknowledged readings lost, e.g. {sorted(lost)[:10]}"
+    assert rows == distinct, f"{rows - distinct} duplicate rows"
+    readings = len(stream.series.stamps)
+    assert stream.acked == stream.reference_acked == set(range(readings))
+    expected = reference.events(stream.series.t0)
+    fired = {name for name, _, _ in expected}
+    assert fired == set(SCENARIOS), f"scenarios that never fired: {set(SCENARIOS) - fired}"
+    assert tested.events(stream.series.t0) == expected
+
+
+class Watcher:
+    """An election's watcher that records what it was told."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def lock_unconfirmed(self, why: str) -> None:
+        self.calls.append(f"unconfirmed: {why}")
+
+    def lock_regained(self) -> int:
+        self.calls.append("regained")
+        return 0
+
+    def lock_lost(self, why: str) -> None:
+        self.calls.append(f"lost: {why}")
+
+
 @pytest.fixture
 def pair(
     db_url: str, broker_url: str, unique: str, tmp_path: Path
 ) -> Iterator[tuple[Daemon, Daemon]]:
     """Two daemons with one client id: the first active, the second a standby."""
-    env = {**daemon_env(db_url, broker_url, unique), "IOTHUB_STANDBY": "true"}
+    env = daemon_env(db_url, broker_url, unique)
     first = Daemon(env, tmp_path / "first.log")
     second = Daemon(env, tmp_path / "second.log")
     first.start()
@@ -265,10 +338,9 @@ def _run_takeover(
     active, standby = pair
     fleet = make_fleet(db_url, f"SN-{unique}", 2)
     tested, reference = fleet.serials
-    for name, (metric, condition) in SCENARIOS.items():
-        add_rule(db_url, fleet.bindings[(tested, metric)], condition, name=name)
-        add_rule(db_url, fleet.bindings[(reference, metric)], condition, name=name)
-    temperature = fleet.bindings[(tested, "temperature")]
+    tested_dms = Watched.with_scenarios(db_url, fleet.bindings, tested)
+    reference_dms = Watched.with_scenarios(db_url, fleet.bindings, reference)
+    temperature = tested_dms.temperature
     active.wait_log("catalog_reloaded")  # the new devices are known before their first reading
     series = Series.make(READINGS)
     # The reference: one instance of its own, never interrupted, on topics of its own.
@@ -305,39 +377,8 @@ def _run_takeover(
         assert after > before, f"the standby never committed: {standby.tail()}"
         assert stream.done.wait(60), "the stream did not finish"
         assert stream.acked, "the broker acknowledged nothing: the test proves nothing"
-        _wait(
-            lambda: stream.acked <= _stored_indexes(db_url, temperature, series),
-            60,
-            "every acknowledged reading",
-        )
-        _wait(
-            lambda: (
-                _rows(db_url, fleet.bindings[(reference, "temperature")])[0]
-                >= len(stream.reference_acked)
-            ),
-            60,
-            "the reference device's readings",
-        )
-        # Let the last batches' rule transactions settle on both sides.
-        time.sleep(1.0)
-    lost = stream.acked - _stored_indexes(db_url, temperature, series)
-    rows, distinct = _rows(db_url, temperature)
-    assert not lost, f"{len(lost)} acknowledged readings lost, e.g. {sorted(lost)[:10]}"
-    assert rows == distinct, f"{rows - distinct} duplicate rows"
-    assert stream.acked == stream.reference_acked == set(range(READINGS))
-    expected = _events(
-        db_url,
-        [fleet.bindings[(reference, "temperature")], fleet.bindings[(reference, "status")]],
-        series.t0,
-    )
-    got = _events(
-        db_url,
-        [fleet.bindings[(tested, "temperature")], fleet.bindings[(tested, "status")]],
-        series.t0,
-    )
-    fired = {name for name, _, _ in expected}
-    assert fired == set(SCENARIOS), f"scenarios that never fired: {set(SCENARIOS) - fired}"
-    assert got == expected
+        settle(stream, tested_dms, reference_dms)
+    check_one_instance(stream, tested_dms, reference_dms)
     assert takeover < TAKEOVER_LIMIT, f"takeover took {takeover:.2f}s"
     standby.wait_log("became_active")
     assert "iothub_active 1.0" in _metrics(_http_port(standby))
@@ -402,16 +443,16 @@ def test_a_second_election_waits_until_the_first_releases(
     """Two elections of one client id: the second stays standby while the first holds the
     lock (also for a key that is negative as an int4), and becomes active once it is released."""
     client_id = next(f"neg-{i}" for i in range(100) if locks.standby_key(f"neg-{i}") < 0)
-    settings = make_settings(mqtt_client_id=client_id, standby=True)
+    settings = make_settings(mqtt_client_id=client_id)
     stop = threading.Event()
     first, second = Election(settings, stop), Election(settings, stop)
     assert first.acquire(on_wait=lambda: None)
-    lost: list[str] = []
-    first.guard(lost.append)
+    watcher = Watcher()
+    first.guard(watcher)
     waiter = threading.Thread(target=second.acquire, kwargs={"on_wait": lambda: None})
     waiter.start()
     time.sleep(3 * settings.standby_lock_check_interval)
-    assert (first.role, second.role, lost) == ("active", "standby", [])
+    assert (first.role, second.role, watcher.calls) == ("active", "standby", [])
     first.release()
     waiter.join(5)
     assert second.role == "active"
@@ -461,10 +502,8 @@ def test_a_standby_tells_systemd_it_is_started_and_waiting(
     """While another session holds the lock, `iothub run` sends READY=1 (systemd must not
     time its start out) and a standby STATUS; once the lock is free it becomes active and says
     so; SIGTERM then stops it with 0."""
-    env = {**daemon_env(db_url, broker_url, unique), "IOTHUB_STANDBY": "true"}
-    holder = Election(
-        make_settings(mqtt_client_id=env["IOTHUB_MQTT_CLIENT_ID"], standby=True), threading.Event()
-    )
+    env = daemon_env(db_url, broker_url, unique)
+    holder = Election(make_settings(mqtt_client_id=env["IOTHUB_MQTT_CLIENT_ID"]), threading.Event())
     assert holder.acquire(on_wait=lambda: None)
     sock_dir = Path(tempfile.mkdtemp(prefix="iothub-sd-"))  # short: a socket path has 108 bytes
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

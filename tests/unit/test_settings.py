@@ -20,6 +20,16 @@ def test_defaults_need_no_configuration() -> None:
     assert settings.mqtt_topics == ("devices/{serial_id}/telemetry", "telemetry")
 
 
+def test_instances_elect_an_active_unless_told_not_to(tmp_path: Path) -> None:
+    """Active/standby is the default; `standby = false` (file or environment) turns the
+    election off for instances on a shared subscription."""
+    assert load_settings(None, {}).standby is True
+    assert load_settings(None, {"IOTHUB_STANDBY": "false"}).standby is False
+    config = tmp_path / "iothub.toml"
+    config.write_text("standby = false\n")
+    assert load_settings(config, {}).standby is False
+
+
 def test_environment_overrides_the_toml_file(tmp_path: Path) -> None:
     """A TOML key is used unless the matching IOTHUB_ variable is set."""
     config = tmp_path / "iothub.toml"
