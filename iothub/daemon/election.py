@@ -225,6 +225,8 @@ class Election:
             return first_line(exc)
         if row and row[0]:
             self._confirm()
+            if self.role not in GUARDED:
+                self._drop_connection()  # released meanwhile (the stop): give it up again
         else:
             self._lose("another instance holds the lock")
         return None
