@@ -104,7 +104,8 @@ class Election:
         self.lost_why: str | None = None
         self._watcher: LockWatcher | None = None
         self._thread: threading.Thread | None = None
-        self._mutex = threading.Lock()  # role changes: the guard thread and the main loop
+        # Role changes, and the watcher calls that go with them (the guard thread, the main loop).
+        self._mutex = threading.Lock()
         self._unconfirmed_since = 0.0
 
     # --- standby
@@ -245,8 +246,9 @@ class Election:
             self.role = "unconfirmed"
             self._unconfirmed_since = time.monotonic()
             self.db_connected = False
-        # Hold first, log after: nothing may be acknowledged past this point.
-        self._watch().lock_unconfirmed(why)
+            # Hold first, log after: nothing may be acknowledged past this point. Under the
+            # mutex, so that a check confirming at this moment cannot resume before we hold.
+            self._watch().lock_unconfirmed(why)
         log.warning(
             "lock_unconfirmed",
             client_id=self.client_id,
@@ -262,7 +264,7 @@ class Election:
             self.role = "active"
             self.db_connected = True
             unconfirmed_s = time.monotonic() - self._unconfirmed_since
-        acks = self._watch().lock_regained()
+            acks = self._watch().lock_regained()
         log.info(
             "lock_regained",
             client_id=self.client_id,
@@ -277,8 +279,8 @@ class Election:
             self.role = "fenced"
             self.lost_why = why
             self.db_connected = False
-        log.error("lock_lost", client_id=self.client_id, why=why)
-        self._watch().lock_lost(why)
+            log.error("lock_lost", client_id=self.client_id, why=why)
+            self._watch().lock_lost(why)
 
     def _watch(self) -> LockWatcher:
         assert self._watcher is not None, "guard() sets the watcher before any check"

@@ -18,6 +18,7 @@ from config.settings import Settings
 from ingestor import mqtt as mqttclient
 from ingestor import sources
 from ingestor.intake import RECONNECT_MIN, MqttIntake
+from iothub.daemon.election import Election
 from schema import locks
 from tests.integration.test_faults import check_no_loss, daemon_env
 from tests.integration.test_ingest_edge_cases import take
@@ -25,6 +26,7 @@ from tests.integration.test_standby import (
     Series,
     Stream,
     Watched,
+    Watcher,
     _healthz,
     _http_port,
     _rows,
@@ -139,6 +141,42 @@ def _lock_holder_pid(conn: psycopg.Connection, client_id: str) -> int:
     ).fetchone()
     assert row, "no granted election lock"
     return int(row[0])
+
+
+def test_an_election_takes_its_lock_back_or_finds_it_taken(
+    make_settings: Callable[..., Settings], db_url: str
+) -> None:
+    """The server ends the lock's session: with the lock free, the guard reports it
+    unconfirmed, takes it back on a new session and reports it regained; when another
+    session took it meanwhile, it reports it unconfirmed, then lost."""
+    settings = make_settings()
+    election = Election(settings, threading.Event())
+    assert election.acquire(on_wait=lambda: None)
+    watcher = Watcher()
+    election.guard(watcher)
+    try:
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(%s)",
+                (_lock_holder_pid(admin, settings.mqtt_client_id),),
+            )
+            _wait(lambda: "regained" in watcher.calls, 10, "the lock taken back")
+            assert election.role == "active"
+            assert watcher.calls[0].startswith("unconfirmed: lock connection failed")
+            assert watcher.calls[1:] == ["regained"]
+            admin.execute(
+                "SELECT pg_terminate_backend(%s), pg_advisory_lock(%s, %s)",
+                (
+                    _lock_holder_pid(admin, settings.mqtt_client_id),
+                    locks.STANDBY_CLASS,
+                    locks.standby_key(settings.mqtt_client_id),
+                ),
+            )
+            _wait(lambda: election.role == "fenced", 10, "the lock found taken")
+        assert watcher.calls[2].startswith("unconfirmed: ")
+        assert watcher.calls[3:] == ["lost: another instance holds the lock"]
+    finally:
+        election.release()
 
 
 def test_an_active_whose_lock_was_taken_while_cut_off_never_reconnects(
