@@ -92,7 +92,8 @@ def test_healthz_names_the_role_and_a_healthy_standby_is_200(
     readiness: Readiness, metrics: ServiceMetrics
 ) -> None:
     """With a role: a standby whose database check holds answers 200 with status standby (an
-    orchestrator must not restart it), 503 when it does not; the active's body names its role."""
+    orchestrator must not restart it), 503 when it does not; the active's body names its role;
+    an active whose lock is unconfirmed or lost is 503 with the election down."""
     role = ["standby"]
     readiness.state = {"database": True}
     with HealthServer(
@@ -118,6 +119,10 @@ def test_healthz_names_the_role_and_a_healthy_standby_is_200(
             "ok",
             "active",
         )
+        role[0] = "unconfirmed"
+        unconfirmed = _get(server, "/healthz")
+        assert (unconfirmed.status_code, unconfirmed.json()["role"]) == (503, "unconfirmed")
+        assert unconfirmed.json()["down"] == ["election"]
         role[0] = "fenced"
         fenced = _get(server, "/healthz")
         assert (fenced.status_code, fenced.json()["down"]) == (503, ["election"])
