@@ -765,6 +765,13 @@ def test_insert_on_conflict_into_a_compressed_chunk(
         ([ts for _, ts in old],),
     ).fetchone()
     assert kept == (0,)  # the stored readings were not overwritten
+    # timescale/timescaledb#9314: some releases left generated columns NULL on rows inserted
+    # into compressed chunks, which every min/max/avg over value_numeric would miss.
+    computed = conn.execute(
+        "SELECT value_numeric FROM telemetries WHERE device_metric_id = %s AND ts = ANY(%s)",
+        (binding, fresh),
+    ).fetchall()
+    assert computed == [(1000,)] * 3
     chunk = conn.execute(
         "SELECT is_compressed FROM timescaledb_information.chunks "
         "WHERE hypertable_name = 'telemetries' AND %s >= range_start AND %s < range_end",
