@@ -1,13 +1,15 @@
 """Turning `telemetries` into a TimescaleDB hypertable: the steps, the checks, the run.
 
 The seed's six steps and the aggregates' eight (schema/timescale.sql, blocks step_1 ..
-step_14), in one transaction, so a failure at any step leaves the database exactly as it was:
+step_14), in one transaction, so a failure at any step leaves the database exactly as it was,
+then two that cannot run in a transaction (blocks step_15, step_16, "_after_commit"):
 
 1. install the extension          4. enable compression, segmented by device_metric_id, ts DESC
 2. drop the id-only primary key   5. compress chunks older than 30 days
 3. hypertable on ts, 7-day chunks 6. drop chunks older than 1 year
 7-10. replace the plain view telemetry_hourly by a continuous aggregate, refresh and retention
 11-14. the same for telemetry_daily
+15-16. after the commit, materialize the history of each aggregate this run created
 
 Checks first: the extension must be available on the server, `telemetries` must exist, and
 nothing runs when it is already a hypertable unless forced. `setup()` and `dry_run()` return what
@@ -37,7 +39,7 @@ log = structlog.get_logger(__name__)
 
 queries = queries_mod.load("schema", "timescale.sql")
 
-_STEP_BLOCK = re.compile(r"^step_(\d+)_([a-z_]+)$")
+_STEP_BLOCK = re.compile(r"^step_(\d+)_([a-z_]+?)(_after_commit)?$")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class Step:
     name: str
     sql: str
     done_sql: str | None = None  # returns true when the step's effect is already in place
+    # Runs after the transaction of the others has committed, and only if its done_sql was
+    # false before the first step ran (TimescaleDB refuses a refresh in a transaction block).
+    after_commit: bool = False
 
     @property
     def one_line(self) -> str:
@@ -108,7 +113,15 @@ def steps(policy: AggregatePolicy | None = None) -> tuple[Step, ...]:
             if "{" in text:
                 # Literals composed by psycopg, from numbers: nothing in them comes as SQL text.
                 text = sql.SQL(text).format(**values).as_string(None)
-            found.append(Step(number, match.group(2), text, queries.get(f"done_step_{number}")))
+            found.append(
+                Step(
+                    number,
+                    match.group(2),
+                    text,
+                    queries.get(f"done_step_{number}"),
+                    after_commit=match.group(3) is not None,
+                )
+            )
     found.sort(key=lambda step: step.number)
     if [step.number for step in found] != list(range(1, len(found) + 1)):
         raise RuntimeError("timescale.sql: the steps must be numbered 1..n without gaps")
@@ -150,6 +163,21 @@ def read_state(conn: psycopg.Connection) -> State:
         is_hypertable=is_hypertable,
         aggregates_exist=aggregates_exist,
     )
+
+
+def _log_skipped(step: Step) -> None:
+    log.info(
+        "timescaledb_step_skipped", number=step.number, step=step.name, reason="already in place"
+    )
+
+
+def _in_place(conn: psycopg.Connection, step: Step, before: State) -> bool:
+    """Whether an after-commit step's effect was in place before this run's first step: its
+    done_sql, asked before the steps ran (it reads TimescaleDB's catalogue, so without the
+    extension installed nothing of it can be in place)."""
+    if step.done_sql is None or before.installed_version is None:
+        return False
+    return _is_true(conn, step.done_sql)
 
 
 def _is_true(conn: psycopg.Connection, query: str) -> bool:
@@ -202,10 +230,13 @@ class Failure:
             "sqlstate": exc.sqlstate,
             "step": self.step.number if self.step else None,
             "step_name": self.step.name if self.step else None,
-            "rolled_back": True,
+            # A step after the commit fails alone: the committed steps stay.
+            "rolled_back": not (self.step and self.step.after_commit),
         }
         if exc.diag.message_hint:
             found["hint"] = exc.diag.message_hint
+        elif self.step and self.step.after_commit:
+            found["hint"] = f"the setup is committed; run by hand: {self.step.one_line}"
         return found
 
 
@@ -244,6 +275,8 @@ def setup(
     mode); a failure at any step rolls all of them back."""
     current: Step | None = None
     state: State | None = None
+    ran: list[int] = []
+    later: list[Step] = []  # the after-commit steps due in this run
     try:
         with conn.transaction():
             conn.execute(queries["lock_setup"], {"key": locks.TIMESCALE_SETUP})
@@ -260,21 +293,28 @@ def setup(
                 )
             elif state.set_up and not force:
                 return SetupResult(Outcome.ALREADY, state)
-            ran: list[int] = []
-            for step in steps(policy):
+            planned = steps(policy)
+            # Asked before any step runs: steps 8 and 12 would put their effect in place.
+            later = [s for s in planned if s.after_commit and not _in_place(conn, s, state)]
+            for step in planned:
                 current = step
+                if step.after_commit:
+                    if step not in later:
+                        _log_skipped(step)
+                    continue
                 if step.done_sql is not None and _is_true(conn, step.done_sql):
-                    log.info(
-                        "timescaledb_step_skipped",
-                        number=step.number,
-                        step=step.name,
-                        reason="already in place",
-                    )
+                    _log_skipped(step)
                     continue
                 log.debug("timescaledb_step", number=step.number, step=step.name)
                 conn.execute(step.sql)
                 ran.append(step.number)
             current = None
+        for step in later:
+            current = step
+            log.debug("timescaledb_step", number=step.number, step=step.name, after_commit=True)
+            conn.execute(step.sql)
+            ran.append(step.number)
+        current = None
     except psycopg.Error as exc:
         return SetupResult(Outcome.FAILED, state, failure=Failure(exc, current))
     return SetupResult(Outcome.DONE, state, tuple(ran))

@@ -187,3 +187,29 @@ SELECT add_retention_policy('telemetry_daily', INTERVAL {aggregate_retention}, i
 -- hypertable set up by an earlier release lacks them, and a plain rerun adds them.
 SELECT count(*) = 2 FROM timescaledb_information.continuous_aggregates
 WHERE view_schema = current_schema() AND view_name IN ('telemetry_hourly', 'telemetry_daily')
+
+-- Steps 15 and 16 run after the commit, since a refresh cannot run in a transaction block, and
+-- only for an aggregate this run created (one that was in place before is left to its policy: a
+-- refresh over a range whose raw chunks the retention dropped would empty its buckets). They
+-- materialize the history. Without them it would disappear from the aggregate within seconds:
+-- the refresh policy's first run (it is due at once) materializes its window only and moves the
+-- watermark to the window's end, and real-time aggregation reads raw readings only above the
+-- watermark, so every bucket older than the window would be missing until refreshed by hand.
+
+-- name: step_15_hourly_history_after_commit
+CALL refresh_continuous_aggregate('telemetry_hourly', NULL, now() - INTERVAL '1 hour')
+
+-- name: done_step_15
+SELECT EXISTS (
+    SELECT 1 FROM timescaledb_information.continuous_aggregates
+    WHERE view_schema = current_schema() AND view_name = 'telemetry_hourly'
+)
+
+-- name: step_16_daily_history_after_commit
+CALL refresh_continuous_aggregate('telemetry_daily', NULL, now() - INTERVAL '1 day')
+
+-- name: done_step_16
+SELECT EXISTS (
+    SELECT 1 FROM timescaledb_information.continuous_aggregates
+    WHERE view_schema = current_schema() AND view_name = 'telemetry_daily'
+)

@@ -1,7 +1,8 @@
 """`iothub setup-timescaledb [--dry-run] [--force]`: turn `telemetries` into a hypertable and
 `telemetry_hourly` / `telemetry_daily` into continuous aggregates.
 
-The work is schema/timescale.py's (fourteen steps in one transaction); this module reports its
+The work is schema/timescale.py's (fourteen steps in one transaction, two after it); this module
+reports its
 outcome and chooses the exit code. The extension must be available on the server (else exit
 EXTENSION_UNAVAILABLE with one line); a notice when it is available but not installed yet;
 nothing to do when `telemetries` is already a hypertable with both aggregates, unless `--force`

@@ -284,8 +284,9 @@ def test_stats_are_the_same_after_setup_timescaledb(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The continuous aggregates answer exactly as the plain views did, before any refresh
-    (real-time aggregation) and after one."""
+    """The continuous aggregates answer exactly as the plain views did, right after the setup
+    (its history refresh, steps 15 and 16, and real-time aggregation above it) and after a
+    refresh of everything."""
     argv = ["query", "stats", "--device", "SN-STATS-1", *WINDOW]
     daily = [*argv, "--bucket", "day"]
     before = (run(monkeypatch, capsys, db_url, *argv), run(monkeypatch, capsys, db_url, *daily))
@@ -295,7 +296,7 @@ def test_stats_are_the_same_after_setup_timescaledb(
         "FROM timescaledb_information.continuous_aggregates ORDER BY 1"
     ).fetchall()
     assert kinds == [("telemetry_daily", False), ("telemetry_hourly", False)]
-    unrefreshed = (
+    after_setup = (
         run(monkeypatch, capsys, db_url, *argv),
         run(monkeypatch, capsys, db_url, *daily),
     )
@@ -304,7 +305,7 @@ def test_stats_are_the_same_after_setup_timescaledb(
             sql.SQL("CALL refresh_continuous_aggregate({}, NULL, NULL)").format(sql.Literal(name))
         )
     refreshed = (run(monkeypatch, capsys, db_url, *argv), run(monkeypatch, capsys, db_url, *daily))
-    for want, *got in zip(before, unrefreshed, refreshed, strict=True):
+    for want, *got in zip(before, after_setup, refreshed, strict=True):
         assert want.code == exitcodes.OK and want.rows
         assert [g.rows for g in got] == [want.rows, want.rows]
     test_views_have_the_aggregates_columns(conn)

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from iothub import exitcodes
@@ -65,8 +66,14 @@ AGGREGATE_STEPS = [
     "14. SELECT add_retention_policy('telemetry_daily', INTERVAL '1825 days', "
     "if_not_exists => true);",
 ]
-EXPECTED_STEPS = SEED_STEPS + AGGREGATE_STEPS
-# What --force runs on a complete setup: the IF NOT EXISTS steps; the others are in place.
+# Steps 15 and 16, after the commit: the history of the aggregates this run created.
+HISTORY_STEPS = [
+    "15. CALL refresh_continuous_aggregate('telemetry_hourly', NULL, now() - INTERVAL '1 hour');",
+    "16. CALL refresh_continuous_aggregate('telemetry_daily', NULL, now() - INTERVAL '1 day');",
+]
+EXPECTED_STEPS = SEED_STEPS + AGGREGATE_STEPS + HISTORY_STEPS
+# What --force runs on a complete setup: the IF NOT EXISTS steps; the others are in place (and
+# the history of aggregates that were there already is not refreshed again).
 FORCED_RAN = [1, 3, 5, 6, 9, 10, 13, 14]
 
 
@@ -255,7 +262,7 @@ def test_setup_timescaledb_runs_without_error(
     result = run(monkeypatch, capsys, db_url)
     assert result.code == exitcodes.OK, result.err
     assert not [e for e in result.events if e["level"] == "error"]
-    assert result.event("timescaledb_setup_done")["steps"] == 14
+    assert result.event("timescaledb_setup_done")["steps"] == 16
     assert is_hypertable(conn)
     count = conn.execute("SELECT count(*) FROM telemetries").fetchone()
     assert count == (readings,)
@@ -469,7 +476,7 @@ def test_dry_run_shows_all_sql_steps_exactly(
     result = run(monkeypatch, capsys, db_url, "--dry-run")
     assert result.code == exitcodes.OK, result.err
     assert result.out.splitlines() == EXPECTED_STEPS
-    assert result.event("timescaledb_dry_run")["steps"] == 14
+    assert result.event("timescaledb_dry_run")["steps"] == 16
 
 
 def test_dry_run_shows_cleaned_sql_without_extra_whitespace(
@@ -478,7 +485,7 @@ def test_dry_run_shows_cleaned_sql_without_extra_whitespace(
     """Each printed step is one line: no comments, tabs, doubled spaces or padded parentheses."""
     result = run(monkeypatch, capsys, db_url, "--dry-run")
     lines = result.out.splitlines()
-    assert len(lines) == 14
+    assert len(lines) == 16
     for number, line in enumerate(lines, start=1):
         assert line.startswith(f"{number}. ")
         assert line == line.strip()
@@ -601,9 +608,12 @@ def aggregate_jobs(conn: psycopg.Connection) -> list[tuple[str, str, bool]]:
                    END
             END
         FROM timescaledb_information.jobs j
+        -- The jobs view names an aggregate's jobs by the aggregate (2.x releases of the last
+        -- years) or by its materialization hypertable (older ones): accept either.
         JOIN timescaledb_information.continuous_aggregates c
-          ON c.materialization_hypertable_schema = j.hypertable_schema
-         AND c.materialization_hypertable_name = j.hypertable_name
+          ON (j.hypertable_schema, j.hypertable_name) IN (
+              (c.view_schema, c.view_name),
+              (c.materialization_hypertable_schema, c.materialization_hypertable_name))
         ORDER BY 1, 2
         """
     ).fetchall()
@@ -622,10 +632,11 @@ def test_setup_replaces_the_views_by_continuous_aggregates(
     add_readings(conn)
     assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
     kinds = conn.execute(
-        "SELECT view_name::text, materialized_only, finalized "
+        "SELECT view_name::text, materialized_only "
         "FROM timescaledb_information.continuous_aggregates ORDER BY 1"
     ).fetchall()
-    assert kinds == [("telemetry_daily", False, True), ("telemetry_hourly", False, True)]
+    # (2.x releases before 2.14 had a `finalized` column; every aggregate is finalized since.)
+    assert kinds == [("telemetry_daily", False), ("telemetry_hourly", False)]
     expected = [
         ("telemetry_daily", "policy_refresh_continuous_aggregate", True),
         ("telemetry_daily", "policy_retention", True),
@@ -636,7 +647,51 @@ def test_setup_replaces_the_views_by_continuous_aggregates(
     assert run(monkeypatch, capsys, db_url, "--force").code == exitcodes.OK
     assert aggregate_jobs(conn) == expected
     total = conn.execute("SELECT sum(readings) FROM telemetry_hourly").fetchone()
-    assert total == (20 * 24,)  # real-time aggregation: right before any refresh
+    assert total == (20 * 24,)
+
+
+@pytest.mark.timescaledb
+def test_history_outlives_the_first_run_of_the_refresh_policies(
+    db_url: str,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Readings older than the refresh windows (20 days of history; windows of 3 and 31 days)
+    are in the aggregates after the setup and stay there once each refresh policy has run: the
+    setup materialized them (steps 15, 16) before the policies moved the watermark."""
+    readings = add_readings(conn, days=45)
+    result = run(monkeypatch, capsys, db_url)
+    assert result.code == exitcodes.OK, result.err
+    assert result.event("timescaledb_setup_done")["ran"][-2:] == [15, 16]
+    jobs = conn.execute(
+        "SELECT job_id FROM timescaledb_information.jobs "
+        "WHERE proc_name = 'policy_refresh_continuous_aggregate' ORDER BY job_id"
+    ).fetchall()
+    assert len(jobs) == 2
+    for (job,) in jobs:
+        conn.execute("CALL run_job(%s)", (job,))
+    for name in ("telemetry_hourly", "telemetry_daily"):
+        total = conn.execute(
+            sql.SQL("SELECT sum(readings), min(bucket) FROM {}").format(sql.Identifier(name))
+        ).fetchone()
+        assert total is not None
+        assert total[0] == readings, name
+        assert total[1] < datetime.now(UTC) - timedelta(days=44), name
+    # Materialized, not answered from telemetries: the materialization holds the old buckets.
+    for name, buckets in (("telemetry_hourly", 44 * 24), ("telemetry_daily", 44)):
+        found = conn.execute(
+            "SELECT materialization_hypertable_schema::text, materialization_hypertable_name::text "
+            "FROM timescaledb_information.continuous_aggregates WHERE view_name = %s",
+            (name,),
+        ).fetchone()
+        assert found is not None
+        count = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE bucket < now() - INTERVAL '1 day'").format(
+                sql.Identifier(*found)
+            )
+        ).fetchone()
+        assert count is not None and count[0] >= buckets, name
 
 
 @pytest.mark.timescaledb
@@ -659,7 +714,7 @@ def test_hypertable_without_aggregates_gets_them_from_a_plain_rerun(
     assert result.code == exitcodes.OK, result.err
     assert "timescaledb_already_set_up" not in result.names()
     # 2 and 4 are in place; 1, 3, 5 and 6 are IF NOT EXISTS; every aggregate step runs.
-    assert result.event("timescaledb_setup_done")["ran"] == [1, 3, 5, 6, *range(7, 15)]
+    assert result.event("timescaledb_setup_done")["ran"] == [1, 3, 5, 6, *range(7, 17)]
     assert len(aggregate_jobs(conn)) == 4
     assert_fully_set_up(conn)
 
@@ -710,6 +765,13 @@ def test_insert_on_conflict_into_a_compressed_chunk(
         ([ts for _, ts in old],),
     ).fetchone()
     assert kept == (0,)  # the stored readings were not overwritten
+    # timescale/timescaledb#9314: some releases left generated columns NULL on rows inserted
+    # into compressed chunks, which every min/max/avg over value_numeric would miss.
+    computed = conn.execute(
+        "SELECT value_numeric FROM telemetries WHERE device_metric_id = %s AND ts = ANY(%s)",
+        (binding, fresh),
+    ).fetchall()
+    assert computed == [(1000,)] * 3
     chunk = conn.execute(
         "SELECT is_compressed FROM timescaledb_information.chunks "
         "WHERE hypertable_name = 'telemetries' AND %s >= range_start AND %s < range_end",
