@@ -68,6 +68,10 @@ DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024  # bytes of payload received but no
 DEFAULT_MAX_BATCH_READINGS = 50_000  # readings (stored + rejected) per batch
 DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch
 DEFAULT_MAX_REJECTIONS_PER_MESSAGE = 100  # rejected readings recorded per message
+MAX_WORKERS = 64  # worker processes of `iothub run` at most
+# 1: one process does everything (the receiving connection, parsing, writing, rules); more: one
+# receiving process and that many device-affine worker processes (docs/architecture.md).
+DEFAULT_WORKERS = 1
 DEFAULT_RETENTION = 30 * 24 * 3600.0  # seconds (30 days) for rejections and finished actions
 DEFAULT_RETENTION_INTERVAL = 300.0  # seconds between two pruning passes
 DEFAULT_RETENTION_BATCH = 1000  # rows per DELETE statement
@@ -142,6 +146,13 @@ class Settings(BaseSettings):
     )
 
     # --- ingestion
+    workers: int = Field(
+        default=DEFAULT_WORKERS,
+        ge=1,
+        le=MAX_WORKERS,
+        description="processes that parse, write and evaluate rules, each owning a share of "
+        "the devices; 1 keeps everything in one process",
+    )
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=1_000_000)
     batch_interval: float = Field(default=DEFAULT_BATCH_INTERVAL, gt=0, le=60)
     max_pending_messages: int = Field(default=DEFAULT_MAX_PENDING, ge=10, le=65_535)

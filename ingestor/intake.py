@@ -200,6 +200,10 @@ class MqttIntake:
             )
         self.release(len(messages), held_bytes(messages))
 
+    def give_back(self, messages: Sequence[InboundMessage]) -> None:
+        """Free the room of messages given up on, unacknowledged: the broker sends them again."""
+        self.release(len(messages), held_bytes(messages))
+
     def release(self, count: int, nbytes: int = 0) -> None:
         """Free room for messages given up on without an acknowledgement (`nbytes`: their
         `held_bytes`)."""
