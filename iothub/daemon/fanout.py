@@ -47,6 +47,7 @@ CHUNK_MESSAGES: Final = 500  # messages taken from the intake per hand-off at mo
 CHUNK_WAIT: Final = 0.002  # seconds a chunk waits to fill once it has a message
 TICK: Final = 0.5  # seconds between the threads' checks of the stop flag
 START_METHOD: Final = "spawn"  # a fresh interpreter: no paho thread or lock copied by fork
+START_TIMEOUT: Final = 60.0  # seconds start() waits for the workers to load their catalogues
 JOIN_TIMEOUT: Final = 5.0  # seconds a worker may take to exit after its last report
 
 
@@ -116,6 +117,11 @@ class Fanout:
         log.info("workers_started", workers=self.count, pids=[p.pid for p in self._procs])
         self._results.start()
         self.thread.start()
+        # Bounded; one that does not get ready in time is the service's start-up failure.
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if self.wait_ready(TICK):
+                return
 
     def wait_ready(self, timeout: float) -> bool:
         """Every worker has loaded its catalogue (or one failed: then False at once)."""

@@ -204,10 +204,12 @@ class IngestService:
         self.catalog.start()
         if not self.http.started:  # run() serves it from standby on
             self.http.start()
+        # The pipeline first: with worker processes it returns once they can take messages,
+        # so that the connection does not fill the pending window with nowhere to send it.
+        self.pipeline.start()
         self.intake.start()
         for worker in self.workers:
             worker.start()
-        self.pipeline.start()
         log.info(
             "service_started",
             http_port=self.http.port,
