@@ -28,7 +28,7 @@ from typing import Any, Final
 import structlog
 
 from config.topics import TopicRouter
-from ingestor.messages import InboundMessage
+from ingestor.messages import InboundMessage, MessageQueue
 from ingestor.sources import SourceRouter
 
 log = structlog.get_logger(__name__)
@@ -122,7 +122,7 @@ class Link:
             self._conn.send(report)
 
 
-class PipeIntake:
+class PipeIntake(MessageQueue):
     """The worker's intake: messages arrive from the receiving process over a pipe, and
     acknowledgements go back to it as sequence numbers (the message's `mid` here).
 
@@ -192,17 +192,6 @@ class PipeIntake:
 
     # --- what the pipeline uses (the shape of MqttIntake's)
 
-    def take_batch(
-        self, max_messages: int, first_wait: float, fill_wait: float
-    ) -> list[InboundMessage]:
-        with self._cond:
-            self._wait_for(1, first_wait)
-            if self._queue and fill_wait > 0:
-                self._wait_for(max_messages, fill_wait)
-            queue = self._queue
-            n = min(len(queue), max_messages)
-            return [queue.popleft() for _ in range(n)]
-
     def _wait_for(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while len(self._queue) < count and not self._closed:
@@ -223,14 +212,3 @@ class PipeIntake:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
-    def oldest_queued_age(self) -> float:
-        try:
-            head = self._queue[0]
-        except IndexError:
-            return 0.0
-        return time.monotonic() - head.received_mono
