@@ -104,7 +104,7 @@ class Fanout:
         self.thread.daemon = True
         self._results = threading.Thread(target=self._results_main, name="iothub-results")
         self._results.daemon = True
-        self.heartbeat = time.monotonic()
+        self._dispatch_beat = time.monotonic()
 
     # --- the shape of ingestor.pipeline.Pipeline, as the service reads it
 
@@ -154,6 +154,14 @@ class Fanout:
         return any(h.get("disk_full", False) for h in self._health)
 
     @property
+    def heartbeat(self) -> float:
+        """The oldest sign of life of the dispatch thread and every worker's writer (the
+        monotonic clock is the same in every process on Linux): the watchdog pets only while
+        all of them make progress."""
+        beats = [float(h["heartbeat"]) for h in self._health if "heartbeat" in h]
+        return min([self._dispatch_beat, *beats])
+
+    @property
     def last_commit(self) -> float:
         return max((h.get("last_commit", 0.0) for h in self._health), default=0.0)
 
@@ -188,7 +196,7 @@ class Fanout:
         workers, limit = self.count, self.settings.max_payload_bytes
         router = self.router
         while True:
-            self.heartbeat = time.monotonic()
+            self._dispatch_beat = time.monotonic()
             messages = self.intake.take_batch(CHUNK_MESSAGES, TICK, CHUNK_WAIT)
             if not messages:
                 if self._stop.is_set() and self.intake.queue_depth == 0:
