@@ -69,9 +69,14 @@ DEFAULT_MAX_BATCH_READINGS = 50_000  # readings (stored + rejected) per batch
 DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch
 DEFAULT_MAX_REJECTIONS_PER_MESSAGE = 100  # rejected readings recorded per message
 MAX_WORKERS = 64  # worker processes of `iothub run` at most
-# 1: one process does everything (the receiving connection, parsing, writing, rules); more: one
-# receiving process and that many device-affine worker processes (docs/architecture.md).
-DEFAULT_WORKERS = 1
+
+
+def default_workers() -> int:
+    """One worker process per core (docs/architecture.md, "Worker processes"); on one core, 1:
+    one process does everything (the connection, parsing, writing, rules)."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
 DEFAULT_RETENTION = 30 * 24 * 3600.0  # seconds (30 days) for rejections and finished actions
 DEFAULT_RETENTION_INTERVAL = 300.0  # seconds between two pruning passes
 DEFAULT_RETENTION_BATCH = 1000  # rows per DELETE statement
@@ -147,7 +152,7 @@ class Settings(BaseSettings):
 
     # --- ingestion
     workers: int = Field(
-        default=DEFAULT_WORKERS,
+        default_factory=default_workers,
         ge=1,
         le=MAX_WORKERS,
         description="processes that parse, write and evaluate rules, each owning a share of "
