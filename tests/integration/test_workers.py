@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from config.settings import Settings
-from ingestor import handoff, sources
+from ingestor import handoff, mqtt, sources
 from iothub import exitcodes
 from iothub.daemon import assemble
 from iothub.daemon.fanout import Fanout
@@ -33,6 +33,7 @@ from tests.integration.test_faults import check_no_loss, daemon_env
 from tests.support.daemon import running
 from tests.support.faults import Daemon, NumberedPublisher
 from tests.support.fleet import Publisher, make_fleet, wait_for
+from tests.support.mqtt_proxy import MqttProxy
 from tests.support.services import LocalPostgres
 
 pytestmark = pytest.mark.slow
@@ -311,3 +312,36 @@ def pid_alive(pid: int) -> bool:
             return stat.read().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_pubacks_leave_in_arrival_order(
+    make_settings: Callable[..., Settings], db_url: str, broker_url: str, unique: str
+) -> None:
+    """Through a recording proxy: with two workers committing independently, the PUBACKs on the
+    connection are exactly the PUBLISHes' packet ids, in the order they arrived."""
+    target = mqtt.target_of(broker_url)
+    proxy = MqttProxy(target.host, target.port)
+    url = broker_url.replace(f":{target.port}", f":{proxy.port}")
+    settings = make_settings(workers=2, mqtt_url=url, batch_size=37)
+    fleet = make_fleet(db_url, f"SN-{unique}", DEVICES)
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    items = [
+        (
+            f"t{unique}/devices/{serial}/telemetry",
+            {"ts": (base + timedelta(seconds=i)).isoformat(), "metrics": {"temperature": i}},
+        )
+        for i in range(60)
+        for serial in fleet.serials
+    ]
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        with running(assemble.build(settings, rules_on=False)) as handle:
+            assert pub.publish_many(items) == len(items)
+            assert wait_for(lambda: handle.service.totals["messages"] >= len(items), timeout=60)
+            assert wait_for(lambda: len(proxy.recorded.acked) >= len(items), timeout=10)
+    finally:
+        pub.close()
+        proxy.close()
+    recorded = proxy.recorded
+    assert len(recorded.published) == len(items)
+    assert recorded.acked == recorded.published
