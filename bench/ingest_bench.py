@@ -287,14 +287,16 @@ def _count_subscriber(port: int, client_id: str, n: int, v311: bool = False, *, 
         )
     else:
         client = _v5_client(port, client_id)
-    state = {"n": 0, "first": 0.0}
+    state = {"n": 0, "first": 0.0, "cpu": 0.0}
 
     def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         state["n"] += 1
         if state["n"] == 1:
             state["first"] = time.monotonic()
+            state["cpu"] = time.process_time()
         if state["n"] >= n:
-            out.put((state["n"] - 1, time.monotonic() - state["first"]))
+            cpu = time.process_time() - state["cpu"]
+            out.put((state["n"] - 1, time.monotonic() - state["first"], cpu))
             c.disconnect()
 
     client.on_message = on_message
@@ -344,17 +346,19 @@ def _naive_subscriber(
     client.loop_forever()
 
 
-def run_child(target: Callable[..., None], *args: Any, timeout: float) -> tuple[int, float]:
+def run_child(target: Callable[..., None], *args: Any, timeout: float) -> tuple[int, float, float]:
+    """Runs a subscriber in a process of its own: (messages, seconds, CPU seconds of the
+    process over them, 0 where the subscriber does not measure it)."""
     out: Any = mp.Queue()
     proc = mp.Process(target=target, args=args, kwargs={"out": out})
     proc.start()
     try:
-        count, seconds = out.get(timeout=timeout)
+        got = out.get(timeout=timeout)
     finally:
         proc.join(10)
         if proc.is_alive():
             proc.kill()
-    return int(count), float(seconds)
+    return int(got[0]), float(got[1]), float(got[2]) if len(got) > 2 else 0.0
 
 
 # --- the bench
@@ -515,15 +519,20 @@ class Bench:
 
     # (a)
     def ceiling(self, n: int | None = None, v311: bool = False) -> tuple[float, int]:
+        rate, count, _cpu = self.ceiling_cpu(n, v311)
+        return rate, count
+
+    def ceiling_cpu(self, n: int | None = None, v311: bool = False) -> tuple[float, int, float]:
+        """(a) with the counting subscriber's CPU seconds per 100,000 messages."""
         prefix, client_id = self.next_prefix(), f"bench-count-{'311' if v311 else '5'}"
         create_session(self.broker.port, client_id, f"{prefix}/devices/+/telemetry")
         n = n or self.sizes.messages
         publish_backlog(self.broker.port, prefix, self.sizes.devices, 1, n)
-        count, seconds = run_child(
+        count, seconds, cpu = run_child(
             _count_subscriber, self.broker.port, client_id, n, v311, timeout=DRAIN_TIMEOUT
         )
         drop_session(self.broker.port, client_id)
-        return count / seconds, n
+        return count / seconds, n, cpu * 100_000 / max(count, 1)
 
     # (b)
     def naive(self) -> tuple[float, int]:
@@ -531,7 +540,7 @@ class Bench:
         prefix, client_id = self.next_prefix(), "bench-naive"
         create_session(self.broker.port, client_id, f"{prefix}/devices/+/telemetry")
         publish_backlog(self.broker.port, prefix, self.sizes.devices, 1, self.sizes.naive_messages)
-        count, seconds = run_child(
+        count, seconds, _cpu = run_child(
             _naive_subscriber,
             self.broker.port,
             client_id,
@@ -843,11 +852,12 @@ def scaling_table(
     of one connection in MQTT 3.1.1 and 5, all in this run: rates to compare side by side, and
     CPU seconds per 100,000 readings by process kind (comparable across machines)."""
     n = sizes.messages_scaling
-    v5, _ = bench.ceiling(n)
-    v311, _ = bench.ceiling(n, v311=True)
+    v5, _, cpu5 = bench.ceiling_cpu(n)
+    v311, _, cpu311 = bench.ceiling_cpu(n, v311=True)
     out(
         f"(a5/a311) one connection, paho counting subscriber, ack on return: MQTT 5 {v5:,.0f} "
-        f"msg/s, MQTT 3.1.1 {v311:,.0f} msg/s ({n:,} messages each)"
+        f"msg/s ({cpu5:.2f} CPU s / 100k), MQTT 3.1.1 {v311:,.0f} msg/s ({cpu311:.2f} CPU s / "
+        f"100k), {n:,} messages each"
     )
     drains = [bench.daemon(f"scale-w{w}", 1, n, workers=w) for w in counts]
     base = drains[0].messages_per_s

@@ -514,7 +514,7 @@ class PeerBench:
         client_id = "peers-paho"
         self.backlog(client_id)
         n = self.sizes.messages
-        count, seconds = run_child(
+        count, seconds, _cpu = run_child(
             _count_subscriber, self.port, client_id, n, timeout=DRAIN_TIMEOUT
         )
         # It disconnects from within its last callback, before that message's PUBACK: what
