@@ -98,14 +98,18 @@ class ServiceMetrics:
         # The latest snapshot of each worker process, by index (empty with one process).
         self.remote: dict[int, list[Family]] = {}
 
-    def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format (see CONTENT_TYPE), with the
-        worker processes' metrics summed in."""
+    def view(self) -> CollectorRegistry:
+        """The service's metrics as one registry: this process's, with the worker processes'
+        summed in (their latest snapshots); this process's own registry when there are none."""
         if not self.remote:
-            return exposition.generate_latest(self.registry)
+            return self.registry
         summed = CollectorRegistry(auto_describe=False)
         summed.register(_Summed(self.registry, list(self.remote.values())))
-        return exposition.generate_latest(summed)
+        return summed
+
+    def render(self) -> bytes:
+        """`view()` in the Prometheus text exposition format (see CONTENT_TYPE)."""
+        return exposition.generate_latest(self.view())
 
 
 @dataclass
