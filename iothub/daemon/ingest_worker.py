@@ -162,6 +162,8 @@ class IngestWorker:
 
     def _report(self) -> None:
         p = self.pipeline
+        # Handed over and not yet in a batch: summed with the receiving process's queue.
+        self.metrics.ingest.queue_depth.set(self.intake.queue_depth)
         self.link.send(
             (
                 "health",

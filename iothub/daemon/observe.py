@@ -42,13 +42,19 @@ def snapshot(registry: CollectorRegistry) -> list[Family]:
     ]
 
 
+# Gauges that count what each process holds: the service holds their sum.
+SUMMED_GAUGES = frozenset({"iothub_queue_depth"})
+
+
 def _combine(sample_name: str, kind: str, old: float, new: float) -> float:
-    """Two processes' values of one sample: counters and histograms add up; a gauge is the
-    worst (highest) of them, which is what every gauge a worker sets means (disk full: 1);
-    a creation time is the earliest."""
+    """Two processes' values of one sample: counters and histograms add up, and the gauges
+    of SUMMED_GAUGES; another gauge is the worst (highest) of them, which is what every other
+    gauge a worker sets means (disk full: 1); a creation time is the earliest."""
     if sample_name.endswith("_created"):
         return min(old, new)
-    return max(old, new) if kind == "gauge" else old + new
+    if kind == "gauge" and sample_name not in SUMMED_GAUGES:
+        return max(old, new)
+    return old + new
 
 
 class _Summed(Collector):
