@@ -119,6 +119,7 @@ class Sizes:
     devices: int
     messages: int  # backlog of (a) and (c1); the RSS figure is taken over its drain
     messages_c10: int  # backlog of (c10) and of the rules run
+    messages_scaling: int  # backlog of each run of the scaling table (workers 1, 2, ...)
     naive_seconds: float
     naive_messages: int
     latency_seconds: float
@@ -128,6 +129,7 @@ FULL = Sizes(
     devices=100,
     messages=1_000_000,
     messages_c10=100_000,
+    messages_scaling=200_000,
     naive_seconds=15.0,
     naive_messages=60_000,
     latency_seconds=30.0,
@@ -136,6 +138,7 @@ QUICK = Sizes(
     devices=20,
     messages=20_000,
     messages_c10=12_000,
+    messages_scaling=20_000,
     naive_seconds=2.0,
     naive_messages=3_000,
     latency_seconds=3.0,
@@ -273,20 +276,34 @@ def drop_session(port: int, client_id: str, settle: float = 0.0) -> int:
 # --- (a) and (b): the subscribers iothub is compared with, each in a process of its own
 
 
-def _count_subscriber(port: int, client_id: str, n: int, *, out: Any) -> None:
-    client = _v5_client(port, client_id)
-    state = {"n": 0, "first": 0.0}
+def _count_subscriber(port: int, client_id: str, n: int, v311: bool = False, *, out: Any) -> None:
+    """Counts, and acknowledges each message when its callback returns (paho's default)."""
+    if v311:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+    else:
+        client = _v5_client(port, client_id)
+    state = {"n": 0, "first": 0.0, "cpu": 0.0}
 
     def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         state["n"] += 1
         if state["n"] == 1:
             state["first"] = time.monotonic()
+            state["cpu"] = time.process_time()
         if state["n"] >= n:
-            out.put((state["n"] - 1, time.monotonic() - state["first"]))
+            cpu = time.process_time() - state["cpu"]
+            out.put((state["n"] - 1, time.monotonic() - state["first"], cpu))
             c.disconnect()
 
     client.on_message = on_message
-    _connect(client, port, clean=False, expiry=SESSION_EXPIRY)
+    if v311:
+        client.connect("127.0.0.1", port)
+    else:
+        _connect(client, port, clean=False, expiry=SESSION_EXPIRY)
     client.loop_forever()
 
 
@@ -329,17 +346,19 @@ def _naive_subscriber(
     client.loop_forever()
 
 
-def run_child(target: Callable[..., None], *args: Any, timeout: float) -> tuple[int, float]:
+def run_child(target: Callable[..., None], *args: Any, timeout: float) -> tuple[int, float, float]:
+    """Runs a subscriber in a process of its own: (messages, seconds, CPU seconds of the
+    process over them, 0 where the subscriber does not measure it)."""
     out: Any = mp.Queue()
     proc = mp.Process(target=target, args=args, kwargs={"out": out})
     proc.start()
     try:
-        count, seconds = out.get(timeout=timeout)
+        got = out.get(timeout=timeout)
     finally:
         proc.join(10)
         if proc.is_alive():
             proc.kill()
-    return int(count), float(seconds)
+    return int(got[0]), float(got[1]), float(got[2]) if len(got) > 2 else 0.0
 
 
 # --- the bench
@@ -354,6 +373,63 @@ class Drain:
     peak_rss_mb: float
     redelivered: int
     batches: int  # transactions that stored the drain (rows share created_at = now())
+    workers: int = 1
+    cpu_receiver: float = 0.0  # CPU seconds per 100,000 readings: the process with the connection
+    cpu_workers: float = 0.0  # the same, all worker processes together (0 with workers = 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc/<pid>/stat, in seconds (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # After the command: state is field 3, utime 14 and stime 15 (1-based, man proc).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The daemon's worker processes: its children started by multiprocessing's spawn (not the
+    resource tracker)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in children:
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(child))
+    return found
+
+
+@dataclass
+class CpuMark:
+    receiver: float
+    workers: float
+
+    @classmethod
+    def take(cls, pid: int) -> CpuMark:
+        return cls(cpu_seconds(pid), sum(cpu_seconds(w) for w in worker_pids(pid)))
+
+
+@dataclass
+class Watched:
+    figures: tuple[float, int, float, float, float]
+    first: CpuMark
+    last: CpuMark
+    workers: list[int]
+
+    def cpu_per_100k(self, readings: int) -> tuple[float, float]:
+        """CPU seconds per 100,000 readings between the marks: (receiver, workers)."""
+        per = 100_000 / max(readings, 1)
+        return (
+            (self.last.receiver - self.first.receiver) * per,
+            (self.last.workers - self.first.workers) * per,
+        )
 
 
 class Bench:
@@ -442,16 +518,21 @@ class Bench:
         return f"r{self.runs}"
 
     # (a)
-    def ceiling(self) -> tuple[float, int]:
-        prefix, client_id = self.next_prefix(), "bench-count"
+    def ceiling(self, n: int | None = None, v311: bool = False) -> tuple[float, int]:
+        rate, count, _cpu = self.ceiling_cpu(n, v311)
+        return rate, count
+
+    def ceiling_cpu(self, n: int | None = None, v311: bool = False) -> tuple[float, int, float]:
+        """(a) with the counting subscriber's CPU seconds per 100,000 messages."""
+        prefix, client_id = self.next_prefix(), f"bench-count-{'311' if v311 else '5'}"
         create_session(self.broker.port, client_id, f"{prefix}/devices/+/telemetry")
-        n = self.sizes.messages
+        n = n or self.sizes.messages
         publish_backlog(self.broker.port, prefix, self.sizes.devices, 1, n)
-        count, seconds = run_child(
-            _count_subscriber, self.broker.port, client_id, n, timeout=DRAIN_TIMEOUT
+        count, seconds, cpu = run_child(
+            _count_subscriber, self.broker.port, client_id, n, v311, timeout=DRAIN_TIMEOUT
         )
         drop_session(self.broker.port, client_id)
-        return count / seconds, n
+        return count / seconds, n, cpu * 100_000 / max(count, 1)
 
     # (b)
     def naive(self) -> tuple[float, int]:
@@ -459,7 +540,7 @@ class Bench:
         prefix, client_id = self.next_prefix(), "bench-naive"
         create_session(self.broker.port, client_id, f"{prefix}/devices/+/telemetry")
         publish_backlog(self.broker.port, prefix, self.sizes.devices, 1, self.sizes.naive_messages)
-        count, seconds = run_child(
+        count, seconds, _cpu = run_child(
             _naive_subscriber,
             self.broker.port,
             client_id,
@@ -471,18 +552,21 @@ class Bench:
         return count / seconds, count
 
     # (c1), (c10), rules
-    def daemon(self, name: str, readings: int, n: int) -> Drain:
+    def daemon(self, name: str, readings: int, n: int, workers: int | None = None) -> Drain:
         self.reset_tables()
         prefix = self.next_prefix()
         client_id = f"bench-iothub-{name}"
         create_session(self.broker.port, client_id, f"{prefix}/devices/+/telemetry")
         publish_backlog(self.broker.port, prefix, self.sizes.devices, readings, n)
         expected = n * readings
-        proc = self.start_daemon(name, prefix, client_id)
+        extra = {} if workers is None else {"IOTHUB_WORKERS": str(workers)}
+        proc = self.start_daemon(name, prefix, client_id, extra)
         try:
-            started, first_rows, seen_at, done_at, peak = self.watch_drain(proc, expected)
-            hwm = vm_kb(proc.pid, "VmHWM") / 1024
+            watched = self.watch_drain(proc, expected)
+            started, first_rows, seen_at, done_at, peak = watched.figures
+            hwm = sum(vm_kb(p, "VmHWM") for p in [proc.pid, *worker_pids(proc.pid)]) / 1024
             rss_peak = max(peak, hwm)
+            cpu = watched.cpu_per_100k(expected - first_rows)
         finally:
             code = stop_process(proc)
         if code != 0:
@@ -505,12 +589,17 @@ class Bench:
             peak_rss_mb=rss_peak,
             redelivered=redelivered,
             batches=batches,
+            workers=len(watched.workers) or 1,
+            cpu_receiver=cpu[0],
+            cpu_workers=cpu[1],
         )
 
     def log_of(self, name: str) -> Path:
         return self.workdir / f"daemon-{name}.log"
 
-    def start_daemon(self, name: str, prefix: str, client_id: str) -> subprocess.Popen[bytes]:
+    def start_daemon(
+        self, name: str, prefix: str, client_id: str, extra: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTHUB_")}
         env.update(
             {
@@ -525,6 +614,7 @@ class Bench:
             }
         )
         env.update(self.daemon_env)
+        env.update(extra or {})
         with self.log_of(name).open("ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "iothub.cli.main", "run"],
@@ -534,19 +624,22 @@ class Bench:
                 cwd=REPO,
             )
 
-    def watch_drain(
-        self, proc: subprocess.Popen[bytes], expected: int
-    ) -> tuple[float, int, float, float, float]:
-        """Poll until `expected` rows are committed: (start, rows at first sight, first seen,
-        done, peak RSS in MB sampled along the way)."""
+    def watch_drain(self, proc: subprocess.Popen[bytes], expected: int) -> Watched:
+        """Poll until `expected` rows are committed: start, rows at first sight, first seen,
+        done, peak RSS in MB (all processes) sampled along the way, and the CPU marks taken at
+        first sight and at the end (start-up and idle time not counted)."""
         started = time.monotonic()
         first_rows, seen_at, peak = 0, 0.0, 0.0
         first_id: int | None = None
+        first_cpu = CpuMark(0.0, 0.0)
+        workers: list[int] = []
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while time.monotonic() - started < DRAIN_TIMEOUT:
                 if proc.poll() is not None:
                     raise RuntimeError(f"daemon exited early ({proc.returncode})")
-                peak = max(peak, vm_kb(proc.pid, "VmRSS") / 1024)
+                workers = workers or worker_pids(proc.pid)
+                rss = sum(vm_kb(p, "VmRSS") for p in [proc.pid, *workers])
+                peak = max(peak, rss / 1024)
                 row = conn.execute("SELECT min(id), max(id) FROM telemetries").fetchone()
                 now = time.monotonic()
                 if row and row[1] is not None:
@@ -554,10 +647,17 @@ class Bench:
                         first_id = int(row[0])
                         first_rows = int(row[1]) - first_id + 1
                         seen_at = now
-                    # One writer, no conflicts: ids of a run are contiguous, so this counts rows
-                    # with two index probes instead of a count(*) over a growing table.
-                    if int(row[1]) - first_id + 1 >= expected:
-                        return started, first_rows, seen_at, now, peak
+                        first_cpu = CpuMark.take(proc.pid)
+                    # No conflicts in a drain: ids of a run are contiguous, so this counts rows
+                    # with two index probes instead of a count(*) over a growing table. Several
+                    # writers commit out of id order: count(*) confirms the end.
+                    if int(row[1]) - first_id + 1 >= expected and count_rows(self.dsn) >= expected:
+                        return Watched(
+                            (started, first_rows, seen_at, now, peak),
+                            first_cpu,
+                            CpuMark.take(proc.pid),
+                            workers,
+                        )
                 time.sleep(POLL_S)
         raise RuntimeError(f"drain did not finish in {DRAIN_TIMEOUT}s")
 
@@ -745,6 +845,37 @@ def c1_figures(bench: Bench, sizes: Sizes, out: Callable[[str], None]) -> Drain:
     return c1
 
 
+def scaling_table(
+    bench: Bench, sizes: Sizes, counts: list[int], out: Callable[[str], None]
+) -> list[Drain]:
+    """The same one-reading backlog drained with each `workers` count, plus the receive ceiling
+    of one connection in MQTT 3.1.1 and 5, all in this run: rates to compare side by side, and
+    CPU seconds per 100,000 readings by process kind (comparable across machines)."""
+    n = sizes.messages_scaling
+    v5, _, cpu5 = bench.ceiling_cpu(n)
+    v311, _, cpu311 = bench.ceiling_cpu(n, v311=True)
+    out(
+        f"(a5/a311) one connection, paho counting subscriber, ack on return: MQTT 5 {v5:,.0f} "
+        f"msg/s ({cpu5:.2f} CPU s / 100k), MQTT 3.1.1 {v311:,.0f} msg/s ({cpu311:.2f} CPU s / "
+        f"100k), {n:,} messages each"
+    )
+    drains = [bench.daemon(f"scale-w{w}", 1, n, workers=w) for w in counts]
+    base = drains[0].messages_per_s
+    out(f"(scaling) iothub run draining {n:,} one-reading messages, {sizes.devices} devices:")
+    out(
+        "| workers | msg/s | vs first row | vs paho v5 counting | CPU s / 100k readings: "
+        "receiver | workers | total | peak RSS, all processes |"
+    )
+    out("|---|---|---|---|---|---|---|---|")
+    for d in drains:
+        out(
+            f"| {d.workers} | {d.messages_per_s:,.0f} | {d.messages_per_s / base:.2f}x | "
+            f"{d.messages_per_s / v5:.2f}x | {d.cpu_receiver:.2f} | {d.cpu_workers:.2f} | "
+            f"{d.cpu_receiver + d.cpu_workers:.2f} | {d.peak_rss_mb:,.0f} MB |"
+        )
+    return drains
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -771,13 +902,26 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="alternate (c10) and the rules run this many times; the median cost is the figure",
     )
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="workers counts of the scaling table, comma-separated (default 1,2)",
+    )
+    parser.add_argument(
+        "--only-scaling",
+        action="store_true",
+        help="run only the scaling table (workers counts, MQTT 5 vs 3.1.1 ceiling)",
+    )
+    parser.add_argument("--messages-scaling", type=int, help="backlog of each scaling run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
+    counts = [int(w) for w in args.workers.split(",") if w.strip()]
     sizes = QUICK if args.quick else FULL
     overrides = {
         "devices": args.devices,
         "messages": args.messages,
         "messages_c10": args.messages_c10,
+        "messages_scaling": args.messages_scaling,
         "naive_seconds": args.naive_seconds,
         "latency_seconds": args.latency_seconds,
     }
@@ -799,6 +943,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start()
         bench.set_rules(False)
+        scaling_table(bench, sizes, counts, out)
+        if args.only_scaling:
+            return 0
         c1: Drain | None = None
         if not args.only_rules:
             c1 = c1_figures(bench, sizes, out)

@@ -437,8 +437,11 @@ NODE_RED_SETTINGS = """module.exports = {{
 
 
 class PeerBench:
-    def __init__(self, sizes: Sizes, workdir: Path, found: Installed) -> None:
+    def __init__(
+        self, sizes: Sizes, workdir: Path, found: Installed, workers: int | None = None
+    ) -> None:
         self.sizes = sizes
+        self.workers = workers
         self.workdir = workdir
         self.found = found
         self.bench = Bench(sizes, workdir, {})
@@ -511,7 +514,7 @@ class PeerBench:
         client_id = "peers-paho"
         self.backlog(client_id)
         n = self.sizes.messages
-        count, seconds = run_child(
+        count, seconds, _cpu = run_child(
             _count_subscriber, self.port, client_id, n, timeout=DRAIN_TIMEOUT
         )
         # It disconnects from within its last callback, before that message's PUBACK: what
@@ -529,7 +532,8 @@ class PeerBench:
         create_session(self.port, client_id, f"{prefix}/devices/+/telemetry")
         seconds = publish_backlog(self.port, prefix, self.sizes.devices, 1, self.sizes.messages)
         out(f"  backlog of {self.sizes.messages:,} messages queued in {seconds:.1f}s")
-        proc = self.bench.start_daemon("peers", prefix, client_id)
+        extra = {} if self.workers is None else {"IOTHUB_WORKERS": str(self.workers)}
+        proc = self.bench.start_daemon("peers", prefix, client_id, extra)
         self.children.append(proc)
         return self.drain("iothub", proc, client_id, "telemetries", self.bench.log_of("peers"))
 
@@ -742,8 +746,16 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(ALL),
         help=f"comma-separated subscribers to run, of: {', '.join(ALL)}",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="IOTHUB_WORKERS for iothub run (default: the daemon's own default)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
+    if args.workers is not None:
+        LABELS["iothub"] = f"iothub run (workers {args.workers}, other settings default)"
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(ALL))
     if unknown:
@@ -752,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         devices=args.devices,
         messages=args.messages,
         messages_c10=args.messages,
+        messages_scaling=args.messages,
         naive_seconds=0.0,
         naive_messages=0,
         latency_seconds=0.0,
@@ -777,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         if found.versions:
             out("peer versions: " + ", ".join(f"{k} {v}" for k, v in found.versions.items()))
         out(f"iothub {metadata.version('iothub')}")
-        peers = PeerBench(sizes, workdir, found)
+        peers = PeerBench(sizes, workdir, found, workers=args.workers)
         peers.start()
         out(
             f"servers: PostgreSQL on 127.0.0.1:{peers.bench.pg.port} (fsync, full_page_writes, "

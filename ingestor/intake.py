@@ -38,7 +38,7 @@ import structlog
 from config.settings import Settings
 from config.topics import TopicRouter
 from ingestor import mqtt
-from ingestor.messages import InboundMessage
+from ingestor.messages import InboundMessage, MessageQueue
 from ingestor.sources import SourceRouter
 
 log = structlog.get_logger(__name__)
@@ -54,7 +54,7 @@ def held_bytes(messages: Iterable[InboundMessage]) -> int:
     return sum(len(m.payload) + len(m.topic) for m in messages)
 
 
-class MqttIntake:
+class MqttIntake(MessageQueue):
     def __init__(self, settings: Settings, router: TopicRouter | SourceRouter) -> None:
         self._settings = settings
         self._router = router
@@ -198,19 +198,6 @@ class MqttIntake:
         """Up to `max_messages`, waiting at most `max_wait` seconds for the first one."""
         return self.take_batch(max_messages, max_wait, 0.0)
 
-    def take_batch(
-        self, max_messages: int, first_wait: float, fill_wait: float
-    ) -> list[InboundMessage]:
-        """Up to `max_messages`: wait at most `first_wait` seconds for the first one, then at
-        most `fill_wait` seconds more for the batch to fill (stopping early when closed)."""
-        with self._cond:
-            self._wait_for(1, first_wait)
-            if self._queue and fill_wait > 0:
-                self._wait_for(max_messages, fill_wait)
-            queue = self._queue
-            n = min(len(queue), max_messages)
-            return [queue.popleft() for _ in range(n)]
-
     def _wait_for(self, count: int, timeout: float) -> None:
         """With the condition held: wait until `count` messages are queued, or timeout/close."""
         deadline = time.monotonic() + timeout
@@ -260,6 +247,10 @@ class MqttIntake:
             )
         self.release(len(messages), held_bytes(messages))
 
+    def give_back(self, messages: Sequence[InboundMessage]) -> None:
+        """Free the room of messages given up on, unacknowledged: the broker sends them again."""
+        self.release(len(messages), held_bytes(messages))
+
     def release(self, count: int, nbytes: int = 0) -> None:
         """Free room for messages given up on without an acknowledgement (`nbytes`: their
         `held_bytes`)."""
@@ -269,23 +260,12 @@ class MqttIntake:
             self._cond.notify_all()
 
     @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
-    @property
     def pending(self) -> int:
         return self._pending
 
     @property
     def pending_bytes(self) -> int:
         return self._pending_bytes
-
-    def oldest_queued_age(self) -> float:
-        try:
-            head = self._queue[0]
-        except IndexError:
-            return 0.0
-        return time.monotonic() - head.received_mono
 
     def _forget_redelivered(self) -> None:
         """Drop queued messages of earlier connections: with the session present the broker

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+import time
 from dataclasses import dataclass
 
 
@@ -20,3 +23,40 @@ class InboundMessage:
     # The broker sent it as a retained message, i.e. because of the subscription and not because
     # it was just published: an old reading replayed, never stored (see ingestor/batch.py).
     retain: bool = False
+
+
+class MessageQueue:
+    """Received messages waiting for the pipeline, under a condition: what the pipeline takes
+    its batches from. The MQTT intake and a worker's hand-off intake each fill it their way and
+    say how to wait (`_wait_for`)."""
+
+    _queue: collections.deque[InboundMessage]
+    _cond: threading.Condition
+
+    def _wait_for(self, count: int, timeout: float) -> None:
+        """With the condition held: wait until `count` messages are queued, or timeout/close."""
+        raise NotImplementedError
+
+    def take_batch(
+        self, max_messages: int, first_wait: float, fill_wait: float
+    ) -> list[InboundMessage]:
+        """Up to `max_messages`: wait at most `first_wait` seconds for the first one, then at
+        most `fill_wait` seconds more for the batch to fill (stopping early when closed)."""
+        with self._cond:
+            self._wait_for(1, first_wait)
+            if self._queue and fill_wait > 0:
+                self._wait_for(max_messages, fill_wait)
+            queue = self._queue
+            n = min(len(queue), max_messages)
+            return [queue.popleft() for _ in range(n)]
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def oldest_queued_age(self) -> float:
+        try:
+            head = self._queue[0]
+        except IndexError:
+            return 0.0
+        return time.monotonic() - head.received_mono

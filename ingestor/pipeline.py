@@ -16,8 +16,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Protocol
 
 import structlog
 
@@ -26,7 +27,6 @@ from config.topics import TopicRouter
 from ingestor import batch as batch_mod
 from ingestor import catalog, payload
 from ingestor.backoff import Backoff
-from ingestor.intake import MqttIntake, held_bytes
 from ingestor.messages import InboundMessage
 from ingestor.metrics import IngestMetrics
 from ingestor.sources import SourceRouter
@@ -41,6 +41,27 @@ STOP_RETRY_SHARE = 0.8
 
 OnCommitted = Callable[[batch_mod.Batch, WriteResult], None]
 """Called on the writer thread after each committed batch (before its acknowledgement)."""
+
+
+class Intake(Protocol):
+    """What the pipeline takes messages from and acknowledges them to: the MQTT connection
+    (`ingestor.intake.MqttIntake`) or, in a worker process, the hand-off from the receiving
+    process (`ingestor.handoff.PipeIntake`)."""
+
+    def take_batch(
+        self, max_messages: int, first_wait: float, fill_wait: float
+    ) -> list[InboundMessage]: ...
+
+    def ack(self, messages: Sequence[InboundMessage]) -> None: ...
+
+    def give_back(self, messages: Sequence[InboundMessage]) -> None: ...
+
+    def close_intake(self) -> None: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def oldest_queued_age(self) -> float: ...
 
 
 def bounds_from(settings: Settings) -> batch_mod.Bounds:
@@ -71,7 +92,7 @@ class Pipeline:
         self,
         settings: Settings,
         *,
-        intake: MqttIntake,
+        intake: Intake,
         catalog: catalog.CatalogListener,
         writer: BatchWriter,
         router: TopicRouter | SourceRouter,
@@ -106,6 +127,10 @@ class Pipeline:
 
     def start(self) -> None:
         self.thread.start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Ready to prepare batches: the catalogue is loaded."""
+        return self.catalog.wait_ready(timeout)
 
     def wait_flushed(self, timeout: float) -> bool:
         """Wait for both stages to end; True when everything taken was committed."""
@@ -194,7 +219,7 @@ class Pipeline:
                 self.intake.ack(messages)
             else:
                 # Stopping with the database away: leave them to the broker.
-                self.intake.release(len(messages), held_bytes(messages))
+                self.intake.give_back(messages)
                 self._drain_prepared()
                 return
             self._writing_since = None
@@ -208,7 +233,7 @@ class Pipeline:
                 return
             if prepared is None:
                 return
-            self.intake.release(len(prepared.messages), held_bytes(prepared.messages))
+            self.intake.give_back(prepared.messages)
 
     def _write_with_retry(self, prepared: batch_mod.Batch) -> bool:
         backoff = Backoff()

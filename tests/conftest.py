@@ -146,6 +146,9 @@ def make_settings(db_url: str, broker_url: str, unique: str) -> Callable[..., Se
             "batch_interval": 0.05,
             "stats_interval": 60.0,
             "log_format": "json",
+            # In-process tests look inside one process's pipeline; the tests of worker
+            # processes ask for them (and the daemon tests run with the default).
+            "workers": 1,
         }
         values.update(overrides)
         return Settings(**values)

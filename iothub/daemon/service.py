@@ -72,6 +72,40 @@ class Worker(Protocol):
     def alive(self) -> bool: ...
 
 
+class Stage(Protocol):
+    """What the service runs behind its intake and reads of it: the pipeline of one process
+    (`ingestor.pipeline.Pipeline`) or, with `workers` > 1, the hand-off to worker processes
+    (`iothub.daemon.fanout.Fanout`)."""
+
+    @property
+    def fatal(self) -> str | None: ...
+
+    @property
+    def db_ok(self) -> bool: ...
+
+    @property
+    def disk_full(self) -> bool: ...
+
+    @property
+    def heartbeat(self) -> float: ...
+
+    @property
+    def last_commit(self) -> float: ...
+
+    @property
+    def thread(self) -> threading.Thread: ...
+
+    def start(self) -> None: ...
+
+    def wait_ready(self, timeout: float) -> bool: ...
+
+    def wait_flushed(self, timeout: float) -> bool: ...
+
+    def stalled(self) -> bool: ...
+
+    def oldest_unacked_age(self) -> float: ...
+
+
 @runtime_checkable
 class HealthReporter(Protocol):
     """A worker that can tell it is alive but not making progress."""
@@ -92,6 +126,7 @@ class IngestService:
         metrics: ServiceMetrics | None = None,
         notifier: SystemdNotifier | None = None,
         pool: ConnectionPool | None = None,
+        stage: Callable[[IngestService], Stage] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
@@ -111,15 +146,19 @@ class IngestService:
             db.conninfo(settings, "catalog"), self._catalog_changed, self.stop_event
         )
         self.observer = Observer(self.metrics, self.intake, self.notifier, self.oldest_unacked_age)
-        self.pipeline = Pipeline(
-            settings,
-            intake=self.intake,
-            catalog=self.catalog,
-            writer=BatchWriter(self.pool, self.hook),
-            router=self.router,
-            metrics=self.metrics.ingest,
-            stop=self.stop_event,
-            on_committed=self.observer.batch_committed,
+        self.pipeline: Stage = (
+            stage(self)
+            if stage is not None
+            else Pipeline(
+                settings,
+                intake=self.intake,
+                catalog=self.catalog,
+                writer=BatchWriter(self.pool, self.hook),
+                router=self.router,
+                metrics=self.metrics.ingest,
+                stop=self.stop_event,
+                on_committed=self.observer.batch_committed,
+            )
         )
         self.election = Election(settings, self.stop_event)
         self.http = HealthServer(
@@ -167,10 +206,12 @@ class IngestService:
         self.catalog.start()
         if not self.http.started:  # run() serves it from standby on
             self.http.start()
+        # The pipeline first: with worker processes it returns once they can take messages,
+        # so that the connection does not fill the pending window with nowhere to send it.
+        self.pipeline.start()
         self.intake.start()
         for worker in self.workers:
             worker.start()
-        self.pipeline.start()
         log.info(
             "service_started",
             http_port=self.http.port,
@@ -178,12 +219,15 @@ class IngestService:
             sources=[source.name for source in self.router.sources],
             batch_size=self.settings.batch_size,
             batch_interval=self.settings.batch_interval,
+            workers=self.settings.workers,
         )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> bool:
         """True once the catalogue is loaded and the broker connected."""
         deadline = time.monotonic() + timeout
         if not self.catalog.wait_ready(timeout):
+            return False
+        if not self.pipeline.wait_ready(max(0.0, deadline - time.monotonic())):
             return False
         # In slices: a subscription the broker refused or downgraded ends the wait at once.
         while not self.intake.ever_connected.wait(min(MAIN_TICK, timeout)):

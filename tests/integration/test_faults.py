@@ -23,8 +23,15 @@ from tests.support.services import LocalMosquitto, LocalPostgres
 pytestmark = pytest.mark.slow
 
 
-def daemon_env(dsn: str, broker_url: str, unique: str) -> dict[str, str]:
+@pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
+def workers(request: pytest.FixtureRequest) -> int:
+    """Each fault test runs with one process and with two worker processes."""
+    return int(request.param)
+
+
+def daemon_env(dsn: str, broker_url: str, unique: str, workers: int = 1) -> dict[str, str]:
     return {
+        "IOTHUB_WORKERS": str(workers),
         "IOTHUB_DATABASE_URL": dsn,
         "IOTHUB_MQTT_URL": broker_url,
         "IOTHUB_MQTT_CLIENT_ID": f"iothub-fault-{unique}",
@@ -60,14 +67,14 @@ def check_no_loss(dsn: str, dm_id: int, pub: NumberedPublisher, daemon: Daemon) 
 
 
 def test_kill_9_at_random_points_loses_nothing(
-    db_url: str, broker_url: str, unique: str, tmp_path: Path
+    db_url: str, broker_url: str, unique: str, tmp_path: Path, workers: int
 ) -> None:
     """The daemon killed with SIGKILL three times mid-stream and restarted: no loss, no
     duplicates (the broker redelivers what was not acknowledged; the unique key drops copies)."""
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     serial = fleet.serials[0]
     dm_id = fleet.bindings[(serial, "temperature")]
-    daemon = Daemon(daemon_env(db_url, broker_url, unique), tmp_path / "daemon.log")
+    daemon = Daemon(daemon_env(db_url, broker_url, unique, workers), tmp_path / "daemon.log")
     daemon.start()
     daemon.wait_log("service_ready")
     pub = NumberedPublisher(broker_url, f"t{unique}/devices/{serial}/telemetry", n=3000, rate=400)
@@ -85,7 +92,7 @@ def test_kill_9_at_random_points_loses_nothing(
 
 
 def test_postgres_crash_mid_stream_loses_nothing(
-    local_postgres: LocalPostgres, broker_url: str, unique: str, tmp_path: Path
+    local_postgres: LocalPostgres, broker_url: str, unique: str, tmp_path: Path, workers: int
 ) -> None:
     """PostgreSQL stopped with `-m immediate` and restarted: the daemon keeps its broker
     connection, stops acknowledging, retries with backoff and resumes without loss."""
@@ -93,7 +100,7 @@ def test_postgres_crash_mid_stream_loses_nothing(
     fleet = make_fleet(dsn, f"SN-{unique}", 1)
     serial = fleet.serials[0]
     dm_id = fleet.bindings[(serial, "temperature")]
-    daemon = Daemon(daemon_env(dsn, broker_url, unique), tmp_path / "daemon.log")
+    daemon = Daemon(daemon_env(dsn, broker_url, unique, workers), tmp_path / "daemon.log")
     daemon.start()
     daemon.wait_log("service_ready")
     pub = NumberedPublisher(broker_url, f"t{unique}/devices/{serial}/telemetry", n=2000, rate=400)
@@ -112,14 +119,16 @@ def test_postgres_crash_mid_stream_loses_nothing(
 
 
 def test_broker_restart_mid_stream_loses_nothing(
-    db_url: str, local_mosquitto: LocalMosquitto, unique: str, tmp_path: Path
+    db_url: str, local_mosquitto: LocalMosquitto, unique: str, tmp_path: Path, workers: int
 ) -> None:
     """Mosquitto stopped with SIGTERM mid-stream and started again: the daemon reconnects to
     the same session and every acknowledged reading is stored once."""
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     serial = fleet.serials[0]
     dm_id = fleet.bindings[(serial, "temperature")]
-    daemon = Daemon(daemon_env(db_url, local_mosquitto.url, unique), tmp_path / "daemon.log")
+    daemon = Daemon(
+        daemon_env(db_url, local_mosquitto.url, unique, workers), tmp_path / "daemon.log"
+    )
     daemon.start()
     daemon.wait_log("service_ready")
     pub = NumberedPublisher(
@@ -138,7 +147,7 @@ def test_broker_restart_mid_stream_loses_nothing(
 
 
 def test_bad_input_corpus_is_rejected_and_the_daemon_lives(
-    db_url: str, broker_url: str, unique: str, tmp_path: Path
+    db_url: str, broker_url: str, unique: str, tmp_path: Path, workers: int
 ) -> None:
     """Each kind of bad payload, mixed with good readings, is recorded with its reason code;
     every good reading is stored and the daemon stays up."""
@@ -190,7 +199,7 @@ def test_bad_input_corpus_is_rejected_and_the_daemon_lives(
         (topic, b'{"schema_version": 2, "metrics": {"temperature": 1}}', "bad_schema"),
     ]
     daemon = Daemon(
-        daemon_env(db_url, broker_url, unique)
+        daemon_env(db_url, broker_url, unique, workers)
         | {
             "IOTHUB_MQTT_TOPICS": f"t{unique}/devices/{{serial_id}}/telemetry,t{unique}/telemetry",
         },

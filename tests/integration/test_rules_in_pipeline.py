@@ -9,10 +9,24 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+import pytest
 
 from config.settings import Settings
 from tests.support.daemon import make_service, running
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
+
+
+@pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
+def make_settings(
+    make_settings: Callable[..., Settings], request: pytest.FixtureRequest
+) -> Callable[..., Settings]:
+    """Every scenario runs with one process and with two worker processes."""
+
+    def factory(**overrides: object) -> Settings:
+        return make_settings(**{"workers": request.param, **overrides})
+
+    return factory
+
 
 THRESHOLD = {"type": "threshold", "operator": ">", "value": 27.5, "duration_minutes": 10}
 NOTIFY = {

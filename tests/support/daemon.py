@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from config.settings import Settings
+from iothub.daemon import assemble
 from iothub.daemon.observe import ServiceMetrics
 from iothub.daemon.service import IngestService
 from rules_engine.engine import RuleEngine
@@ -30,7 +31,10 @@ class RunningService:
 
 def make_service(settings: Settings, rules: bool = True) -> IngestService:
     """The daemon with the rule engine as its batch hook (no outbox or timer workers: tests of
-    those start them explicitly)."""
+    those start them explicitly). With `settings.workers` > 1, the receiving process and its
+    worker processes, each worker with its rule engine."""
+    if settings.workers > 1:
+        return IngestService(settings, stage=assemble.fanout(rules))
     if not rules:
         return IngestService(settings)
     metrics = ServiceMetrics()

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import structlog
 
-from config.settings import ConfigError, Settings, load_settings
+from config.settings import (
+    DEFAULT_WORKERS_CAP,
+    ConfigError,
+    Settings,
+    load_settings,
+    usable_cpus,
+)
 from schema import timescale
 
 
@@ -275,3 +282,16 @@ def test_aggregate_intervals_read_in_whole_units() -> None:
     assert timescale.AggregatePolicy().literals()["aggregate_retention"].as_string(None) == (
         "'1825 days'"
     )
+
+
+def test_workers_default_to_the_usable_cores_within_the_cap() -> None:
+    settings = load_settings(None, {})
+    assert settings.workers == min(DEFAULT_WORKERS_CAP, usable_cpus())
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+    assert load_settings(None, {"IOTHUB_WORKERS": "3"}).workers == 3
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_workers_out_of_range_is_one_clear_line(value: str) -> None:
+    with pytest.raises(ConfigError, match="IOTHUB_WORKERS"):
+        load_settings(None, {"IOTHUB_WORKERS": value})

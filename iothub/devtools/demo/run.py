@@ -114,7 +114,7 @@ class Progress:
 
     @classmethod
     def read(cls, service: service_mod.IngestService) -> Progress:
-        registry = service.metrics.registry
+        registry = service.metrics.view()  # worker processes' counters summed in
 
         def value(name: str, labels: dict[str, str] | None = None) -> float:
             return registry.get_sample_value(name, labels or {}) or 0.0
