@@ -19,7 +19,7 @@ from typing import Any
 # Every decoder name DESIGN 3b defines; IMPLEMENTED are those this build has. A configured
 # decoder outside IMPLEMENTED stops start-up rather than dropping its messages.
 DECODERS = ("native", "flat_json", "tasmota", "value", "senml", "sparkplug_b", "ttn")
-IMPLEMENTED = ("native", "flat_json", "tasmota", "value", "senml")
+IMPLEMENTED = ("native", "flat_json", "tasmota", "value", "senml", "ttn")
 SENML_BASE_NAME = "bn"  # the one placeholder a senml serial may use that no topic level defines
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}")
 _TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")

@@ -17,7 +17,7 @@ import structlog
 from config import topics
 from config.sources import Source
 from ingestor import payload
-from ingestor.decoders import base, flat_json, native, senml, tasmota, value
+from ingestor.decoders import base, flat_json, native, senml, tasmota, ttn, value
 from ingestor.payload import Limits, ParseResult
 from ingestor.reasons import Reason
 
@@ -27,6 +27,7 @@ DECODERS: Mapping[str, base.Decoder] = {
     "tasmota": tasmota.decode,
     "value": value.decode,
     "senml": senml.decode,
+    "ttn": ttn.decode,
 }
 _NOTHING = ParseResult((), ())
 log = structlog.get_logger(__name__)

@@ -26,6 +26,7 @@ from iothub.daemon.service import IngestService
 from iothub.devtools.simulator import formats
 from tests.integration.test_retained_and_qos import publish_retained
 from tests.support.fleet import Fleet, Publisher, count, make_fleet, wait_for
+from tests.unit.test_decoder_ttn import DATA_FORMATS_UPLINK, MQTT_JOIN, MQTT_UPLINK_UNDECODED
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 
@@ -63,6 +64,12 @@ def all_sources(unique: str) -> list[dict[str, Any]]:
             "name": "senml",
             "topic": f"t{unique}/senml/{{site}}",
             "decoder": "senml",
+        },
+        {
+            "name": "ttn",
+            "topic": f"t{unique}/v3/{{app}}/devices/{{device}}/{{kind+}}",
+            "decoder": "ttn",
+            "serial": "{device}",
         },
         {
             "name": "legacy",
@@ -258,7 +265,7 @@ def test_service_started_names_the_sources(
             service.request_stop("test over")
             thread.join(30)
     [started] = [e for e in logs if e["event"] == "service_started"]
-    assert started["sources"] == ["tasmota", "z2m", "esphome", "senml", "legacy"]
+    assert started["sources"] == ["tasmota", "z2m", "esphome", "senml", "ttn", "legacy"]
     assert json.dumps(started["sources"])
 
 
@@ -320,3 +327,40 @@ def test_simulate_format_traffic_is_ingested_with_its_printed_source(
     assert service.totals["duplicates"] == 0
     # Every message carries all four metrics of the device.
     assert count(db_url, "SELECT count(*) FROM telemetries") == 4 * service.totals["messages"]
+
+
+def test_ttn_through_the_daemon(
+    daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
+) -> None:
+    """The Things Stack's documented uplink, published at QoS 0 as its MQTT server does: stored
+    at uplink_message.received_at (nanoseconds cut); the unbound luminosity is unknown_metric, an
+    uplink without decoded_payload bad_schema, a join message neither stored nor rejected."""
+    fleet = make_fleet(db_url, f"ttn{unique}", 1)
+    serial = fleet.serials[0]
+    service = daemon()
+    now = datetime.now(UTC).replace(microsecond=0)
+    network = now - timedelta(seconds=20)
+    uplink = json.loads(DATA_FORMATS_UPLINK)
+    uplink["end_device_ids"]["device_id"] = serial
+    uplink["received_at"] = f"{(network + timedelta(seconds=1)).isoformat()[:19]}.014773143Z"
+    uplink["uplink_message"]["received_at"] = f"{network.isoformat()[:19]}.789585559Z"
+    base = f"t{unique}/v3/app1@tenant1/devices/{serial}"
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        for topic, body in [
+            (f"{base}/join", MQTT_JOIN),
+            (f"{base}/up", json.dumps(uplink)),
+            (f"{base}/up", MQTT_UPLINK_UNDECODED),
+        ]:
+            pub.client.publish(topic, body.encode(), qos=0).wait_for_publish(10)
+        assert wait_for(lambda: count(db_url, "SELECT count(*) FROM telemetries") >= 1)
+        assert wait_for(lambda: len(rejected(db_url)) >= 2)
+        assert wait_for(lambda: service.totals["messages"] >= 3)
+    finally:
+        pub.close()
+    at = network.replace(microsecond=789585)
+    assert stored(db_url, fleet, serial, "temperature") == [(at, 1.0)]
+    found = {(reason, who, metric) for reason, who, metric, _ in rejected(db_url)}
+    assert found == {("unknown_metric", serial, "luminosity"), ("bad_schema", serial, None)}
+    [detail] = [d for reason, _, _, d in rejected(db_url) if reason == "bad_schema"]
+    assert detail.startswith("source 'ttn': uplink_message has no decoded_payload")
