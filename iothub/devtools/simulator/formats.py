@@ -7,14 +7,17 @@ source table is what the daemon needs in its `sources` setting to ingest the tra
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import random
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from iothub.devtools.simulator.messages import MessageFactory
 
-FORMATS: Final = ("native", "tasmota", "z2m", "esphome", "senml")
+FORMATS: Final = ("native", "tasmota", "z2m", "esphome", "senml", "ttn")
 # The [[sources]] entry each format's traffic needs (docs/sources.md explains each option).
 SOURCES: Final[dict[str, dict[str, Any]]] = {
     "tasmota": {
@@ -42,9 +45,21 @@ SOURCES: Final[dict[str, dict[str, Any]]] = {
         "values": {"ON": True, "OFF": False},
     },
     "senml": {"name": "sim-senml", "topic": "senml/{node}", "decoder": "senml"},
+    "ttn": {
+        "name": "sim-ttn",
+        "topic": "v3/{app}/devices/{device}/up",
+        "decoder": "ttn",
+        "serial": "{device}",
+    },
 }
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _LINKQUALITY = 120  # a plausible Zigbee link quality; excluded by the source anyway
+_TTN_APP: Final = "iothub-sim"  # The Things Stack application id
+_TTN_TENANT: Final = "ttn"  # The Things Network's tenant id
+_TTN_GATEWAY: Final = "iothub-sim-gateway"
+_TTN_GATEWAY_EUI: Final = "B827EBFFFE000001"
+_TTN_AIR: Final = timedelta(milliseconds=2)  # gateway receipt before the Network Server's
+_TTN_FORWARD: Final = timedelta(milliseconds=220)  # Network Server to Application Server
 
 
 class FormatFactory:
@@ -56,6 +71,8 @@ class FormatFactory:
         self.native = native
         self.fmt = fmt
         self._queue: deque[tuple[str, bytes]] = deque()
+        self._frames: dict[str, int] = {}  # ttn: each device's frame counter (f_cnt)
+        self._rng = random.Random()
 
     @property
     def bad_sent(self) -> dict[str, int]:
@@ -89,12 +106,70 @@ class FormatFactory:
                 (f"esphome/{serial}/sensor/{name}/state", _plain(value).encode())
                 for name, value in metrics.items()
             ]
+        if self.fmt == "ttn":
+            return [self._uplink(serial, at, metrics)]
         records: list[dict[str, Any]] = []
         for name, value in metrics.items():
             key = "vb" if isinstance(value, bool) else "vs" if isinstance(value, str) else "v"
             records.append({"n": name, key: value})
         records[0] = {"bn": f"{serial}:", "bt": ts_ms / 1000, **records[0]}
         return [(f"senml/{serial}", _json(records))]
+
+    def _uplink(self, serial: str, at: datetime, metrics: dict[str, Any]) -> tuple[str, bytes]:
+        """An uplink as The Things Stack's MQTT server publishes it (docs/sources.md)."""
+        count = self._frames[serial] = self._frames.get(serial, 0) + 1
+        eui = hashlib.sha256(serial.encode()).hexdigest()[:16].upper()
+        rng = self._rng
+        rssi, snr = -rng.randint(40, 118), round(rng.uniform(-12.0, 10.0), 1)
+        body = _json(metrics)
+        uplink: dict[str, Any] = {
+            "session_key_id": base64.b64encode(eui.encode()[:16]).decode(),
+            "f_port": 1,
+            "f_cnt": count,
+            # The frame a device's formatter would decode; decoded_payload is what it made of it.
+            "frm_payload": base64.b64encode(body).decode(),
+            "decoded_payload": metrics,
+            "rx_metadata": [
+                {
+                    "gateway_ids": {"gateway_id": _TTN_GATEWAY, "eui": _TTN_GATEWAY_EUI},
+                    "time": _nanos(at - _TTN_AIR, rng),
+                    "timestamp": (count * 7_919_000) % 2**32,
+                    "rssi": rssi,
+                    "channel_rssi": rssi,
+                    "snr": snr,
+                    "uplink_token": base64.b64encode(f"{_TTN_GATEWAY}:{count}".encode()).decode(),
+                    "channel_index": count % 8,
+                }
+            ],
+            "settings": {
+                "data_rate": {"lora": {"bandwidth": 125000, "spreading_factor": 7}},
+                "data_rate_index": 5,
+                "coding_rate": "4/5",
+                "frequency": str(867_100_000 + 200_000 * (count % 8)),
+            },
+            # The readings' time: the Network Server's receipt, with nanoseconds.
+            "received_at": _nanos(at, rng),
+            "consumed_airtime": f"{0.041216 + 0.00256 * len(body):.6f}s",
+        }
+        message = {
+            "end_device_ids": {
+                "device_id": serial,
+                "application_ids": {"application_id": _TTN_APP},
+                "dev_eui": eui,
+                "join_eui": "0000000000000000",
+                "dev_addr": eui[-8:],
+            },
+            "correlation_ids": [f"as:up:{rng.getrandbits(80):020X}"],
+            "received_at": _nanos(at + _TTN_FORWARD, rng),
+            "uplink_message": uplink,
+        }
+        return f"v3/{_TTN_APP}@{_TTN_TENANT}/devices/{serial}/up", _json(message)
+
+
+def _nanos(at: datetime, rng: random.Random) -> str:
+    """RFC 3339 with nine fraction digits, as The Things Stack writes; beyond the microsecond
+    (which iothub cuts) the digits are noise."""
+    return f"{at:%Y-%m-%dT%H:%M:%S}.{at.microsecond:06d}{rng.randrange(1000):03d}Z"
 
 
 def _json(value: object) -> bytes:
