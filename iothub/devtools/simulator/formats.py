@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 from collections import deque
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -53,6 +54,17 @@ SOURCES: Final[dict[str, dict[str, Any]]] = {
     },
 }
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def source_for(fmt: str, prefix: str = "") -> dict[str, Any]:
+    """The [[sources]] entry of ``fmt``'s traffic published under the topic ``prefix``."""
+    entry = dict(SOURCES[fmt])
+    entry["topic"] = f"{prefix}{entry['topic']}"
+    if "exclude_topics" in entry:
+        entry["exclude_topics"] = [f"{prefix}{t}" for t in entry["exclude_topics"]]
+    return entry
+
+
 _LINKQUALITY = 120  # a plausible Zigbee link quality; excluded by the source anyway
 _TTN_APP: Final = "iothub-sim"  # The Things Stack application id
 _TTN_TENANT: Final = "ttn"  # The Things Network's tenant id
@@ -63,13 +75,24 @@ _TTN_FORWARD: Final = timedelta(milliseconds=220)  # Network Server to Applicati
 
 
 class FormatFactory:
-    """The native factory's next good message, rendered in ``fmt`` (one thread only)."""
+    """The native factory's next message, rendered as its device's format (one thread only).
 
-    def __init__(self, native: MessageFactory, fmt: str) -> None:
-        if fmt not in SOURCES:
-            raise ValueError(f"no simulated format {fmt!r} (one of {', '.join(SOURCES)})")
+    ``fmt`` is one format for every device, or a table of serial to format in which a device
+    not named stays native. Native messages (and every deliberately bad one, which are native)
+    pass through as the native factory made them. ``prefix`` goes before every rendered topic,
+    as ``source_for`` puts it before the sources' patterns.
+    """
+
+    def __init__(
+        self, native: MessageFactory, fmt: str | Mapping[str, str], prefix: str = ""
+    ) -> None:
+        chosen = {fmt} if isinstance(fmt, str) else set(fmt.values()) - {"native"}
+        for name in sorted(chosen):
+            if name not in SOURCES:
+                raise ValueError(f"no simulated format {name!r} (one of {', '.join(SOURCES)})")
         self.native = native
         self.fmt = fmt
+        self.prefix = prefix
         self._queue: deque[tuple[str, bytes]] = deque()
         self._frames: dict[str, int] = {}  # ttn: each device's frame counter (f_cnt)
         self._rng = random.Random()
@@ -82,31 +105,45 @@ class FormatFactory:
     def readings(self) -> int:
         return self.native.readings
 
+    def format_of(self, serial: str) -> str:
+        """The format device ``serial`` publishes in."""
+        return self.fmt if isinstance(self.fmt, str) else self.fmt.get(serial, "native")
+
     def next(self, elapsed: float, wall: float) -> tuple[str, bytes, str | None]:
-        """(topic, payload, None): the formats carry no deliberately bad messages."""
-        if not self._queue:
-            _, payload, _ = self.native.next(elapsed, wall)
-            message = json.loads(payload)
-            self._queue.extend(self._render(message["device"], message["ts"], message["metrics"]))
+        """(topic, payload, bad kind or None) of the next message."""
+        if self._queue:
+            topic, data = self._queue.popleft()
+            return topic, data, None
+        topic, payload, kind = self.native.next(elapsed, wall)
+        if kind is not None:
+            return topic, payload, kind
+        message = json.loads(payload)
+        fmt = self.format_of(message["device"])
+        if fmt == "native":
+            return topic, payload, None
+        rendered = self._render(fmt, message["device"], message["ts"], message["metrics"])
+        self._queue.extend((f"{self.prefix}{t}", data) for t, data in rendered)
         topic, data = self._queue.popleft()
         return topic, data, None
 
-    def _render(self, serial: str, ts_ms: int, metrics: dict[str, Any]) -> list[tuple[str, bytes]]:
+    def _render(
+        self, fmt: str, serial: str, ts_ms: int, metrics: dict[str, Any]
+    ) -> list[tuple[str, bytes]]:
         # Exact: fromtimestamp(ts_ms / 1000) can land a microsecond off through the float.
         at = _EPOCH + timedelta(milliseconds=ts_ms)
-        if self.fmt == "tasmota":
+        if fmt == "tasmota":
             # Tasmota's Time: the device's wall clock without an offset (here UTC).
             wall_clock = at.replace(tzinfo=None).isoformat(timespec="seconds")
             return [(f"tele/{serial}/SENSOR", _json({"Time": wall_clock, **metrics}))]
-        if self.fmt == "z2m":
+        if fmt == "z2m":
             body = {**metrics, "linkquality": _LINKQUALITY, "last_seen": at.isoformat()}
             return [(f"zigbee2mqtt/{serial}", _json(body))]
-        if self.fmt == "esphome":
+        if fmt == "esphome":
             return [
                 (f"esphome/{serial}/sensor/{name}/state", _plain(value).encode())
                 for name, value in metrics.items()
             ]
-        if self.fmt == "ttn":
+        if fmt == "ttn":
             return [self._uplink(serial, at, metrics)]
         records: list[dict[str, Any]] = []
         for name, value in metrics.items():
