@@ -74,8 +74,8 @@ def decode(
             f"{UPLINK}.decoded_payload is empty: the payload formatter returned no values", serial
         )
     ts = _time(uplink, document)
-    pairs = ((key, value) for key, value in base.flatten(decoded) if value is not None)
-    return finish(serial, base.readings(source, pairs, ts), received_at, limits)
+    found = base.readings(source, base.flatten(decoded), ts, skip_nulls=True)
+    return finish(serial, found, received_at, limits)
 
 
 def _time(uplink: Mapping[str, Any], document: Mapping[str, Any]) -> datetime | str | None:
