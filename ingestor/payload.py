@@ -392,15 +392,7 @@ def finish(
                 metric,
             )
             continue
-        ts = now if item_ts is None else item_ts
-        parser.accept(
-            serial,
-            metric,
-            value,
-            ts,
-            unit=unit,
-            label=f"metric {_show(metric)}: ",
-        )
+        parser.accept(serial, metric, value, now if item_ts is None else item_ts, unit=unit)
     return ParseResult(tuple(parser.readings), tuple(parser.rejections))
 
 
@@ -588,51 +580,51 @@ class _MessageParser:
         ts: datetime | str,
         *,
         unit: str | None,
-        label: str,
+        label: str | None = None,
     ) -> None:
-        """The checks every reading passes, whichever decoder found it."""
+        """The checks every reading passes, whichever decoder found it.
+
+        ``label`` starts a rejection's detail; None stands for ``metric '<name>': ``, built
+        only when the reading is rejected (a decoder's readings mostly pass).
+        """
         if value is None or isinstance(value, list | dict):
-            self.reject(
-                Reason.type_mismatch,
-                f"{label}value is {_kind(value)}; expected a number, boolean or string",
-                serial,
-                name,
-            )
+            detail = f"value is {_kind(value)}; expected a number, boolean or string"
+            self._refuse(Reason.type_mismatch, label, serial, name, detail)
             return
         if isinstance(ts, str):
-            self.reject(Reason.bad_timestamp, f"{label}{ts}", serial, name)
+            self._refuse(Reason.bad_timestamp, label, serial, name, ts)
             return
         ahead = ts - self.now
         if ahead > self.limits.future_tolerance:
-            self.reject(
-                Reason.ts_in_future,
-                f"{label}ts {ts.isoformat()} is {_duration(ahead)} ahead of the service clock "
-                f"(limit {_duration(self.limits.future_tolerance)})",
-                serial,
-                name,
+            detail = (
+                f"ts {ts.isoformat()} is {_duration(ahead)} ahead of the service clock "
+                f"(limit {_duration(self.limits.future_tolerance)})"
             )
+            self._refuse(Reason.ts_in_future, label, serial, name, detail)
             return
         if -ahead > self.limits.max_age:
-            self.reject(
-                Reason.ts_too_old,
-                f"{label}ts {ts.isoformat()} is {_duration(-ahead)} old "
-                f"(limit {_duration(self.limits.max_age)})",
-                serial,
-                name,
+            detail = (
+                f"ts {ts.isoformat()} is {_duration(-ahead)} old "
+                f"(limit {_duration(self.limits.max_age)})"
             )
+            self._refuse(Reason.ts_too_old, label, serial, name, detail)
             return
         key = (serial, name.lower(), ts)
         if key in self.seen:
-            self.reject(
-                Reason.bad_schema,
-                f"{label}a reading of this metric at {ts.isoformat()} appears earlier in the "
-                "message (metric names ignore case)",
-                serial,
-                name,
+            detail = (
+                f"a reading of this metric at {ts.isoformat()} appears earlier in the "
+                "message (metric names ignore case)"
             )
+            self._refuse(Reason.bad_schema, label, serial, name, detail)
             return
         self.seen.add(key)
         self.readings.append(RawReading(serial, name, ts, value, unit))
+
+    def _refuse(
+        self, reason: Reason, label: str | None, serial: str, name: str, detail: str
+    ) -> None:
+        prefix = f"metric {_show(name)}: " if label is None else label
+        self.reject(reason, f"{prefix}{detail}", serial, name)
 
 
 def _parse_ts(raw: object, subject: str) -> datetime | str:
