@@ -299,14 +299,16 @@ def test_senml_through_the_daemon(
     assert "vd (a data value) is not supported" in detail
 
 
+@pytest.mark.parametrize(("fmt", "qos"), [("tasmota", "1"), ("ttn", "0")])
 def test_simulate_format_traffic_is_ingested_with_its_printed_source(
-    make_settings: Callable[..., Settings], db_url: str, unique: str
+    make_settings: Callable[..., Settings], db_url: str, unique: str, fmt: str, qos: str
 ) -> None:
-    """`iothub simulate --format tasmota` into a daemon configured with the source the
-    simulator prints: every reading stored, none rejected. Under one message per second per
-    device, since Tasmota's Time has whole seconds (docs/sources.md)."""
-    fleet = make_fleet(db_url, f"simtas{unique}", 1)
-    settings = make_settings(sources=(formats.SOURCES["tasmota"],))
+    """`iothub simulate --format tasmota|ttn` into a daemon configured with the source the
+    simulator prints: every reading stored, none rejected (ttn at QoS 0, as The Things Stack
+    publishes). Under one message per second per device, since Tasmota's Time has whole seconds
+    (docs/sources.md)."""
+    fleet = make_fleet(db_url, f"sim{fmt}{unique}", 1)
+    settings = make_settings(sources=(formats.SOURCES[fmt],))
     service = IngestService(settings)
     thread = threading.Thread(target=service.run, name="test-service")
     thread.start()
@@ -315,7 +317,7 @@ def test_simulate_format_traffic_is_ingested_with_its_printed_source(
         parser = argparse.ArgumentParser()
         simulate_cli.add_arguments(parser)
         args = parser.parse_args(
-            ["--format", "tasmota", "--duration", "2.5", "--rate", "0.9",
+            ["--format", fmt, "--qos", qos, "--duration", "2.5", "--rate", "0.9",
              "--devices", ",".join(fleet.serials), "--client-id", f"sim-{unique}"]
         )  # fmt: skip
         assert simulate_cli.main(settings, args) == exitcodes.OK
