@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from config.sources import Source
+from ingestor import payload
 from ingestor.decoders import base
 from ingestor.payload import Limits, ParseResult, Rejection, finish, storable
 from ingestor.reasons import Reason
@@ -79,12 +80,13 @@ def decode(
 
 
 def _time(uplink: Mapping[str, Any], document: Mapping[str, Any]) -> datetime | str | None:
+    # The Things Stack writes UTC with "Z": the native format's RFC 3339 rule, no local times.
     raw = uplink.get("received_at")
     if raw is not None:
-        return base.parse_time(raw, None, f"{UPLINK}.received_at")
+        return payload.parse_time(raw, f"{UPLINK}.received_at")
     raw = document.get("received_at")
     if raw is not None:
-        return base.parse_time(raw, None, "received_at")
+        return payload.parse_time(raw, "received_at")
     return None
 
 
