@@ -95,7 +95,8 @@ def parse_time(raw: object, zone: ZoneInfo | None, subject: str) -> datetime | s
         # The zone reads a naive time's wall clock and fold; datetime.replace(tzinfo=...) costs
         # several times more than these calls, and this runs once per message.
         offset = zone.utcoffset(naive)
-        late = datetime(*naive.timetuple()[:6], naive.microsecond, fold=1)
+        n = naive
+        late = datetime(n.year, n.month, n.day, n.hour, n.minute, n.second, n.microsecond, fold=1)
         if offset is None or offset != zone.utcoffset(late):
             return _dst_problem(raw, naive, zone, subject)
         try:
