@@ -43,6 +43,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple, TypeAlias
 
+from ingestor.aliases import Birth
 from ingestor.reasons import Reason
 from schema.types import DATA_TYPES, DataType
 
@@ -165,6 +166,8 @@ class ParseResult:
 
     readings: tuple[RawReading, ...]
     rejections: tuple[Rejection, ...]
+    # Sparkplug B births in the message: alias state for ``batch.prepare`` and the writer.
+    births: tuple[Birth, ...] = ()
 
 
 class _Refused(ValueError):
