@@ -1,0 +1,200 @@
+"""Sparkplug B end to end: the daemon with every decoder configured, a real Mosquitto and a real
+database. Births define aliases that survive a restart of iothub (they are kept in the
+database); data before any birth is rejected as unknown_alias; signed integers sign-extended in
+uint32 are stored as the negative numbers they are.
+
+The topics are Sparkplug's own namespace (spBv1.0/...), so each test has a group of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from config.settings import Settings
+from ingestor.decoders import sparkplug_b_pb2 as pb
+from ingestor.decoders.sparkplug_b import DataType
+from iothub.daemon.service import IngestService
+from tests.integration.test_sources import all_sources, rejected, stored
+from tests.support.fleet import Publisher, count, make_fleet, wait_for
+
+
+def sparkplug_sources(unique: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "spb-devices",
+            "topic": f"spBv1.0/g{unique}/{{type}}/{{node}}/{{device}}",
+            "decoder": "sparkplug_b",
+            "serial": "{device}",
+            "exclude": ["Node Control/*"],
+        },
+        {
+            "name": "spb-nodes",
+            "topic": f"spBv1.0/g{unique}/{{type}}/{{node}}",
+            "decoder": "sparkplug_b",
+            "serial": "{node}",
+        },
+    ]
+
+
+@pytest.fixture
+def daemon(
+    make_settings: Callable[..., Settings], unique: str
+) -> Iterator[Callable[[], IngestService]]:
+    """Starts the daemon with every decoder's source; ``stop`` ends the one that runs."""
+    running: list[tuple[IngestService, threading.Thread]] = []
+
+    def start() -> IngestService:
+        sources = (*all_sources(unique), *sparkplug_sources(unique))
+        service = IngestService(make_settings(sources=sources))
+        thread = threading.Thread(target=service.run, name="test-service")
+        thread.start()
+        assert service.wait_ready(30), "service did not become ready"
+        running.append((service, thread))
+        return service
+
+    yield start
+    for service, thread in running:
+        service.request_stop("test over")
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def stop(service: IngestService) -> None:
+    service.request_stop("restart")
+    assert wait_for(lambda: service.pipeline.wait_flushed(0.1), timeout=30)
+
+
+def ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def payload(*metrics: pb.Payload.Metric, at: datetime, seq: int) -> bytes:
+    return pb.Payload(timestamp=ms(at), seq=seq, metrics=metrics).SerializeToString()
+
+
+def dbirth(at: datetime) -> bytes:
+    return payload(
+        pb.Payload.Metric(name="temperature", alias=1, datatype=DataType.Float, float_value=21.5),
+        pb.Payload.Metric(name="humidity", alias=2, datatype=DataType.Int8, int_value=40),
+        pb.Payload.Metric(name="status", alias=3, datatype=DataType.String, string_value="OK"),
+        pb.Payload.Metric(name="online", alias=4, datatype=DataType.Boolean, boolean_value=True),
+        pb.Payload.Metric(
+            name="Node Control/Rebirth", alias=5, datatype=DataType.Boolean, boolean_value=False
+        ),
+        at=at,
+        seq=1,
+    )
+
+
+def ddata(at: datetime, seq: int = 2) -> bytes:
+    return payload(
+        pb.Payload.Metric(alias=1, timestamp=ms(at), float_value=22.25),
+        pb.Payload.Metric(alias=2, timestamp=ms(at), int_value=4294967209),  # Int8 -87
+        pb.Payload.Metric(alias=3, timestamp=ms(at), string_value="FAULT"),
+        at=at,
+        seq=seq,
+    )
+
+
+def aliases(db_url: str) -> list[tuple[str, str, str, str, int, int]]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT group_id, edge_node_id, device_id, metric_name, alias, datatype "
+            "FROM sparkplug_aliases ORDER BY alias"
+        ).fetchall()
+    return [(r[0], r[1], r[2], r[3], int(r[4]), r[5]) for r in rows]
+
+
+def test_birth_then_data_across_a_restart_of_iothub(
+    daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
+) -> None:
+    """DBIRTH stored (its values are readings, its aliases kept); iothub restarts; DDATA by alias
+    is resolved from the database, with the sign-extended Int8 stored as -87."""
+    fleet = make_fleet(db_url, f"spb{unique}", 1)
+    serial = fleet.serials[0]
+    born = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)
+    later = born + timedelta(seconds=30)
+    topic = f"spBv1.0/g{unique}/{{}}/edge1/{serial}"
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        first = daemon()
+        pub.publish(topic.format("DBIRTH"), dbirth(born))
+        assert wait_for(lambda: count(db_url, "SELECT count(*) FROM telemetries") >= 4)
+        stop(first)
+        assert [a[3:] for a in aliases(db_url)] == [
+            ("temperature", 1, DataType.Float),
+            ("humidity", 2, DataType.Int8),
+            ("status", 3, DataType.String),
+            ("online", 4, DataType.Boolean),
+            ("Node Control/Rebirth", 5, DataType.Boolean),
+        ]
+        daemon()  # a new process would load the same rows: nothing of the first is reused
+        pub.publish(topic.format("DDATA"), ddata(later))
+        assert wait_for(lambda: count(db_url, "SELECT count(*) FROM telemetries") >= 7)
+    finally:
+        pub.close()
+    assert stored(db_url, fleet, serial, "temperature") == [(born, 21.5), (later, 22.25)]
+    assert stored(db_url, fleet, serial, "humidity") == [(born, 40), (later, -87)]
+    assert stored(db_url, fleet, serial, "status") == [(born, "OK"), (later, "FAULT")]
+    assert stored(db_url, fleet, serial, "online") == [(born, True)]
+    assert rejected(db_url) == []
+
+
+def test_data_before_any_birth_is_rejected_with_the_reason(
+    daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
+) -> None:
+    fleet = make_fleet(db_url, f"spb{unique}", 1)
+    serial = fleet.serials[0]
+    daemon()
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        pub.publish(f"spBv1.0/g{unique}/DDATA/edge1/{serial}", ddata(now))
+        pub.publish(f"spBv1.0/g{unique}/DDATA/edge1/{serial}", b"not protobuf \xff\xff")
+        assert wait_for(lambda: len(rejected(db_url)) >= 4)
+    finally:
+        pub.close()
+    assert count(db_url, "SELECT count(*) FROM telemetries") == 0
+    rows = rejected(db_url)
+    assert [(reason, who) for reason, who, _, _ in rows] == [
+        ("unknown_alias", serial),
+        ("unknown_alias", serial),
+        ("unknown_alias", serial),
+        ("bad_schema", serial),
+    ]
+    assert rows[0][3].startswith(
+        f"source 'spb-devices': metric[0]: alias 1 is not defined by a birth of "
+        f"'g{unique}/edge1/{serial}'"
+    )
+    assert "not a Sparkplug B protobuf message" in rows[3][3]
+    assert aliases(db_url) == []
+
+
+def test_births_of_unknown_devices_are_not_kept_and_deaths_are_not_telemetry(
+    daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
+) -> None:
+    fleet = make_fleet(db_url, f"spb{unique}", 1)
+    serial = fleet.serials[0]
+    daemon()
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        pub.publish(f"spBv1.0/g{unique}/DBIRTH/edge1/stranger", dbirth(now))
+        pub.publish(f"spBv1.0/g{unique}/NDEATH/edge1", payload(at=now, seq=0))
+        pub.publish(f"spBv1.0/g{unique}/DBIRTH/edge1/{serial}", dbirth(now))
+        assert wait_for(lambda: count(db_url, "SELECT count(*) FROM telemetries") >= 4)
+        assert wait_for(lambda: len(rejected(db_url)) >= 4)
+    finally:
+        pub.close()
+    assert {a[2] for a in aliases(db_url)} == {serial}
+    # The stranger's four readings are unknown_device (Node Control/* is excluded); the NDEATH
+    # left no trace.
+    assert [(reason, who) for reason, who, _, _ in rejected(db_url)] == [
+        ("unknown_device", "stranger")
+    ] * 4
