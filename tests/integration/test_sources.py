@@ -112,6 +112,30 @@ def rejected(db_url: str) -> list[tuple[str, str | None, str | None, str]]:
     return [(r[0], r[1], r[2], r[3]) for r in rows]
 
 
+def simulate_into_daemon(
+    settings: Settings, fmt: str, fleet: Fleet, unique: str, *, rate: float, messages: int
+) -> IngestService:
+    """Run `iothub simulate --format fmt` for 2.5 s into a daemon started with `settings`;
+    returns the stopped service once it had committed `messages`."""
+    service = IngestService(settings)
+    thread = threading.Thread(target=service.run, name="test-service")
+    thread.start()
+    try:
+        assert service.wait_ready(30)
+        parser = argparse.ArgumentParser()
+        simulate_cli.add_arguments(parser)
+        args = parser.parse_args(
+            ["--format", fmt, "--duration", "2.5", "--rate", str(rate),
+             "--devices", ",".join(fleet.serials), "--client-id", f"sim-{unique}"]
+        )  # fmt: skip
+        assert simulate_cli.main(settings, args) == exitcodes.OK
+        assert wait_for(lambda: service.totals["messages"] >= messages)
+    finally:
+        service.request_stop("test over")
+        thread.join(30)
+    return service
+
+
 def test_tasmota_through_the_daemon(
     daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
 ) -> None:
@@ -300,22 +324,7 @@ def test_simulate_format_traffic_is_ingested_with_its_printed_source(
     device, since Tasmota's Time has whole seconds (docs/sources.md)."""
     fleet = make_fleet(db_url, f"simtas{unique}", 1)
     settings = make_settings(sources=(formats.SOURCES["tasmota"],))
-    service = IngestService(settings)
-    thread = threading.Thread(target=service.run, name="test-service")
-    thread.start()
-    try:
-        assert service.wait_ready(30)
-        parser = argparse.ArgumentParser()
-        simulate_cli.add_arguments(parser)
-        args = parser.parse_args(
-            ["--format", "tasmota", "--duration", "2.5", "--rate", "0.9",
-             "--devices", ",".join(fleet.serials), "--client-id", f"sim-{unique}"]
-        )  # fmt: skip
-        assert simulate_cli.main(settings, args) == exitcodes.OK
-        assert wait_for(lambda: service.totals["messages"] >= 2)
-    finally:
-        service.request_stop("test over")
-        thread.join(30)
+    service = simulate_into_daemon(settings, "tasmota", fleet, unique, rate=0.9, messages=2)
     assert rejected(db_url) == []
     assert service.totals["duplicates"] == 0
     # Every message carries all four metrics of the device.

@@ -20,7 +20,8 @@ from config.settings import Settings
 from ingestor.decoders import sparkplug_b_pb2 as pb
 from ingestor.decoders.sparkplug_b import DataType
 from iothub.daemon.service import IngestService
-from tests.integration.test_sources import all_sources, rejected, stored
+from iothub.devtools.simulator import formats
+from tests.integration.test_sources import all_sources, rejected, simulate_into_daemon, stored
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
 
 
@@ -198,3 +199,19 @@ def test_births_of_unknown_devices_are_not_kept_and_deaths_are_not_telemetry(
     assert [(reason, who) for reason, who, _, _ in rejected(db_url)] == [
         ("unknown_device", "stranger")
     ] * 4
+
+
+def test_simulate_sparkplug_traffic_is_ingested_with_its_printed_sources(
+    make_settings: Callable[..., Settings], db_url: str, unique: str
+) -> None:
+    """`iothub simulate --format sparkplug` (NBIRTH, DBIRTH, then DDATA by alias, with a
+    negative Int8 rssi) into a daemon configured with the sources the simulator prints: every
+    reading stored, none rejected, the device births kept."""
+    fleet = make_fleet(db_url, f"simspb{unique}", 2)
+    settings = make_settings(sources=tuple(formats.sources_of("sparkplug")))
+    service = simulate_into_daemon(settings, "sparkplug", fleet, unique, rate=4, messages=5)
+    assert rejected(db_url) == []
+    assert service.totals["duplicates"] == 0
+    # Every device message (all but the NBIRTH) carries the device's four metrics.
+    assert count(db_url, "SELECT count(*) FROM telemetries") == 4 * (service.totals["messages"] - 1)
+    assert {a[2] for a in aliases(db_url)} == set(fleet.serials)
