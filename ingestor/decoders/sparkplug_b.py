@@ -109,6 +109,7 @@ _FIELDS = {
     DataType.DateTime: "long_value",
 }
 _WIDTH = {"int_value": 32, "long_value": 64}  # bits of the wire field
+_BY_NUMBER = {int(kind): kind for kind in DataType}  # DataType(n) costs a microsecond
 
 
 def topic_levels(source: Source, fields: Mapping[str, str]) -> list[str]:
@@ -218,6 +219,10 @@ class _Reader:
         self._names: set[str] = set()
         self._aliases: set[int] = set()
 
+    def label(self) -> str:
+        """The scope as an operator reads it: group/edge_node[/device]."""
+        return "/".join(part for part in self.scope if part)[:200]
+
     def reject(self, reason: Reason, detail: str, metric: str | None = None) -> None:
         self.rejections.append(Rejection(reason, detail, self.serial, payload.storable(metric)))
 
@@ -229,10 +234,9 @@ class _Reader:
         name, datatype = found
         if metric.is_null or metric.is_transient or (self.birth and _session(self.scope, name)):
             return
-        label = f"{where} {payload.storable(name) or name[:60]!r}"
         value = _value(metric, datatype)
         if isinstance(value, _Problem):
-            self.reject(Reason.bad_schema, f"{label}: {value.detail}", name)
+            self.reject(Reason.bad_schema, f"{where} {name[:60]!r}: {value.detail}", name)
             return
         if not self.source.keeps(name):
             return
@@ -250,7 +254,7 @@ class _Reader:
             )
             return None
         datatype = metric.datatype
-        if datatype not in DataType.__members__.values():
+        if datatype not in _BY_NUMBER:
             self.reject(
                 Reason.bad_schema,
                 f"{where} {name!r}: datatype {datatype} is not a Sparkplug datatype",
@@ -270,14 +274,13 @@ class _Reader:
 
     def _resolve(self, where: str, metric: pb.Payload.Metric) -> tuple[str, int] | None:
         """A data metric's name and datatype: from its alias (or name) and the kept birth."""
-        scope = "/".join(part for part in self.scope if part)
         definition: Definition | None = None
         if metric.HasField("alias"):
             definition = self.store.by_alias(self.scope, metric.alias)
             if definition is None and not metric.name:
                 self.reject(
                     Reason.unknown_alias,
-                    f"{where}: alias {metric.alias} is not defined by a birth of {scope[:200]!r} "
+                    f"{where}: alias {metric.alias} is not defined by a birth of {self.label()!r} "
                     "(births are kept for devices in the catalogue; ask the edge node for a "
                     "rebirth)",
                 )
@@ -294,7 +297,7 @@ class _Reader:
             return name, metric.datatype
         self.reject(
             Reason.unknown_alias,
-            f"{where} {name[:60]!r}: no datatype, and no birth of {scope[:200]!r} defined it",
+            f"{where} {name[:60]!r}: no datatype, and no birth of {self.label()!r} defined it",
             name,
         )
         return None
@@ -326,9 +329,8 @@ class _Problem(NamedTuple):
 
 def _value(metric: pb.Payload.Metric, datatype: int) -> object:
     """The metric's value as stored, or the ``_Problem`` with it."""
-    try:
-        kind = DataType(datatype)
-    except ValueError:
+    kind = _BY_NUMBER.get(datatype)
+    if kind is None:
         return _Problem(f"datatype {datatype} is not a Sparkplug datatype")
     carried = metric.WhichOneof("value")
     wanted = _INTEGERS[kind][0] if kind in _INTEGERS else _FIELDS.get(kind)
