@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from config.sources import parse_sources
 from ingestor import batch
@@ -500,3 +502,32 @@ def test_prepare_keeps_births_of_known_devices_only_and_data_after_a_birth_resol
         (11, '{"t":"numeric","v":5}'),
         (11, '{"t":"numeric","v":-87}'),
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        # Valid protobuf framing with arbitrary metric contents: the decoder's own paths.
+        st.lists(
+            st.builds(
+                pb.Payload.Metric,
+                name=st.text(max_size=8),
+                alias=st.integers(0, 2**64 - 1),
+                datatype=st.integers(0, 40),
+                int_value=st.integers(0, 2**32 - 1),
+                timestamp=st.integers(0, 2**64 - 1),
+            ),
+            max_size=5,
+        ).map(lambda metrics: pb.Payload(metrics=metrics).SerializeToString()),
+    ),
+    kind=st.sampled_from(["DBIRTH", "DDATA", "DDEATH", "XDATA"]),
+)
+def test_decoder_never_raises_on_any_payload(data: bytes, kind: str) -> None:
+    spb = router()
+    route = spb.match(f"spBv1.0/g/{kind}/n/d")
+    assert route is not None and route.decoder is not None and route.source is not None
+    # The decoder itself, not Route.decode's last line of defence: it must not need that one.
+    parsed = route.decoder(route.source, route.fields, data, NOW, LIMITS)
+    assert all(r.reason in Reason for r in parsed.rejections)
+    assert all(r.serial_id == "n.d" for r in parsed.readings)
