@@ -13,10 +13,12 @@ so it reads the group, message type, edge node and device whatever the placehold
 - ``NDEATH``/``DDEATH``/``NCMD``/``DCMD`` are not telemetry: acknowledged, neither stored nor
   recorded. ``bdSeq`` of an NBIRTH (the session number) is no reading either.
 - Int8/16/32 arrive in ``int_value`` (uint32) sign-extended: 4294967209 is Int8 -87. Int64 is
-  two's complement in ``long_value``. The datatype is the birth's (DATA usually omits it).
-  Float is the shortest decimal that is the same float32 (12.3, not 12.300000190734863).
-  DateTime (ms since the epoch) is stored as RFC 3339 text. DataSet, Template, Bytes, File,
-  PropertySet and the array types are refused (bad_schema) with the datatype named.
+  two's complement in ``long_value``. An integer type that arrives in the other integer field is
+  read from that one (sign-extended by its width) and range-checked like any other. The
+  datatype is the birth's (DATA usually omits it). Float is the shortest decimal that is the
+  same float32 (12.3, not 12.300000190734863). DateTime (ms since the epoch) is stored as
+  RFC 3339 text. DataSet, Template, Bytes, File, PropertySet and the array types are refused
+  (bad_schema) with the datatype named.
 - A metric with ``is_null`` is no reading; one with ``is_transient`` (the specification: not to
   be historized) is no reading either. The time is the metric's ``timestamp``, else the
   payload's, else receipt.
@@ -339,10 +341,12 @@ def _value(metric: pb.Payload.Metric, datatype: int) -> object:
             f"datatype {kind.name} is not supported "
             "(iothub stores integers, floats, booleans, text and DateTime)"
         )
+    if kind in _INTEGERS and carried in _WIDTH:
+        # The expected field, or the other integer field (an encoder's choice that loses
+        # nothing): sign extension follows the field that carries it, then the range check.
+        return _integer(kind, carried, getattr(metric, carried))
     if carried != wanted:
         return _Problem(f"a {kind.name} metric carries {carried or 'no value'}; expected {wanted}")
-    if kind in _INTEGERS:
-        return _integer(kind, getattr(metric, wanted))
     if kind is DataType.Float:
         return _float32(metric.float_value)
     if kind is DataType.DateTime:
@@ -356,8 +360,8 @@ def _value(metric: pb.Payload.Metric, datatype: int) -> object:
     return value
 
 
-def _integer(kind: DataType, raw: int) -> int | _Problem:
-    field, bits, signed = _INTEGERS[kind]
+def _integer(kind: DataType, field: str, raw: int) -> int | _Problem:
+    _, bits, signed = _INTEGERS[kind]
     width = _WIDTH[field]
     value = raw - (1 << width) if signed and raw >= 1 << (width - 1) else raw
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)

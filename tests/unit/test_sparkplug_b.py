@@ -233,6 +233,9 @@ def test_null_transient_and_bdseq_are_no_readings() -> None:
         (DataType.UInt32, "int_value", 4294967295, 4294967295),
         (DataType.Int32, "int_value", 2147483648, -2147483648),
         (DataType.UInt64, "long_value", 2**64 - 1, 2**64 - 1),
+        # The other integer field is read too; a signed type there is sign-extended by 64 bits.
+        (DataType.UInt32, "long_value", 4294967295, 4294967295),
+        (DataType.Int16, "long_value", 2**64 - 300, -300),
         (DataType.Double, "double_value", 0.1, 0.1),
         (DataType.Text, "string_value", "hello", "hello"),
         (DataType.UUID, "string_value", "4f2c", "4f2c"),
@@ -258,6 +261,7 @@ TEMPLATE = pb.Payload.Template(version="1")
             "int_value 200 is outside Int8 (-128 to 127)",
         ),
         (metric(name="m", datatype=DataType.UInt8, int_value=256), "outside UInt8"),
+        (metric(name="m", datatype=DataType.UInt32, long_value=2**32), "outside UInt32"),
         (
             metric(name="m", datatype=DataType.Int8, float_value=1.0),
             "carries float_value; expected int_value",
