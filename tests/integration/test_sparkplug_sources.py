@@ -112,6 +112,19 @@ def aliases(db_url: str) -> list[tuple[str, str, str, str, int, int]]:
     return [(r[0], r[1], r[2], r[3], int(r[4]), r[5]) for r in rows]
 
 
+def publish_and_wait(
+    broker_url: str, unique: str, messages: list[tuple[str, bytes]], done: Callable[[], bool]
+) -> None:
+    """Publish at QoS 1 (each acknowledged by the broker), then wait until ``done``."""
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        for topic, data in messages:
+            pub.publish(topic, data)
+        assert wait_for(done)
+    finally:
+        pub.close()
+
+
 def test_birth_then_data_across_a_restart_of_iothub(
     daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
 ) -> None:
@@ -150,17 +163,12 @@ def test_birth_then_data_across_a_restart_of_iothub(
 def test_data_before_any_birth_is_rejected_with_the_reason(
     daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
 ) -> None:
-    fleet = make_fleet(db_url, f"spb{unique}", 1)
-    serial = fleet.serials[0]
+    serial = make_fleet(db_url, f"spb{unique}", 1).serials[0]
     daemon()
-    now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
-    pub = Publisher(broker_url, f"pub-{unique}")
-    try:
-        pub.publish(f"spBv1.0/g{unique}/DDATA/edge1/{serial}", ddata(now))
-        pub.publish(f"spBv1.0/g{unique}/DDATA/edge1/{serial}", b"not protobuf \xff\xff")
-        assert wait_for(lambda: len(rejected(db_url)) >= 4)
-    finally:
-        pub.close()
+    data = ddata(datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5))
+    topic = f"spBv1.0/g{unique}/DDATA/edge1/{serial}"
+    messages = [(topic, data), (topic, b"not protobuf \xff\xff")]
+    publish_and_wait(broker_url, unique, messages, lambda: len(rejected(db_url)) >= 4)
     assert count(db_url, "SELECT count(*) FROM telemetries") == 0
     rows = rejected(db_url)
     assert [(reason, who) for reason, who, _, _ in rows] == [
@@ -180,19 +188,20 @@ def test_data_before_any_birth_is_rejected_with_the_reason(
 def test_births_of_unknown_devices_are_not_kept_and_deaths_are_not_telemetry(
     daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
 ) -> None:
-    fleet = make_fleet(db_url, f"spb{unique}", 1)
-    serial = fleet.serials[0]
+    serial = make_fleet(db_url, f"spb{unique}", 1).serials[0]
     daemon()
     now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
-    pub = Publisher(broker_url, f"pub-{unique}")
-    try:
-        pub.publish(f"spBv1.0/g{unique}/DBIRTH/edge1/stranger", dbirth(now))
-        pub.publish(f"spBv1.0/g{unique}/NDEATH/edge1", payload(at=now, seq=0))
-        pub.publish(f"spBv1.0/g{unique}/DBIRTH/edge1/{serial}", dbirth(now))
-        assert wait_for(lambda: count(db_url, "SELECT count(*) FROM telemetries") >= 4)
-        assert wait_for(lambda: len(rejected(db_url)) >= 4)
-    finally:
-        pub.close()
+    messages = [
+        (f"spBv1.0/g{unique}/DBIRTH/edge1/stranger", dbirth(now)),
+        (f"spBv1.0/g{unique}/NDEATH/edge1", payload(at=now, seq=0)),
+        (f"spBv1.0/g{unique}/DBIRTH/edge1/{serial}", dbirth(now)),
+    ]
+
+    def done() -> bool:
+        stored = count(db_url, "SELECT count(*) FROM telemetries")
+        return stored >= 4 and len(rejected(db_url)) >= 4
+
+    publish_and_wait(broker_url, unique, messages, done)
     assert {a[2] for a in aliases(db_url)} == {serial}
     # The stranger's four readings are unknown_device (Node Control/* is excluded); the NDEATH
     # left no trace.
