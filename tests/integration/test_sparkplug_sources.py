@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from config.settings import Settings
 from ingestor.decoders import sparkplug_b_pb2 as pb
@@ -224,3 +225,22 @@ def test_simulate_sparkplug_traffic_is_ingested_with_its_printed_sources(
     # Every device message (all but the NBIRTH) carries the device's four metrics.
     assert count(db_url, "SELECT count(*) FROM telemetries") == 4 * (service.totals["messages"] - 1)
     assert {a[2] for a in aliases(db_url)} == set(fleet.serials)
+
+
+def test_shared_subscription_with_sparkplug_sources_is_warned_at_start(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    """Births reach one instance of a shared group and their data maybe another: said at start."""
+    settings = make_settings(sources=tuple(sparkplug_sources(unique)), mqtt_shared_group="spb")
+    service = IngestService(settings)
+    thread = threading.Thread(target=service.run, name="test-service")
+    with capture_logs() as logs:
+        thread.start()
+        try:
+            assert service.wait_ready(30)
+        finally:
+            service.request_stop("test over")
+            thread.join(30)
+    [warned] = [e for e in logs if e["event"] == "sparkplug_shared_subscription"]
+    assert warned["group"] == "spb"
+    assert "unknown_alias" in warned["why"]
