@@ -20,7 +20,7 @@ from typing import Any
 # Every decoder name DESIGN 3b defines; IMPLEMENTED are those this build has. A configured
 # decoder outside IMPLEMENTED stops start-up rather than dropping its messages.
 DECODERS = ("native", "flat_json", "tasmota", "value", "senml", "sparkplug_b", "ttn")
-IMPLEMENTED = ("native", "flat_json", "tasmota", "value", "senml", "ttn")
+IMPLEMENTED = ("native", "flat_json", "tasmota", "value", "senml", "sparkplug_b", "ttn")
 SENML_BASE_NAME = "bn"  # the one placeholder a senml serial may use that no topic level defines
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}")
 _TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")
@@ -240,6 +240,27 @@ def parse_sources(raw: object) -> tuple[Source, ...]:
     return tuple(result)
 
 
+def sparkplug_topic_problems(pattern: str) -> list[str]:
+    """What keeps a sparkplug_b topic from being the Sparkplug namespace (empty: nothing).
+
+    ``spBv1.0/{group}/{type}/{node}`` (edge node messages) or ``.../{node}/{device}`` (device
+    messages); group, node and device may be literals; the message type must be a placeholder,
+    since births and data of one node arrive on the same pattern.
+    """
+    levels = pattern.split("/")
+    example = "'spBv1.0/{group}/{type}/{node}' or 'spBv1.0/{group}/{type}/{node}/{device}'"
+    if levels[0] != "spBv1.0" or len(levels) not in (4, 5):
+        return [f"a sparkplug_b topic is the Sparkplug namespace, {example}"]
+    if any(level.endswith("+}") for level in levels):
+        return ["a sparkplug_b topic has no {x+} placeholder: each Sparkplug level is one level"]
+    if _PLACEHOLDER.fullmatch(levels[2]) is None:
+        return [
+            f"the message type level {levels[2]!r} must be a placeholder such as {{type}}: "
+            "births and data arrive there"
+        ]
+    return []
+
+
 def _strings(value: object, what: str, mistakes: list[str]) -> tuple[str, ...] | None:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         mistakes.append(f"{what} must be a list of strings")
@@ -282,6 +303,8 @@ def _parse_source(entry: object, mistakes: list[str]) -> Source | None:  # noqa:
         except ValueError as exc:
             mistakes.append(str(exc))
     defined = set(topic.names) if topic is not None else set()
+    if decoder == "sparkplug_b" and topic is not None:
+        mistakes.extend(sparkplug_topic_problems(topic.pattern))
     for option, decoders in _ONLY_FOR.items():
         if option in entry and isinstance(decoder, str) and decoder not in decoders:
             mistakes.append(f"{option} is not read by the {decoder} decoder")

@@ -42,10 +42,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from ingestor.reasons import Reason
 from schema.types import DATA_TYPES, DataType
+
+if TYPE_CHECKING:  # the annotation only: this module stays free of the database side
+    from ingestor.aliases import Birth
 
 # Decimal: a JSON number that no double holds exactly (see _parse_float); int and float otherwise.
 Value: TypeAlias = float | int | Decimal | bool | str
@@ -166,6 +169,8 @@ class ParseResult:
 
     readings: tuple[RawReading, ...]
     rejections: tuple[Rejection, ...]
+    # Sparkplug B births in the message: alias state for ``batch.prepare`` and the writer.
+    births: tuple[Birth, ...] = ()
 
 
 class _Refused(ValueError):

@@ -31,6 +31,25 @@ from tests.unit.test_decoder_ttn import DATA_FORMATS_UPLINK, MQTT_JOIN, MQTT_UPL
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 
 
+def sparkplug_sources(unique: str) -> list[dict[str, Any]]:
+    """The two Sparkplug B sources (devices, edge nodes) on this test's own group."""
+    return [
+        {
+            "name": "spb-devices",
+            "topic": f"spBv1.0/g{unique}/{{type}}/{{node}}/{{device}}",
+            "decoder": "sparkplug_b",
+            "serial": "{device}",
+            "exclude": ["Node Control/*"],
+        },
+        {
+            "name": "spb-nodes",
+            "topic": f"spBv1.0/g{unique}/{{type}}/{{node}}",
+            "decoder": "sparkplug_b",
+            "serial": "{node}",
+        },
+    ]
+
+
 def all_sources(unique: str) -> list[dict[str, Any]]:
     """One source per decoder, on this test's own topics."""
     return [
@@ -71,6 +90,7 @@ def all_sources(unique: str) -> list[dict[str, Any]]:
             "decoder": "ttn",
             "serial": "{device}",
         },
+        *sparkplug_sources(unique),
         {
             "name": "legacy",
             "topic": f"t{unique}/legacy/{{s}}/up",
@@ -117,6 +137,37 @@ def rejected(db_url: str) -> list[tuple[str, str | None, str | None, str]]:
             "SELECT reason, serial_id, metric, detail FROM rejected_messages ORDER BY id"
         ).fetchall()
     return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def simulate_into_daemon(
+    settings: Settings,
+    fmt: str,
+    fleet: Fleet,
+    unique: str,
+    *,
+    rate: float,
+    messages: int,
+    qos: str = "1",
+) -> IngestService:
+    """Run `iothub simulate --format fmt --qos qos` for 2.5 s into a daemon started with
+    `settings`; returns the stopped service once it had committed `messages`."""
+    service = IngestService(settings)
+    thread = threading.Thread(target=service.run, name="test-service")
+    thread.start()
+    try:
+        assert service.wait_ready(30)
+        parser = argparse.ArgumentParser()
+        simulate_cli.add_arguments(parser)
+        args = parser.parse_args(
+            ["--format", fmt, "--qos", qos, "--duration", "2.5", "--rate", str(rate),
+             "--devices", ",".join(fleet.serials), "--client-id", f"sim-{unique}"]
+        )  # fmt: skip
+        assert simulate_cli.main(settings, args) == exitcodes.OK
+        assert wait_for(lambda: service.totals["messages"] >= messages)
+    finally:
+        service.request_stop("test over")
+        thread.join(30)
+    return service
 
 
 def test_tasmota_through_the_daemon(
@@ -265,7 +316,16 @@ def test_service_started_names_the_sources(
             service.request_stop("test over")
             thread.join(30)
     [started] = [e for e in logs if e["event"] == "service_started"]
-    assert started["sources"] == ["tasmota", "z2m", "esphome", "senml", "ttn", "legacy"]
+    assert started["sources"] == [
+        "tasmota",
+        "z2m",
+        "esphome",
+        "senml",
+        "ttn",
+        "spb-devices",
+        "spb-nodes",
+        "legacy",
+    ]
     assert json.dumps(started["sources"])
 
 
@@ -309,22 +369,7 @@ def test_simulate_format_traffic_is_ingested_with_its_printed_source(
     (docs/sources.md)."""
     fleet = make_fleet(db_url, f"sim{fmt}{unique}", 1)
     settings = make_settings(sources=(formats.SOURCES[fmt],))
-    service = IngestService(settings)
-    thread = threading.Thread(target=service.run, name="test-service")
-    thread.start()
-    try:
-        assert service.wait_ready(30)
-        parser = argparse.ArgumentParser()
-        simulate_cli.add_arguments(parser)
-        args = parser.parse_args(
-            ["--format", fmt, "--qos", qos, "--duration", "2.5", "--rate", "0.9",
-             "--devices", ",".join(fleet.serials), "--client-id", f"sim-{unique}"]
-        )  # fmt: skip
-        assert simulate_cli.main(settings, args) == exitcodes.OK
-        assert wait_for(lambda: service.totals["messages"] >= 2)
-    finally:
-        service.request_stop("test over")
-        thread.join(30)
+    service = simulate_into_daemon(settings, fmt, fleet, unique, rate=0.9, messages=2, qos=qos)
     assert rejected(db_url) == []
     assert service.totals["duplicates"] == 0
     # Every message carries all four metrics of the device.

@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from iothub.devtools.simulator import sparkplug
 from iothub.devtools.simulator.messages import MessageFactory
 
-FORMATS: Final = ("native", "tasmota", "z2m", "esphome", "senml", "ttn")
+FORMATS: Final = ("native", "tasmota", "z2m", "esphome", "senml", "ttn", "sparkplug")
 # The [[sources]] entry each format's traffic needs (docs/sources.md explains each option).
 SOURCES: Final[dict[str, dict[str, Any]]] = {
     "tasmota": {
@@ -52,7 +53,32 @@ SOURCES: Final[dict[str, dict[str, Any]]] = {
         "decoder": "ttn",
         "serial": "{device}",
     },
+    "sparkplug": {
+        "name": "sim-sparkplug",
+        "topic": f"spBv1.0/{sparkplug.GROUP}/{{type}}/{{node}}/{{device}}",
+        "decoder": "sparkplug_b",
+        "serial": "{device}",
+        "exclude": [sparkplug.RSSI],  # bind an rssi metric and drop this to store it
+    },
 }
+# Formats whose traffic needs a second source: Sparkplug's edge node messages (NBIRTH) have no
+# device level. Its metrics are protocol (bdSeq, Node Control/*), so nothing of it is stored.
+NODE_SOURCES: Final[dict[str, dict[str, Any]]] = {
+    "sparkplug": {
+        "name": "sim-sparkplug-node",
+        "topic": f"spBv1.0/{sparkplug.GROUP}/{{type}}/{{node}}",
+        "decoder": "sparkplug_b",
+        "serial": "{node}",
+        "exclude": ["Node Control/*"],
+    },
+}
+
+
+def sources_of(fmt: str) -> list[dict[str, Any]]:
+    """Every [[sources]] entry the daemon needs for the format's traffic."""
+    return [SOURCES[fmt], *([NODE_SOURCES[fmt]] if fmt in NODE_SOURCES else [])]
+
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -96,6 +122,7 @@ class FormatFactory:
         self._queue: deque[tuple[str, bytes]] = deque()
         self._frames: dict[str, int] = {}  # ttn: each device's frame counter (f_cnt)
         self._rng = random.Random()
+        self._node = sparkplug.SparkplugNode()
 
     @property
     def bad_sent(self) -> dict[str, int]:
@@ -138,6 +165,8 @@ class FormatFactory:
         if fmt == "z2m":
             body = {**metrics, "linkquality": _LINKQUALITY, "last_seen": at.isoformat()}
             return [(f"zigbee2mqtt/{serial}", _json(body))]
+        if fmt == "sparkplug":
+            return self._node.render(serial, ts_ms, metrics)
         if fmt == "esphome":
             return [
                 (f"esphome/{serial}/sensor/{name}/state", _plain(value).encode())
