@@ -19,7 +19,7 @@ retained. So what a birth defined is state, and it must outlive a restart of iot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -64,6 +64,12 @@ class AliasStore:
 
     def by_alias(self, scope: Scope, alias: int) -> Definition | None:
         return self._by_alias.get(scope, {}).get(alias)
+
+    def aliases(self, scope: Scope) -> Mapping[int, Definition] | None:
+        """The scope's definitions by alias, or None before any birth of it. The same object
+        until the scope's next birth (or ``load``), so a reader may cache what it derives from
+        it and check that with ``is``."""
+        return self._by_alias.get(scope)
 
     def by_name(self, scope: Scope, name: str) -> Definition | None:
         return self._by_name.get(scope, {}).get(name)

@@ -27,11 +27,12 @@ so it reads the group, message type, edge node and device whatever the placehold
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from typing import Any, Final, NamedTuple
 
 from google.protobuf.message import DecodeError
 
@@ -130,6 +131,11 @@ class SparkplugDecoder:
 
     def __init__(self, store: AliasStore) -> None:
         self.store = store
+        # Per source and scope: what the scope's last birth makes of each alias (_Table).
+        self._tables: dict[tuple[str, Scope], _Table] = {}
+        # Per source and topic fields: the message type, scope and topic problem (_topic); a
+        # device publishes on the same few topics, and reading them cost 2 us a message.
+        self._topics: dict[tuple[str, tuple[tuple[str, str], ...]], _Topic] = {}
 
     def __call__(
         self,
@@ -141,25 +147,60 @@ class SparkplugDecoder:
     ) -> ParseResult:
         serial = source.serial_for(fields)
         hint = payload.storable(serial)
-        levels = topic_levels(source, fields)
-        kind = levels[2] if len(levels) > 2 else ""
+        key = (source.name, tuple(fields.items()))
+        topic = self._topics.get(key)
+        if topic is None:
+            if len(self._topics) >= _MAX_TOPICS:
+                self._topics.clear()  # hostile or churning topics: start again, never grow
+            topic = self._topics[key] = _topic(source, fields)
+        kind, scope, problem = topic
         if kind in NOT_TELEMETRY:
             return _NOTHING
-        problem = _topic_problem(levels, kind)
         if problem is not None:
             return _rejected(Reason.bad_schema, problem, hint)
-        scope: Scope = (levels[1], levels[3], levels[4] if len(levels) == 5 else "")
         message = _parse(data, limits)
         if isinstance(message, tuple):
             return _rejected(*message, hint)
         reader = _Reader(self.store, source, scope, kind in BIRTHS, hint)
-        for index, metric in enumerate(message.metrics):
-            reader.metric(index, metric, message)
+        table = None if reader.birth else self._table(source, scope)
+        if table is None:
+            for index, metric in enumerate(message.metrics):
+                reader.metric(index, metric, message)
+        else:
+            _read_data(reader, table, message)
         parsed = finish(serial, reader.extracted, received_at, limits, tuple(reader.rejections))
         births: tuple[Birth, ...] = ()
         if kind in BIRTHS and hint is not None:  # no usable serial: finish rejected it all
             births = (Birth(scope, hint, tuple(reader.definitions)),)
         return ParseResult(parsed.readings, parsed.rejections, births)
+
+    def _table(self, source: Source, scope: Scope) -> _Table | None:
+        """The scope's alias table for ``source``; None before any birth of the scope."""
+        definitions = self.store.aliases(scope)
+        if definitions is None:
+            return None
+        key = (source.name, scope)
+        table = self._tables.get(key)
+        if table is None or table.definitions is not definitions:
+            if len(self._tables) >= _MAX_TABLES:
+                self._tables.clear()  # scopes born and gone: start again rather than grow
+            table = self._tables[key] = _Table(source, definitions)
+        return table
+
+
+_Topic = tuple[str, Scope, str | None]  # message type, scope, what is wrong with the topic
+_MAX_TOPICS: Final = 10_000
+
+
+def _topic(source: Source, fields: Mapping[str, str]) -> _Topic:
+    levels = topic_levels(source, fields)
+    kind = levels[2] if len(levels) > 2 else ""
+    if kind in NOT_TELEMETRY:
+        return kind, ("", "", ""), None
+    problem = _topic_problem(levels, kind)
+    if problem is not None:
+        return kind, ("", "", ""), problem
+    return kind, (levels[1], levels[3], levels[4] if len(levels) == 5 else ""), None
 
 
 def _rejected(reason: Reason, detail: str, serial: str | None) -> ParseResult:
@@ -215,7 +256,7 @@ class _Reader:
         self.source = source
         self.scope = scope
         self.birth = birth
-        self.extracted: list[Extracted] = []
+        self.extracted: list[payload.Found] = []
         self.rejections: list[Rejection] = []
         self.definitions: list[Definition] = []
         self._names: set[str] = set()
@@ -305,6 +346,97 @@ class _Reader:
         return None
 
 
+# An alias's entry: (stored name or None when the source excludes it, value field, convert);
+# convert is None for a value stored as it is, else it returns the value or _SLOW.
+_Entry = tuple[str | None, str, Callable[[Any], object] | None]
+_SLOW: Final = object()  # "take the general path": it says what is wrong, or reads the odd case
+_MAX_TABLES: Final = 10_000  # source-scope tables kept; more means scopes come and go
+
+
+class _Table(dict[int, "_Entry | None"]):
+    """What a DATA metric of one scope's alias becomes for one source, derived once per birth.
+
+    The common metric (by alias, a value in its datatype's field, not null or transient) is then
+    a few lookups; every other one, and every value a converter doubts, takes the general path
+    (``_Reader.metric``), so both give the same readings and rejections. Entries exist only for
+    aliases the birth defined: aliases a device makes up cannot grow the table.
+    """
+
+    def __init__(self, source: Source, definitions: Mapping[int, Definition]) -> None:
+        super().__init__()
+        self.source = source
+        self.definitions = definitions
+
+    def __missing__(self, alias: int) -> _Entry | None:
+        definition = self.definitions.get(alias)
+        if definition is None:
+            return None
+        entry = _entry(self.source, definition)
+        self[alias] = entry
+        return entry
+
+
+def _entry(source: Source, definition: Definition) -> _Entry | None:
+    kind = _BY_NUMBER.get(definition.datatype)
+    name = definition.name
+    stored = source.rename.get(name, name) if source.keeps(name) else None
+    if kind in _INTEGERS:
+        field = _INTEGERS[kind][0]
+        return stored, field, functools.partial(_fast_integer, kind, field)
+    if kind is DataType.Float:
+        return stored, "float_value", _float32
+    if kind in (DataType.Double, DataType.Boolean):
+        return stored, _FIELDS[kind], None
+    if kind in (DataType.String, DataType.Text, DataType.UUID):
+        return stored, "string_value", _fast_text
+    return None  # DateTime, the unsupported types: the general path
+
+
+def _fast_integer(kind: DataType, field: str, raw: int) -> object:
+    value = _integer(kind, field, raw)
+    return _SLOW if isinstance(value, _Problem) else value
+
+
+def _fast_text(value: object) -> object:
+    return _SLOW if isinstance(value, bytes) else value
+
+
+def _read_data(reader: _Reader, table: _Table, message: pb.Payload) -> None:
+    """DATA metrics through ``table``, each exactly as ``_Reader.metric`` would read it."""
+    values = reader.source.values
+    base_ms = message.timestamp if message.HasField("timestamp") else None
+    base_ts = None if base_ms is None else _at(base_ms, "payload timestamp")
+    last_ms, last_ts = base_ms, base_ts
+    append = reader.extracted.append
+    for index, metric in enumerate(message.metrics):
+        entry = table[metric.alias] if metric.HasField("alias") else None
+        if entry is None or metric.is_null or metric.is_transient:
+            reader.metric(index, metric, message)
+            continue
+        name, field, convert = entry
+        if metric.WhichOneof("value") != field:
+            reader.metric(index, metric, message)
+            continue
+        value = getattr(metric, field)
+        if convert is not None:
+            value = convert(value)
+            if value is _SLOW:
+                reader.metric(index, metric, message)
+                continue
+        if name is None:
+            continue  # excluded by the source
+        if values and isinstance(value, str) and value in values:
+            value = values[value]
+        if metric.HasField("timestamp"):
+            millis = metric.timestamp
+            if millis != last_ms:
+                last_ms, last_ts = millis, _at(millis, "metric timestamp")
+            ts = last_ts
+        else:
+            ts = base_ts
+        append((name, value, ts, None))
+
+
 def _session(scope: Scope, name: str) -> bool:
     """``bdSeq`` of an edge node's birth: the session number, not a measurement."""
     return scope[2] == "" and name == "bdSeq"
@@ -317,6 +449,10 @@ def _time(metric: pb.Payload.Metric, message: pb.Payload) -> datetime | str | No
         millis, subject = message.timestamp, "payload timestamp"
     else:
         return None
+    return _at(millis, subject)
+
+
+def _at(millis: int, subject: str) -> datetime | str:
     try:
         return _EPOCH + timedelta(milliseconds=millis)
     except OverflowError:
@@ -377,6 +513,9 @@ def _float32(value: float) -> float:
     packed = struct.pack("<f", value)
     for digits in range(1, 10):
         candidate = float(f"{value:.{digits}g}")
-        if struct.pack("<f", candidate) == packed:
-            return candidate
+        try:
+            if struct.pack("<f", candidate) == packed:
+                return candidate
+        except OverflowError:  # near the float32 maximum, a short decimal may round past it
+            continue
     return value
