@@ -4,11 +4,21 @@ neighbouring message types that are no uplinks."""
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.unit.test_decoders import decode, readings, reasons
+from config.sources import parse_sources
+from ingestor.decoders import ttn
+from iothub.devtools.simulator import formats
+from tests.unit.test_decoders import LIMITS, decode, readings, reasons
+from tests.unit.test_simulated_formats import factory
 
 TTN = {
     "name": "ttn",
@@ -307,3 +317,172 @@ def test_a_bad_received_at_is_bad_timestamp_for_each_reading() -> None:
 
     assert reasons(parsed) == [("bad_timestamp", "t")]
     assert "uplink_message.received_at" in parsed.rejections[0].detail
+
+
+# --- the fast path: msgspec skips the metadata, load_json parses what is read -------------------
+
+DEV1 = "v3/app1@tenant1/devices/dev1/up"
+
+
+def parts_both_ways(body: bytes) -> tuple[object, object]:
+    """(fast path's parts or None, strict path's parts or rejection) of one message."""
+    return ttn._fast_parts(body, "dev1", LIMITS), ttn._strict_parts(body, "dev1", LIMITS)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        DATA_FORMATS_UPLINK.encode(),
+        json.dumps(json.loads(DATA_FORMATS_UPLINK), separators=(",", ":")).encode(),
+    ],
+)
+def test_documented_uplink_takes_the_fast_path_and_reads_the_same(body: bytes) -> None:
+    fast, strict = parts_both_ways(body)
+    assert fast is not None, "the documented uplink fell back to the strict path"
+    assert repr(fast) == repr(strict)
+
+
+def test_simulated_uplinks_take_the_fast_path() -> None:
+    rendered = formats.FormatFactory(factory(time.time() - 60), "ttn")
+    for _ in range(20):
+        _, body, _ = rendered.next(30.0, time.time())
+        fast, strict = parts_both_ways(body)
+        assert fast is not None and repr(fast) == repr(strict)
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        # Each key the decoder reads, sent twice: msgspec would keep the last one silently.
+        (
+            '{"received_at":"2020-02-12T15:15:46Z","received_at":"2021-01-01T00:00:00Z",'
+            '"uplink_message":{"decoded_payload":{"t":1}}}',
+            "duplicate key 'received_at'",
+        ),
+        (
+            '{"uplink_message":{"decoded_payload":{"t":1},"received_at":"2020-02-12T15:15:46Z",'
+            '"received_at":"2021-01-01T00:00:00Z"}}',
+            "duplicate key 'received_at'",
+        ),
+        (
+            '{"uplink_message":{"decoded_payload":{"t":1}},'
+            '"uplink_message":{"decoded_payload":{"t":2}}}',
+            "duplicate key 'uplink_message'",
+        ),
+        (
+            '{"uplink_message":{"decoded_payload":{"t":1},"decoded_payload":{"t":2}}}',
+            "duplicate key 'decoded_payload'",
+        ),
+        ('{"uplink_message":{"decoded_payload":{"t":1,"t":2}}}', "duplicate key 't'"),
+        # The same key written with an escape is the same key.
+        (
+            '{"uplink_message":{"decoded_payload":{"t":1},"decoded\\u005fpayload":{"t":2}}}',
+            "duplicate key 'decoded_payload'",
+        ),
+        ('{"uplink_message":{"decoded_payload":{"t":NaN}}}', "NaN is not a JSON number"),
+        ('{"x":[1,2,],"uplink_message":{"decoded_payload":{"t":1}}}', "not valid JSON"),
+        ('{"x":"\xff","uplink_message":{"decoded_payload":{"t":1}}}', "not valid UTF-8"),
+    ],
+)
+def test_what_the_decoder_reads_keeps_every_json_rule(body: str, said: str) -> None:
+    """Duplicates of the keys read, NaN, invalid JSON or UTF-8 anywhere: bad_json with the same
+    reason as before the fast path (which hands these to the strict one)."""
+    raw = body.encode("latin-1") if "\xff" in body else body.encode()
+    parsed = decode(TTN, DEV1, raw, RECEIVED)
+    assert reasons(parsed) == [("bad_json", None)]
+    assert said in parsed.rejections[0].detail
+    assert ttn._fast_parts(raw, "dev1", LIMITS) is None
+
+
+def test_a_duplicate_key_in_metadata_the_decoder_skips_is_not_refused() -> None:
+    """The documented scope of the fast path (docs/sources.md): a key twice inside rx_metadata,
+    which iothub never reads, does not make the readings ambiguous; they are stored."""
+    body = (
+        '{"uplink_message":{"rx_metadata":[{"rssi":-35,"rssi":-36}],'
+        '"decoded_payload":{"t":1},"received_at":"2020-02-12T15:15:45.789585559Z"}}'
+    )
+    parsed = decode(TTN, DEV1, body, RECEIVED)
+    at = datetime(2020, 2, 12, 15, 15, 45, 789585, tzinfo=UTC)
+    assert readings(parsed) == [("dev1", "t", 1, at, None)]
+
+
+def test_deep_nesting_and_huge_payloads_are_refused_with_the_reason() -> None:
+    deep = '{"uplink_message":{"rx_metadata":' + "[" * 100_000 + "]" * 100_000 + "}}"
+    parsed = decode(TTN, DEV1, deep, RECEIVED)
+    assert reasons(parsed) == [("bad_json", None)]
+    assert "nests arrays or objects too deeply" in parsed.rejections[0].detail
+
+    padding = "x" * (LIMITS.max_payload_bytes)
+    huge = f'{{"uplink_message":{{"decoded_payload":{{"t":1}}}},"pad":"{padding}"}}'
+    parsed = decode(TTN, DEV1, huge, RECEIVED)
+    assert reasons(parsed) == [("payload_too_large", None)]
+
+
+def test_exact_numbers_and_epoch_times_through_the_fast_path() -> None:
+    body = (
+        b'{"uplink_message":{"decoded_payload":{"big":123456789012345678901234567890,'
+        b'"tiny":1e-400,"x":23.50,"n":-0},"received_at":1581520545}}'
+    )
+    fast, strict = parts_both_ways(body)
+    assert fast is not None and repr(fast) == repr(strict)
+    parsed = decode(TTN, DEV1, body, RECEIVED)
+    values = {r.metric: r.value for r in parsed.readings}
+    assert values["big"] == 123456789012345678901234567890
+    assert values["tiny"] == Decimal("1e-400")
+    assert values["x"] == 23.5
+    assert {r.ts for r in parsed.readings} == {datetime(2020, 2, 12, 15, 15, 45, tzinfo=UTC)}
+
+
+_JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=6),
+)
+_JSON = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_TIMES = st.one_of(
+    st.just("2020-02-12T15:15:45.789585559Z"), st.integers(0, 2**40), st.none(), _JSON_SCALARS
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    metadata=st.dictionaries(
+        st.sampled_from(["rx_metadata", "settings", "f_cnt", "frm_payload", "locations", "x"]),
+        _JSON,
+        max_size=4,
+    ),
+    decoded=_JSON,
+    times=st.fixed_dictionaries({}, optional={"uplink": _TIMES, "message": _TIMES}),
+    ascii_only=st.booleans(),
+    indent=st.sampled_from([None, 2]),
+)
+def test_fast_path_reads_what_the_strict_path_reads(
+    metadata: dict[str, Any],
+    decoded: Any,
+    times: dict[str, Any],
+    ascii_only: bool,
+    indent: int | None,
+) -> None:
+    """Wherever the fast path answers, its parts are the strict path's, value for value."""
+    uplink = {**metadata, "decoded_payload": decoded}
+    if "uplink" in times:
+        uplink["received_at"] = times["uplink"]
+    message: dict[str, Any] = {"end_device_ids": {"device_id": "dev1"}, "uplink_message": uplink}
+    if "message" in times:
+        message["received_at"] = times["message"]
+    body = json.dumps(message, ensure_ascii=ascii_only, indent=indent).encode()
+    fast, strict = parts_both_ways(body)
+    if fast is not None:
+        assert repr(fast) == repr(strict)
+    source = parse_sources([TTN])[0]
+    whole = ttn.decode(source, {"app": "app1", "device": "dev1"}, body, RECEIVED, LIMITS)
+    expected = ttn._readings(source, "dev1", strict, RECEIVED, LIMITS)  # type: ignore[arg-type]
+    assert whole == expected
