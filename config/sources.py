@@ -10,6 +10,7 @@ matches received topics by their levels, yielding the placeholders' values for `
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 import zoneinfo
 from collections.abc import Mapping
@@ -19,10 +20,11 @@ from typing import Any
 # Every decoder name DESIGN 3b defines; IMPLEMENTED are those this build has. A configured
 # decoder outside IMPLEMENTED stops start-up rather than dropping its messages.
 DECODERS = ("native", "flat_json", "tasmota", "value", "senml", "sparkplug_b", "ttn")
-IMPLEMENTED = ("native", "flat_json", "tasmota", "value", "senml")
+IMPLEMENTED = ("native", "flat_json", "tasmota", "value", "senml", "sparkplug_b", "ttn")
 SENML_BASE_NAME = "bn"  # the one placeholder a senml serial may use that no topic level defines
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}")
 _TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")
+_PLAIN_TEMPLATE = re.compile(r"(?:[^{}]|\{[A-Za-z_][A-Za-z0-9_]*\})*")
 _KEYS = frozenset(
     {
         "name",
@@ -92,10 +94,10 @@ class SourceTopic:
             names.append(name)
             if multi:
                 multi_at = index
-                regex.append(r"(?!\$)(.+)" if index == 0 else "(.+)")
+                regex.append(rf"(?!\$)(?P<{name}>.+)" if index == 0 else f"(?P<{name}>.+)")
                 filters.append("#")
             else:
-                regex.append(r"(?!\$)([^/]*)" if index == 0 else "([^/]*)")
+                regex.append(rf"(?!\$)(?P<{name}>[^/]*)" if index == 0 else f"(?P<{name}>[^/]*)")
                 filters.append("+")
         if multi_at is not None:
             later = [lv for lv in levels[multi_at + 1 :] if _PLACEHOLDER.fullmatch(lv)]
@@ -113,9 +115,7 @@ class SourceTopic:
     def match(self, topic: str) -> dict[str, str] | None:
         """The placeholders' values when ``topic`` fits this pattern, else None."""
         found = self._regex.fullmatch(topic)
-        if found is None:
-            return None
-        return dict(zip(self.names, found.groups(), strict=True))
+        return None if found is None else found.groupdict()
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:
@@ -166,15 +166,15 @@ class Source:
         """Whether a key (below root, nested keys joined with ".") passes include/exclude."""
         if self.include is None and not self.exclude:
             return True  # the common case, once per key of every message
-        if self.include is not None and not any(
-            fnmatch.fnmatchcase(key, glob) for glob in self.include
-        ):
+        if self.include is not None and globs(self.include).match(key) is None:
             return False
-        return not any(fnmatch.fnmatchcase(key, glob) for glob in self.exclude)
+        return not (self.exclude and globs(self.exclude).match(key))
 
     def ignores(self, topic: str) -> bool:
         """Whether ``topic`` is one of ``exclude_topics`` (noise such as bridge state)."""
-        return any(filter_matches(f, topic) for f in self.exclude_topics)
+        return bool(self.exclude_topics) and any(
+            filter_matches(f, topic) for f in self.exclude_topics
+        )
 
     def serial_for(self, fields: Mapping[str, str]) -> str | None:
         """The serial template filled from the topic's placeholders (None when unset)."""
@@ -185,7 +185,26 @@ class Source:
         return None if self.metric is None else _fill(self.metric, fields)
 
 
+@functools.cache
+def globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One pattern matching what any of the fnmatch globs matches (case-sensitive), compiled
+    once per source: a key is then tested in one C call rather than one fnmatch per glob."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+@functools.cache
+def _plain(template: str) -> bool:
+    """Whether every brace of ``template`` belongs to a ``{name}`` field, so that
+    ``str.format_map`` reads it exactly as ``_TEMPLATE_FIELD`` does."""
+    return _PLAIN_TEMPLATE.fullmatch(template) is not None
+
+
 def _fill(template: str, fields: Mapping[str, str]) -> str:
+    if _plain(template):
+        try:
+            return template.format_map(fields)  # once per message: one C call
+        except KeyError:
+            pass  # a field the topic did not give (senml's {bn} before it is known)
     return _TEMPLATE_FIELD.sub(lambda m: fields.get(m.group(1), ""), template)
 
 
@@ -219,6 +238,27 @@ def parse_sources(raw: object) -> tuple[Source, ...]:
     if problems:
         raise ValueError("\n".join(problems))
     return tuple(result)
+
+
+def sparkplug_topic_problems(pattern: str) -> list[str]:
+    """What keeps a sparkplug_b topic from being the Sparkplug namespace (empty: nothing).
+
+    ``spBv1.0/{group}/{type}/{node}`` (edge node messages) or ``.../{node}/{device}`` (device
+    messages); group, node and device may be literals; the message type must be a placeholder,
+    since births and data of one node arrive on the same pattern.
+    """
+    levels = pattern.split("/")
+    example = "'spBv1.0/{group}/{type}/{node}' or 'spBv1.0/{group}/{type}/{node}/{device}'"
+    if levels[0] != "spBv1.0" or len(levels) not in (4, 5):
+        return [f"a sparkplug_b topic is the Sparkplug namespace, {example}"]
+    if any(level.endswith("+}") for level in levels):
+        return ["a sparkplug_b topic has no {x+} placeholder: each Sparkplug level is one level"]
+    if _PLACEHOLDER.fullmatch(levels[2]) is None:
+        return [
+            f"the message type level {levels[2]!r} must be a placeholder such as {{type}}: "
+            "births and data arrive there"
+        ]
+    return []
 
 
 def _strings(value: object, what: str, mistakes: list[str]) -> tuple[str, ...] | None:
@@ -263,6 +303,8 @@ def _parse_source(entry: object, mistakes: list[str]) -> Source | None:  # noqa:
         except ValueError as exc:
             mistakes.append(str(exc))
     defined = set(topic.names) if topic is not None else set()
+    if decoder == "sparkplug_b" and topic is not None:
+        mistakes.extend(sparkplug_topic_problems(topic.pattern))
     for option, decoders in _ONLY_FOR.items():
         if option in entry and isinstance(decoder, str) and decoder not in decoders:
             mistakes.append(f"{option} is not read by the {decoder} decoder")

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 from config.topics import TopicRouter
 from ingestor import payload
+from ingestor.aliases import Birth
 from ingestor.catalog import Snapshot
 from ingestor.hooks import BatchReading
 from ingestor.messages import InboundMessage
@@ -103,6 +104,8 @@ class Batch:
     duplicates: int = 0
     bounds: Bounds = field(default_factory=Bounds)
     payload_bytes: int = 0
+    # Sparkplug B births of known devices, in arrival order: stored in the batch's transaction.
+    births: list[Birth] = field(default_factory=list)
     # A rejected payload is recorded up to this many bytes (the message's limit): a message
     # slightly over it (the broker's packet limit leaves room for headers) is not kept whole.
     keep_payload_bytes: int = payload.MAX_PAYLOAD_BYTES
@@ -134,6 +137,18 @@ def _show_topic(topic: str) -> str:
     if len(topic) > _SHOW_TOPIC:
         return f"{topic[:_SHOW_TOPIC]!r}... ({len(topic)} characters)"
     return repr(topic)
+
+
+def _keep_births(
+    batch: Batch, router: SourceRouter, snapshot: Snapshot, births: Sequence[Birth]
+) -> None:
+    """Apply a message's Sparkplug births before the next message is decoded (data after a
+    birth in the same batch uses it) and keep them for the batch's transaction. Births of
+    devices the catalogue does not know are not kept, so the state is bounded by the fleet."""
+    for birth in births:
+        if birth.serial_id in snapshot.devices:
+            router.aliases.apply(birth)
+            batch.births.append(birth)
 
 
 def prepare(
@@ -193,6 +208,8 @@ def prepare(
         received_at = datetime.fromtimestamp(msg.received_at, UTC)
         parsed = match.decode(msg.payload, received_at, limits)
         readings += len(parsed.rejections) + len(parsed.readings)
+        if parsed.births:
+            _keep_births(batch, router, snapshot, parsed.births)
         for rejection in parsed.rejections:
             reject(rejection.reason, rejection.detail, rejection.serial_id, rejection.metric)
         for reading in parsed.readings:

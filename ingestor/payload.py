@@ -38,13 +38,17 @@ import decimal
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from ingestor.reasons import Reason
 from schema.types import DATA_TYPES, DataType
+
+if TYPE_CHECKING:  # the annotation only: this module stays free of the database side
+    from ingestor.aliases import Birth
 
 # Decimal: a JSON number that no double holds exactly (see _parse_float); int and float otherwise.
 Value: TypeAlias = float | int | Decimal | bool | str
@@ -165,6 +169,8 @@ class ParseResult:
 
     readings: tuple[RawReading, ...]
     rejections: tuple[Rejection, ...]
+    # Sparkplug B births in the message: alias state for ``batch.prepare`` and the writer.
+    births: tuple[Birth, ...] = ()
 
 
 class _Refused(ValueError):
@@ -331,6 +337,11 @@ def load_json(payload: bytes, serial_hint: str | None, limits: Limits) -> Any | 
     return document
 
 
+# (metric, value, ts, unit) as a decoder found it; Extracted names the fields, and a plain tuple
+# of the same four is what a decoder's hot loop builds (several times faster than Extracted).
+Found: TypeAlias = tuple[str, object, "datetime | str | None", "str | None"]
+
+
 class Extracted(NamedTuple):
     """One reading a decoder found: what the message says, before any check.
 
@@ -347,7 +358,7 @@ class Extracted(NamedTuple):
 
 def finish(
     serial: str | None,
-    extracted: list[Extracted],
+    extracted: Sequence[Found],
     received_at: datetime,
     limits: Limits,
     rejections: tuple[Rejection, ...] = (),
@@ -373,28 +384,20 @@ def finish(
         )
     parser = _MessageParser(serial, now, limits)
     parser.rejections.extend(rejections)
-    for item in extracted:
-        problem = _name_problem(item.metric)
+    for metric, value, item_ts, unit in extracted:
+        problem = _name_problem(metric)
         if problem is not None:
-            parser.reject(Reason.bad_schema, f"metric name {_show(item.metric)} {problem}", serial)
+            parser.reject(Reason.bad_schema, f"metric name {_show(metric)} {problem}", serial)
             continue
-        if item.unit is not None and (problem := _name_problem(item.unit)) is not None:
+        if unit is not None and (problem := _name_problem(unit)) is not None:
             parser.reject(
                 Reason.bad_schema,
-                f"metric {_show(item.metric)}: unit {_show(item.unit)} {problem}",
+                f"metric {_show(metric)}: unit {_show(unit)} {problem}",
                 serial,
-                item.metric,
+                metric,
             )
             continue
-        ts = now if item.ts is None else item.ts
-        parser.accept(
-            serial,
-            item.metric,
-            item.value,
-            ts,
-            unit=item.unit,
-            label=f"metric {_show(item.metric)}: ",
-        )
+        parser.accept(serial, metric, value, now if item_ts is None else item_ts, unit=unit)
     return ParseResult(tuple(parser.readings), tuple(parser.rejections))
 
 
@@ -582,51 +585,51 @@ class _MessageParser:
         ts: datetime | str,
         *,
         unit: str | None,
-        label: str,
+        label: str | None = None,
     ) -> None:
-        """The checks every reading passes, whichever decoder found it."""
+        """The checks every reading passes, whichever decoder found it.
+
+        ``label`` starts a rejection's detail; None stands for ``metric '<name>': ``, built
+        only when the reading is rejected (a decoder's readings mostly pass).
+        """
         if value is None or isinstance(value, list | dict):
-            self.reject(
-                Reason.type_mismatch,
-                f"{label}value is {_kind(value)}; expected a number, boolean or string",
-                serial,
-                name,
-            )
+            detail = f"value is {_kind(value)}; expected a number, boolean or string"
+            self._refuse(Reason.type_mismatch, label, serial, name, detail)
             return
         if isinstance(ts, str):
-            self.reject(Reason.bad_timestamp, f"{label}{ts}", serial, name)
+            self._refuse(Reason.bad_timestamp, label, serial, name, ts)
             return
         ahead = ts - self.now
         if ahead > self.limits.future_tolerance:
-            self.reject(
-                Reason.ts_in_future,
-                f"{label}ts {ts.isoformat()} is {_duration(ahead)} ahead of the service clock "
-                f"(limit {_duration(self.limits.future_tolerance)})",
-                serial,
-                name,
+            detail = (
+                f"ts {ts.isoformat()} is {_duration(ahead)} ahead of the service clock "
+                f"(limit {_duration(self.limits.future_tolerance)})"
             )
+            self._refuse(Reason.ts_in_future, label, serial, name, detail)
             return
         if -ahead > self.limits.max_age:
-            self.reject(
-                Reason.ts_too_old,
-                f"{label}ts {ts.isoformat()} is {_duration(-ahead)} old "
-                f"(limit {_duration(self.limits.max_age)})",
-                serial,
-                name,
+            detail = (
+                f"ts {ts.isoformat()} is {_duration(-ahead)} old "
+                f"(limit {_duration(self.limits.max_age)})"
             )
+            self._refuse(Reason.ts_too_old, label, serial, name, detail)
             return
         key = (serial, name.lower(), ts)
         if key in self.seen:
-            self.reject(
-                Reason.bad_schema,
-                f"{label}a reading of this metric at {ts.isoformat()} appears earlier in the "
-                "message (metric names ignore case)",
-                serial,
-                name,
+            detail = (
+                f"a reading of this metric at {ts.isoformat()} appears earlier in the "
+                "message (metric names ignore case)"
             )
+            self._refuse(Reason.bad_schema, label, serial, name, detail)
             return
         self.seen.add(key)
         self.readings.append(RawReading(serial, name, ts, value, unit))
+
+    def _refuse(
+        self, reason: Reason, label: str | None, serial: str, name: str, detail: str
+    ) -> None:
+        prefix = f"metric {_show(name)}: " if label is None else label
+        self.reject(reason, f"{prefix}{detail}", serial, name)
 
 
 def _parse_ts(raw: object, subject: str) -> datetime | str:

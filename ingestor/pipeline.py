@@ -189,6 +189,9 @@ class Pipeline:
         while not self.catalog.wait_ready(TICK):
             if self._stop.is_set():
                 return
+        keeps_aliases = isinstance(self.router, SourceRouter) and self.router.keeps_aliases
+        if keeps_aliases and not self._load_aliases():
+            return
         while True:
             messages = self._gather()
             if not messages:
@@ -203,6 +206,27 @@ class Pipeline:
                 )
                 self._prepared.put(prepared)
                 messages = messages[len(prepared.messages) :]
+
+    def _load_aliases(self) -> bool:
+        """Load the Sparkplug births kept in the database before any message is decoded, so
+        that data after a restart resolves; retried with backoff. False: stopped meanwhile."""
+        assert isinstance(self.router, SourceRouter)
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                scopes = self.writer.load_aliases(self.router.aliases)
+            except DatabaseUnavailable as exc:
+                delay = backoff.next()
+                log.warning(
+                    "sparkplug_aliases_load_failed",
+                    error=str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                    retry_in=round(delay, 2),
+                )
+                self._stop.wait(delay)
+                continue
+            log.info("sparkplug_aliases_loaded", scopes=scopes)
+            return True
+        return False
 
     def _writer_loop(self) -> None:
         while True:

@@ -32,6 +32,10 @@ class Reason(enum.StrEnum):
     value_too_large = "value_too_large", "The value's magnitude or length exceeds its limit."
     storage_error = "storage_error", "The database refused a reading that passed validation."
     retained = "retained", "A retained message the broker replayed on subscribe; not telemetry."
+    unknown_alias = (
+        "unknown_alias",
+        "Sparkplug data names an alias (or an untyped metric) that no kept birth has defined.",
+    )
 
     def __new__(cls, value: str, description: str = "") -> Reason:
         # The two-element form keeps each code next to its description; str() and == see only

@@ -17,7 +17,8 @@ import structlog
 from config import topics
 from config.sources import Source
 from ingestor import payload
-from ingestor.decoders import base, flat_json, native, senml, tasmota, value
+from ingestor.aliases import AliasStore
+from ingestor.decoders import base, flat_json, native, senml, sparkplug_b, tasmota, ttn, value
 from ingestor.payload import Limits, ParseResult
 from ingestor.reasons import Reason
 
@@ -27,7 +28,10 @@ DECODERS: Mapping[str, base.Decoder] = {
     "tasmota": tasmota.decode,
     "value": value.decode,
     "senml": senml.decode,
+    "ttn": ttn.decode,
 }
+# Decoders that keep state: built per router, around that router's state.
+STATEFUL = ("sparkplug_b",)
 _NOTHING = ParseResult((), ())
 log = structlog.get_logger(__name__)
 
@@ -40,6 +44,7 @@ class Route:
     source: Source | None = None
     fields: Mapping[str, str] = field(default_factory=dict)
     ignored: bool = False
+    decoder: base.Decoder | None = None  # the source's, when it keeps state (sparkplug_b)
 
     def decode(self, data: bytes, received_at: datetime, limits: Limits) -> ParseResult:
         """The message's readings and rejections; never raises for any payload."""
@@ -49,7 +54,8 @@ class Route:
         if source is None:
             return payload.parse_message(data, self.serial_id, received_at, limits)
         try:
-            parsed = DECODERS[source.decoder](source, self.fields, data, received_at, limits)
+            decode = self.decoder or DECODERS[source.decoder]
+            parsed = decode(source, self.fields, data, received_at, limits)
         except Exception as exc:
             # Same last line of defence as parse_message: recorded, logged, and intake goes on.
             log.exception("source_decoder_failed", source=source.name, decoder=source.decoder)
@@ -74,6 +80,7 @@ class Route:
                 )
                 for r in parsed.rejections
             ),
+            parsed.births,
         )
 
 
@@ -83,9 +90,20 @@ class SourceRouter:
 
     native: topics.TopicRouter
     sources: tuple[Source, ...] = ()
+    # What Sparkplug births defined (ingestor.aliases): loaded by the pipeline before the first
+    # batch, changed by batch.prepare, read by the sparkplug_b decoder.
+    aliases: AliasStore = field(default_factory=AliasStore, compare=False)
+    _stateful: Mapping[str, base.Decoder] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        missing = [s.decoder for s in self.sources if s.decoder not in DECODERS]
+        object.__setattr__(
+            self, "_stateful", {"sparkplug_b": sparkplug_b.SparkplugDecoder(self.aliases)}
+        )
+        missing = [
+            s.decoder
+            for s in self.sources
+            if s.decoder not in DECODERS and s.decoder not in STATEFUL
+        ]
         if missing:
             raise ValueError(f"no decoder {missing[0]!r} in this build")
         native_filters = {p.subscription for p in self.native.patterns}
@@ -96,6 +114,11 @@ class SourceRouter:
                     f"source {source.name!r} subscribes to {source.topic.subscription!r}, "
                     "like one of mqtt_topics"
                 )
+
+    @property
+    def keeps_aliases(self) -> bool:
+        """Whether a source reads Sparkplug B, whose births the pipeline must load at start."""
+        return any(source.decoder == "sparkplug_b" for source in self.sources)
 
     def subscriptions(self, group: str | None = None) -> tuple[str, ...]:
         """Every MQTT filter to subscribe to, shared under ``group`` when given."""
@@ -117,7 +140,13 @@ class SourceRouter:
             if fields is None:
                 continue
             serial = source.serial_for(fields)
-            return Route(serial, source, fields, ignored=source.ignores(topic))
+            return Route(
+                serial,
+                source,
+                fields,
+                ignored=source.ignores(topic),
+                decoder=self._stateful.get(source.decoder),
+            )
         return None
 
 

@@ -20,6 +20,7 @@ import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from config.settings import Settings
+from ingestor import aliases
 from ingestor.batch import Batch, RejectedMessage, RejectRow, Row
 from ingestor.hooks import BatchHook, BatchReading, HookResult
 from ingestor.reasons import Reason
@@ -131,6 +132,10 @@ class BatchWriter:
             with self._pool.connection() as conn:
                 try:
                     with conn.transaction():
+                        if batch.births:
+                            # Durable with the batch: what comes after a birth is acknowledged
+                            # only once it is stored (ingestor.aliases).
+                            aliases.store(conn, batch.births)
                         inserted, refused = self._insert(conn, batch.rows)
                         # A copy: a retried write must not add its refusals a second time.
                         rejected = {k: m.copy() for k, m in batch.rejected.items()}
@@ -174,6 +179,19 @@ class BatchWriter:
             hook=hook_result,
             seconds=time.perf_counter() - started,
         )
+
+    def load_aliases(self, store: aliases.AliasStore) -> int:
+        """Fill ``store`` with the kept Sparkplug births; the number of scopes. Raises
+        DatabaseUnavailable when the database cannot be read (the caller retries)."""
+        try:
+            with self._pool.connection() as conn:
+                return store.load(conn)
+        except PoolTimeout as exc:
+            raise DatabaseUnavailable(f"no database connection: {exc}") from exc
+        except psycopg.Error as exc:
+            if _is_unavailable(exc) or _timed_out(exc):
+                raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
+            raise  # e.g. migration 0011 not applied: stop loudly
 
     def _run_hook(self, conn: psycopg.Connection, rows: Sequence[BatchReading]) -> HookResult:
         """The rule engine, in a savepoint: if the server refuses what it writes (a data error,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from config.sources import Source
 from ingestor import payload
-from ingestor.payload import Extracted, Limits, ParseResult
+from ingestor.payload import Found, Limits, ParseResult
 from ingestor.reasons import Reason
 
 # An ISO 8601 local date-time without an offset, as Tasmota (and Z2M's ISO_8601_local before
@@ -32,14 +32,25 @@ class Decoder(Protocol):
     ) -> ParseResult: ...
 
 
-def flatten(obj: Mapping[str, Any], prefix: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
-    """(key, value) of every non-object value; nested keys joined with "." (``BME280.Pressure``)."""
+def flatten(
+    obj: Mapping[str, Any],
+    prefix: str = "",
+    depth: int = 0,
+    into: list[tuple[str, Any]] | None = None,
+) -> list[tuple[str, Any]]:
+    """(key, value) of every non-object value; nested keys joined with "." (``BME280.Pressure``).
+
+    A list built in one pass, not a generator: a message's keys are few, and each yield through
+    nested generators cost more than the reading's own checks. JSON objects are dicts here
+    (``payload.load_json``), hence the exact ``dict`` test.
+    """
+    found: list[tuple[str, Any]] = [] if into is None else into
     for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value and depth < _MAX_DEPTH:
-            yield from flatten(value, f"{name}.", depth + 1)
+        if isinstance(value, dict) and value and depth < _MAX_DEPTH:
+            flatten(value, f"{prefix}{key}.", depth + 1, found)
         else:
-            yield name, value
+            found.append((f"{prefix}{key}" if prefix else key, value))
+    return found
 
 
 def at_path(document: Any, path: tuple[str, ...]) -> Any:
@@ -81,15 +92,29 @@ def parse_time(raw: object, zone: ZoneInfo | None, subject: str) -> datetime | s
             naive = datetime.fromisoformat(text)
         except ValueError:
             return f"{subject} {raw!r} is not a valid date and time"
-        early = naive.replace(tzinfo=zone, fold=0)
-        late = naive.replace(tzinfo=zone, fold=1)
-        if early.utcoffset() != late.utcoffset():
-            back = early.astimezone(UTC).astimezone(zone).replace(tzinfo=None)
-            if back != naive:
-                return f"{subject} {raw!r} does not exist in {zone.key} (skipped at a DST change)"
-            return f"{subject} {raw!r} is ambiguous in {zone.key} (repeated at a DST change)"
-        return early.astimezone(UTC)
+        # The zone reads a naive time's wall clock and fold; datetime.replace(tzinfo=...) costs
+        # several times more than these calls, and this runs once per message.
+        offset = zone.utcoffset(naive)
+        n = naive
+        late = datetime(n.year, n.month, n.day, n.hour, n.minute, n.second, n.microsecond, fold=1)
+        if offset is None or offset != zone.utcoffset(late):
+            return _dst_problem(raw, naive, zone, subject)
+        try:
+            return datetime.fromisoformat(f"{text}+00:00") - offset
+        except OverflowError:
+            return f"{subject} {raw!r} is out of range in UTC"
     return payload.parse_time(raw, subject)
+
+
+def _dst_problem(raw: str, naive: datetime, zone: ZoneInfo, subject: str) -> str:
+    early = naive.replace(tzinfo=zone)
+    try:
+        back = early.astimezone(UTC).astimezone(zone).replace(tzinfo=None)
+    except OverflowError:
+        return f"{subject} {raw!r} is out of range in UTC"
+    if back != naive:
+        return f"{subject} {raw!r} does not exist in {zone.key} (skipped at a DST change)"
+    return f"{subject} {raw!r} is ambiguous in {zone.key} (repeated at a DST change)"
 
 
 def json_object(data: bytes, serial: str | None, limits: Limits) -> dict[str, Any] | ParseResult:
@@ -115,14 +140,33 @@ def readings(
     pairs: Iterable[tuple[str, Any]],
     ts: datetime | str | None,
     unit_of: Callable[[str], str | None] | None = None,
-) -> list[Extracted]:
-    """Extracted readings of flattened keys, after include/exclude, rename and values.
+    *,
+    skip_nulls: bool = False,
+    skip_key: str | None = None,
+) -> list[Found]:
+    """The readings of flattened keys, after include/exclude, rename and values.
 
-    ``unit_of`` gives a key's unit from its name as sent (before ``rename``).
+    ``unit_of`` gives a key's unit from its name as sent (before ``rename``). ``skip_nulls``
+    drops ``null`` values (no reading, no rejection); ``skip_key`` is a key that is no reading
+    (the time field). One loop per message with the source's tables looked up once: this is
+    where a decoded reading costs more than a native one (docs/performance.md).
     """
-    found = []
-    for key, value in pairs:
-        if source.keeps(key):
-            unit = None if unit_of is None else unit_of(key)
-            found.append(Extracted(source.rename.get(key, key), mapped(source, value), ts, unit))
+    keep = None if source.include is None and not source.exclude else source.keeps
+    rename, values = source.rename, source.values
+    found: list[Found] = []
+    append = found.append
+    for key, raw in pairs:
+        if (skip_nulls and raw is None) or key == skip_key:
+            continue
+        if keep is not None and not keep(key):
+            continue
+        value = values[raw] if values and isinstance(raw, str) and raw in values else raw
+        append(
+            (
+                rename.get(key, key) if rename else key,
+                value,
+                ts,
+                None if unit_of is None else unit_of(key),
+            )
+        )
     return found

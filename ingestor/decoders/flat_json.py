@@ -39,7 +39,5 @@ def decode(
         # The time field below root is the readings' time, not a reading of its own.
         if source.time_field[: len(source.root)] == source.root:
             time_key = ".".join(source.time_field[len(source.root) :])
-    pairs = (
-        (key, value) for key, value in base.flatten(values) if value is not None and key != time_key
-    )
-    return finish(serial, base.readings(source, pairs, ts), received_at, limits)
+    found = base.readings(source, base.flatten(values), ts, skip_nulls=True, skip_key=time_key)
+    return finish(serial, found, received_at, limits)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from config.sources import Source
 from ingestor.decoders import base
@@ -35,22 +36,31 @@ def decode(
         ts = base.parse_time(document["Epoch"], None, "Epoch")
     elif document.get("Time") is not None:
         ts = base.parse_time(document["Time"], source.time_zone, "Time")
-    units: dict[str, str] = {}
-    for key, value in document.items():
-        if key.endswith(_UNIT_SUFFIX) and key != _UNIT_SUFFIX and isinstance(value, str):
-            units[key.removesuffix(_UNIT_SUFFIX)] = value
-    body = {
-        key: value
+    units = {
+        key[: -len(_UNIT_SUFFIX)]: value
         for key, value in document.items()
-        if key not in _TIME_KEYS and key.removesuffix(_UNIT_SUFFIX) not in units
+        if key.endswith(_UNIT_SUFFIX) and key != _UNIT_SUFFIX and isinstance(value, str)
     }
-    found = base.readings(source, base.flatten(body), ts, lambda key: _unit_of(key, units))
-    return finish(serial, found, received_at, limits)
+    pairs: list[tuple[str, Any]] = []
+    for key, value in document.items():
+        if key in _TIME_KEYS or (units and key.removesuffix(_UNIT_SUFFIX) in units):
+            continue
+        if isinstance(value, dict) and value:
+            base.flatten(value, f"{key}.", 1, pairs)
+        else:
+            pairs.append((key, value))
+    unit_of = _units_of(pairs, units).get if units else None
+    return finish(serial, base.readings(source, pairs, ts, unit_of), received_at, limits)
 
 
-def _unit_of(key: str, units: Mapping[str, str]) -> str | None:
-    leaf = key.rsplit(".", 1)[-1]
-    for stem, unit in units.items():
-        if stem in leaf or leaf in _ALSO.get(stem, ()):
-            return unit
-    return None
+def _units_of(pairs: list[tuple[str, Any]], units: Mapping[str, str]) -> dict[str, str]:
+    """The unit of each key that has one, by the stem its last part contains (in one loop per
+    message, as the readings are few and the stems fewer)."""
+    found: dict[str, str] = {}
+    for key, _ in pairs:
+        leaf = key.rpartition(".")[2]
+        for stem, unit in units.items():
+            if stem in leaf or leaf in _ALSO.get(stem, ()):
+                found[key] = unit
+                break
+    return found

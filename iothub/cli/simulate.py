@@ -128,7 +128,8 @@ def _simulate(
         if args.format != "native":
             traffic = formats.FormatFactory(factory, args.format)
             # The daemon decodes this traffic only with this source configured.
-            log.info("simulate_source", source=json.dumps(formats.SOURCES[args.format]))
+            for entry in formats.sources_of(args.format):
+                log.info("simulate_source", source=json.dumps(entry))
         log.info(
             "simulate_starting",
             devices=len(devices),

@@ -202,6 +202,16 @@ class IngestService:
                 " late readings are counted in iothub_readings_late_total",
                 fix="a broker that routes the shared subscription by topic, or partitions",
             )
+            if self.router.keeps_aliases:
+                # A Sparkplug birth reaches one instance; the data after it may reach another,
+                # whose alias store never saw it (docs/sources.md, Sparkplug B).
+                log.warning(
+                    "sparkplug_shared_subscription",
+                    group=self.settings.mqtt_shared_group,
+                    why="births and the data that uses them can reach different instances: "
+                    "their data is unknown_alias there",
+                    fix="one instance (or an active/standby pair) for the Sparkplug sources",
+                )
         self.pool.open(wait=False)
         self.catalog.start()
         if not self.http.started:  # run() serves it from standby on

@@ -106,6 +106,10 @@ def test_demo_starts_its_own_servers_shows_the_pipeline_and_cleans_up() -> None:
     assert _number(r"^\s+rejected\s+([\d,]+)", out) > 0
     reasons = re.findall(r"^\s{4}(\w+)\s+[\d,]+$", out, re.MULTILINE)
     assert len(set(reasons) & set(REASONS)) >= 3, out
+    # Readings of each device format landed: native, Zigbee2MQTT and The Things Stack.
+    for label in ("native JSON", "Zigbee2MQTT", "The Things Stack"):
+        assert _number(rf"^\s+from {label}\s+([\d,]+) rows \(SN-", out) > 0, label
+    assert "sources sim-z2m, sim-ttn" in out
     assert _number(r"^\s+events\s+(\d+) triggered", out) >= 1
     fired = re.findall(r"^\s{4}(.+?)\s+SN-\S+\s+(\d+)\s+(\d+)\s+\d\d:\d\d:\d\d", out, re.MULTILINE)
     assert any(int(triggered) >= 1 for _, triggered, _ in fired), out

@@ -26,8 +26,28 @@ from iothub.daemon.service import IngestService
 from iothub.devtools.simulator import formats
 from tests.integration.test_retained_and_qos import publish_retained
 from tests.support.fleet import Fleet, Publisher, count, make_fleet, wait_for
+from tests.unit.test_decoder_ttn import DATA_FORMATS_UPLINK, MQTT_JOIN, MQTT_UPLINK_UNDECODED
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
+
+
+def sparkplug_sources(unique: str) -> list[dict[str, Any]]:
+    """The two Sparkplug B sources (devices, edge nodes) on this test's own group."""
+    return [
+        {
+            "name": "spb-devices",
+            "topic": f"spBv1.0/g{unique}/{{type}}/{{node}}/{{device}}",
+            "decoder": "sparkplug_b",
+            "serial": "{device}",
+            "exclude": ["Node Control/*"],
+        },
+        {
+            "name": "spb-nodes",
+            "topic": f"spBv1.0/g{unique}/{{type}}/{{node}}",
+            "decoder": "sparkplug_b",
+            "serial": "{node}",
+        },
+    ]
 
 
 def all_sources(unique: str) -> list[dict[str, Any]]:
@@ -64,6 +84,13 @@ def all_sources(unique: str) -> list[dict[str, Any]]:
             "topic": f"t{unique}/senml/{{site}}",
             "decoder": "senml",
         },
+        {
+            "name": "ttn",
+            "topic": f"t{unique}/v3/{{app}}/devices/{{device}}/{{kind+}}",
+            "decoder": "ttn",
+            "serial": "{device}",
+        },
+        *sparkplug_sources(unique),
         {
             "name": "legacy",
             "topic": f"t{unique}/legacy/{{s}}/up",
@@ -110,6 +137,37 @@ def rejected(db_url: str) -> list[tuple[str, str | None, str | None, str]]:
             "SELECT reason, serial_id, metric, detail FROM rejected_messages ORDER BY id"
         ).fetchall()
     return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def simulate_into_daemon(
+    settings: Settings,
+    fmt: str,
+    fleet: Fleet,
+    unique: str,
+    *,
+    rate: float,
+    messages: int,
+    qos: str = "1",
+) -> IngestService:
+    """Run `iothub simulate --format fmt --qos qos` for 2.5 s into a daemon started with
+    `settings`; returns the stopped service once it had committed `messages`."""
+    service = IngestService(settings)
+    thread = threading.Thread(target=service.run, name="test-service")
+    thread.start()
+    try:
+        assert service.wait_ready(30)
+        parser = argparse.ArgumentParser()
+        simulate_cli.add_arguments(parser)
+        args = parser.parse_args(
+            ["--format", fmt, "--qos", qos, "--duration", "2.5", "--rate", str(rate),
+             "--devices", ",".join(fleet.serials), "--client-id", f"sim-{unique}"]
+        )  # fmt: skip
+        assert simulate_cli.main(settings, args) == exitcodes.OK
+        assert wait_for(lambda: service.totals["messages"] >= messages)
+    finally:
+        service.request_stop("test over")
+        thread.join(30)
+    return service
 
 
 def test_tasmota_through_the_daemon(
@@ -258,7 +316,16 @@ def test_service_started_names_the_sources(
             service.request_stop("test over")
             thread.join(30)
     [started] = [e for e in logs if e["event"] == "service_started"]
-    assert started["sources"] == ["tasmota", "z2m", "esphome", "senml", "legacy"]
+    assert started["sources"] == [
+        "tasmota",
+        "z2m",
+        "esphome",
+        "senml",
+        "ttn",
+        "spb-devices",
+        "spb-nodes",
+        "legacy",
+    ]
     assert json.dumps(started["sources"])
 
 
@@ -292,31 +359,55 @@ def test_senml_through_the_daemon(
     assert "vd (a data value) is not supported" in detail
 
 
+@pytest.mark.parametrize(("fmt", "qos"), [("tasmota", "1"), ("ttn", "0")])
 def test_simulate_format_traffic_is_ingested_with_its_printed_source(
-    make_settings: Callable[..., Settings], db_url: str, unique: str
+    make_settings: Callable[..., Settings], db_url: str, unique: str, fmt: str, qos: str
 ) -> None:
-    """`iothub simulate --format tasmota` into a daemon configured with the source the
-    simulator prints: every reading stored, none rejected. Under one message per second per
-    device, since Tasmota's Time has whole seconds (docs/sources.md)."""
-    fleet = make_fleet(db_url, f"simtas{unique}", 1)
-    settings = make_settings(sources=(formats.SOURCES["tasmota"],))
-    service = IngestService(settings)
-    thread = threading.Thread(target=service.run, name="test-service")
-    thread.start()
-    try:
-        assert service.wait_ready(30)
-        parser = argparse.ArgumentParser()
-        simulate_cli.add_arguments(parser)
-        args = parser.parse_args(
-            ["--format", "tasmota", "--duration", "2.5", "--rate", "0.9",
-             "--devices", ",".join(fleet.serials), "--client-id", f"sim-{unique}"]
-        )  # fmt: skip
-        assert simulate_cli.main(settings, args) == exitcodes.OK
-        assert wait_for(lambda: service.totals["messages"] >= 2)
-    finally:
-        service.request_stop("test over")
-        thread.join(30)
+    """`iothub simulate --format tasmota|ttn` into a daemon configured with the source the
+    simulator prints: every reading stored, none rejected (ttn at QoS 0, as The Things Stack
+    publishes). Under one message per second per device, since Tasmota's Time has whole seconds
+    (docs/sources.md)."""
+    fleet = make_fleet(db_url, f"sim{fmt}{unique}", 1)
+    settings = make_settings(sources=(formats.SOURCES[fmt],))
+    service = simulate_into_daemon(settings, fmt, fleet, unique, rate=0.9, messages=2, qos=qos)
     assert rejected(db_url) == []
     assert service.totals["duplicates"] == 0
     # Every message carries all four metrics of the device.
     assert count(db_url, "SELECT count(*) FROM telemetries") == 4 * service.totals["messages"]
+
+
+def test_ttn_through_the_daemon(
+    daemon: Callable[[], IngestService], db_url: str, broker_url: str, unique: str
+) -> None:
+    """The Things Stack's documented uplink, published at QoS 0 as its MQTT server does: stored
+    at uplink_message.received_at (nanoseconds cut); the unbound luminosity is unknown_metric, an
+    uplink without decoded_payload bad_schema, a join message neither stored nor rejected."""
+    fleet = make_fleet(db_url, f"ttn{unique}", 1)
+    serial = fleet.serials[0]
+    service = daemon()
+    now = datetime.now(UTC).replace(microsecond=0)
+    network = now - timedelta(seconds=20)
+    uplink = json.loads(DATA_FORMATS_UPLINK)
+    uplink["end_device_ids"]["device_id"] = serial
+    uplink["received_at"] = f"{(network + timedelta(seconds=1)).isoformat()[:19]}.014773143Z"
+    uplink["uplink_message"]["received_at"] = f"{network.isoformat()[:19]}.789585559Z"
+    base = f"t{unique}/v3/app1@tenant1/devices/{serial}"
+    pub = Publisher(broker_url, f"pub-{unique}")
+    try:
+        for topic, body in [
+            (f"{base}/join", MQTT_JOIN),
+            (f"{base}/up", json.dumps(uplink)),
+            (f"{base}/up", MQTT_UPLINK_UNDECODED),
+        ]:
+            pub.client.publish(topic, body.encode(), qos=0).wait_for_publish(10)
+        assert wait_for(lambda: count(db_url, "SELECT count(*) FROM telemetries") >= 1)
+        assert wait_for(lambda: len(rejected(db_url)) >= 2)
+        assert wait_for(lambda: service.totals["messages"] >= 3)
+    finally:
+        pub.close()
+    at = network.replace(microsecond=789585)
+    assert stored(db_url, fleet, serial, "temperature") == [(at, 1.0)]
+    found = {(reason, who, metric) for reason, who, metric, _ in rejected(db_url)}
+    assert found == {("unknown_metric", serial, "luminosity"), ("bad_schema", serial, None)}
+    [detail] = [d for reason, _, _, d in rejected(db_url) if reason == "bad_schema"]
+    assert detail.startswith("source 'ttn': uplink_message has no decoded_payload")

@@ -127,6 +127,7 @@ def test_tasmota_time_without_time_zone_is_bad_timestamp() -> None:
     [
         ("2026-03-29T02:30:00", "does not exist in Europe/Amsterdam"),  # clocks 02:00 -> 03:00
         ("2026-10-25T02:30:00", "is ambiguous in Europe/Amsterdam"),  # 02:00-03:00 twice
+        ("0001-01-01T00:00:00", "is out of range in UTC"),  # before datetime's first instant
     ],
 )
 def test_tasmota_dst_gap_and_overlap_are_bad_timestamp(local: str, problem: str) -> None:

@@ -628,6 +628,7 @@ def test_reason_codes_are_the_designs() -> None:
         "value_too_large",
         "storage_error",
         "retained",
+        "unknown_alias",  # DESIGN 3b: Sparkplug data whose alias no birth defined
     ]
     assert Reason("ts_in_future") is Reason.ts_in_future
     assert f"{Reason.bad_json}" == "bad_json"

@@ -96,7 +96,7 @@ def test_every_mistake_is_one_line() -> None:
     ("entry", "expected"),
     [
         ({**TASMOTA, "time_zone": "Mars/Olympus"}, "is not an IANA time zone"),
-        ({**TASMOTA, "decoder": "ttn"}, "decoder 'ttn' is not available in this version"),
+        ({**TASMOTA, "decoder": "ttn", "root": "x"}, "root is not read by the ttn decoder"),
         ({**TASMOTA, "topic": "tele/+/SENSOR"}, "contains an MQTT wildcard"),
         ({**TASMOTA, "topic": "tele/{a+}/{b}"}, "only the last placeholder may be {x+}"),
         ({**TASMOTA, "serial": None}, "serial is required"),

@@ -10,7 +10,16 @@ DROP DATABASE IF EXISTS {name}
 
 -- name: high_water_marks
 SELECT (SELECT coalesce(max(id), 0) FROM events),
-       (SELECT coalesce(max(id), 0) FROM rejected_messages)
+       (SELECT coalesce(max(id), 0) FROM rejected_messages),
+       (SELECT coalesce(max(id), 0) FROM telemetries)
+
+-- name: rows_by_device
+SELECT d.serial_id::text, count(*)
+FROM telemetries t
+JOIN device_metrics dm ON dm.id = t.device_metric_id
+JOIN devices d ON d.id = dm.device_id
+WHERE t.id > %(after)s
+GROUP BY d.serial_id
 
 -- name: rejections_by_reason
 SELECT reason, count(*) FROM rejected_messages WHERE id > %(after)s

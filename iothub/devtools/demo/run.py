@@ -52,6 +52,7 @@ from iothub.devtools.demo.console import Console
 from iothub.devtools.demo.environment import PREFIX, Environment, queries, timestamp
 from iothub.devtools.seed import store as seed
 from iothub.devtools.simulator import devices as sim_devices
+from iothub.devtools.simulator import formats as sim_formats
 from iothub.devtools.simulator import messages as sim_messages
 from iothub.devtools.simulator import publisher as simulate
 from schema import migrate
@@ -69,6 +70,17 @@ TTY_REFRESH: Final = 0.5  # seconds between redraws of the live line on a termin
 PLAIN_REFRESH: Final = 5.0  # seconds between progress lines otherwise
 RATE_WINDOW: Final = 2.0  # seconds of history behind the live messages/s figure
 TICK: Final = 0.1  # seconds: how often waits look at the stop flag
+# The device formats shown next to the native one, each with its family's name. Devices take
+# native and these in turn (by serial), so every format has devices with rules. Tasmota is left
+# out: its Time has whole seconds, and at 60x device time a device's messages come closer.
+DEMO_FORMATS: Final = {"z2m": "Zigbee2MQTT", "ttn": "The Things Stack"}
+FORMAT_LABELS: Final = {"native": "native JSON", **DEMO_FORMATS}
+
+
+def assign_formats(serials: list[str]) -> dict[str, str]:
+    """Serial to the format it publishes in: native and DEMO_FORMATS in turn, by serial."""
+    cycle = ("native", *DEMO_FORMATS)
+    return {serial: cycle[i % len(cycle)] for i, serial in enumerate(sorted(serials))}
 
 
 class Interrupted(Exception):
@@ -165,6 +177,8 @@ class Run:
     sim_thread: threading.Thread | None = None
     sim_result: simulate.SimResult | None = None
     sim_error: Exception | None = None
+    topic_prefix: str = ""  # before the sources' topics, as before mqtt_topics on a shared broker
+    speakers: dict[str, str] = field(default_factory=dict)  # serial -> format
 
     def start_service(self, stack: contextlib.ExitStack) -> None:
         self.service = service = assemble.build(self.settings)
@@ -176,9 +190,10 @@ class Run:
             _check(self.stop)
             if not self.service_thread.is_alive() or time.monotonic() > deadline:
                 raise DemoFailed(f"the daemon did not become ready: {service.readiness()}")
+        names = ", ".join(str(s["name"]) for s in self.settings.sources)
         self.console.say(
             f"  daemon      ready: client id {self.settings.mqtt_client_id}, "
-            f"topics {', '.join(self.settings.mqtt_topics)}"
+            f"topics {', '.join(self.settings.mqtt_topics)}; sources {names}"
         )
 
     def stop_service(self) -> None:
@@ -209,7 +224,7 @@ class Run:
         )
         self.simulator = simulate.Simulator(
             self.settings.mqtt_url,
-            factory,
+            sim_formats.FormatFactory(factory, self.speakers, self.topic_prefix),
             rate=self.rate,
             duration=self.duration,
             stop=self.sim_stop,
@@ -300,6 +315,7 @@ class Summary:
     acked: int
     bad_sent: dict[str, int]
     rows: int
+    rows_by_format: dict[str, tuple[int, tuple[str, ...]]]  # format -> (rows, its serials)
     rejections: dict[str, int]  # by reason, most frequent first
     events: tuple[RuleEvents, ...]  # by rule and device, in order of the first event
 
@@ -308,6 +324,9 @@ class Summary:
         missing = []
         if self.rows <= 0:
             missing.append("no readings were stored")
+        for fmt, (rows, serials) in self.rows_by_format.items():
+            if serials and rows <= 0:
+                missing.append(f"no readings of the {FORMAT_LABELS.get(fmt, fmt)} devices")
         if expect_rejections and not self.rejections:
             missing.append("no rejections were recorded")
         if not any(e.triggered for e in self.events):
@@ -315,18 +334,31 @@ class Summary:
         return missing
 
 
-def _read_summary(
-    dsn: str, marks: tuple[int, int], run: Run, service: service_mod.IngestService
-) -> Summary:
+@dataclass(frozen=True)
+class Marks:
+    """The highest ids after the seed: what the run adds comes after them."""
+
+    events: int
+    rejections: int
+    telemetries: int
+
+
+def _read_summary(dsn: str, marks: Marks, run: Run, service: service_mod.IngestService) -> Summary:
     with psycopg.connect(dsn, autocommit=True) as conn:
+        by_device = {
+            str(serial): int(n)
+            for serial, n in conn.execute(queries["rows_by_device"], {"after": marks.telemetries})
+        }
         rejections = {
             str(reason): int(n)
-            for reason, n in conn.execute(queries["rejections_by_reason"], {"after": marks[1]})
+            for reason, n in conn.execute(
+                queries["rejections_by_reason"], {"after": marks.rejections}
+            )
         }
         events = tuple(
             RuleEvents(name, serial, int(t), int(r), first, last)
             for name, serial, t, r, first, last in conn.execute(
-                queries["events_by_rule"], {"after": marks[0]}
+                queries["events_by_rule"], {"after": marks.events}
             )
         )
     sim = run.sim_result
@@ -335,9 +367,20 @@ def _read_summary(
         acked=sim.acked if sim else 0,
         bad_sent=dict(sim.bad_sent) if sim else {},
         rows=int(Progress.read(service).rows),
+        rows_by_format=_by_format(run.speakers, by_device),
         rejections=rejections,
         events=events,
     )
+
+
+def _by_format(
+    speakers: dict[str, str], by_device: dict[str, int]
+) -> dict[str, tuple[int, tuple[str, ...]]]:
+    found: dict[str, tuple[int, tuple[str, ...]]] = {}
+    for fmt in FORMAT_LABELS:
+        serials = tuple(sorted(s for s, f in speakers.items() if f == fmt))
+        found[fmt] = (sum(by_device.get(s, 0) for s in serials), serials)
+    return found
 
 
 def _print_summary(console: Console, summary: Summary) -> None:
@@ -350,6 +393,10 @@ def _print_summary(console: Console, summary: Summary) -> None:
         f"{summary.acked:,} acknowledged by the broker"
     )
     say(f"  rows stored       {summary.rows:,}")
+    for fmt, (rows, serials) in summary.rows_by_format.items():
+        if serials:
+            label = f"from {FORMAT_LABELS.get(fmt, fmt)}"
+            say(f"    {label:<22} {rows:>7,} rows ({', '.join(serials)})")
     say(f"  rejected          {sum(summary.rejections.values()):,} (rejected_messages, by reason)")
     for reason, n in summary.rejections.items():
         say(f"    {reason:<22} {n:>7,}")
@@ -377,12 +424,15 @@ def _check(stop: threading.Event) -> None:
         raise Interrupted
 
 
-def _demo_settings(settings: Settings, dsn: str, mqtt_url: str, shared: bool) -> Settings:
+def _demo_settings(
+    settings: Settings, dsn: str, mqtt_url: str, shared: bool
+) -> tuple[Settings, str]:
+    """The daemon's settings for the demo, and the prefix of every topic it reads."""
     stamp = timestamp().replace("_", "")
-    topics = settings.mqtt_topics
-    if shared:
-        # Our own topic space: the production ingestor on this broker never sees demo traffic.
-        topics = tuple(f"{PREFIX}-{stamp}/{t}" for t in settings.mqtt_topics)
+    # On a shared broker, our own topic space: the production ingestor there never sees demo
+    # traffic (and the demo no traffic of the broker's devices).
+    prefix = f"{PREFIX}-{stamp}/" if shared else ""
+    topics = tuple(f"{prefix}{t}" for t in settings.mqtt_topics)
     client_id = f"{PREFIX}-{stamp}-{os.getpid()}"
     return settings.model_copy(
         update={
@@ -391,6 +441,8 @@ def _demo_settings(settings: Settings, dsn: str, mqtt_url: str, shared: bool) ->
             "mqtt_client_id": client_id,
             "mqtt_actions_client_id": f"{client_id}-actions",
             "mqtt_topics": topics,
+            # The demo's own sources replace any configured ones: its devices are all it reads.
+            "sources": tuple(sim_formats.source_for(f, prefix) for f in DEMO_FORMATS),
             "mqtt_shared_group": None,
             "mqtt_session_expiry": SESSION_EXPIRY,
             "http_port": 0,
@@ -398,11 +450,11 @@ def _demo_settings(settings: Settings, dsn: str, mqtt_url: str, shared: bool) ->
             # The seed's rules notify by email: the demo logs them rather than mail anybody.
             "smtp_url": None,
         }
-    )
+    ), prefix
 
 
-def _prepare_database(dsn: str, settings: Settings, console: Console) -> tuple[int, int]:
-    """Migrate and seed; return the high-water marks of events and rejections after the seed."""
+def _prepare_database(dsn: str, settings: Settings, console: Console) -> Marks:
+    """Migrate and seed; return the high-water marks after the seed."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         applied = migrate.migrate(conn)
     console.say(f"  schema      {len(applied)} migrations applied")
@@ -413,7 +465,7 @@ def _prepare_database(dsn: str, settings: Settings, console: Console) -> tuple[i
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(queries["high_water_marks"]).fetchone()
     assert row is not None
-    return int(row[0]), int(row[1])
+    return Marks(int(row[0]), int(row[1]), int(row[2]))
 
 
 def _seed_devices(dsn: str) -> list[sim_devices.SimDevice]:
@@ -482,17 +534,22 @@ def _run(
     _check(stop)
     mqtt_url, shared = env.broker()
     _check(stop)
-    demo = _demo_settings(env.settings, dsn, mqtt_url, shared)
+    demo, prefix = _demo_settings(env.settings, dsn, mqtt_url, shared)
     marks = _prepare_database(dsn, demo, console)
     _check(stop)
-    run = Run(demo, console, stop, duration, rate, bad_share, env.cleaned)
+    run = Run(demo, console, stop, duration, rate, bad_share, env.cleaned, topic_prefix=prefix)
     run.start_service(env.stack)
     devices = _seed_devices(dsn)
     plan = Plan.for_run(duration, demo.max_age, datetime.now(UTC))
+    run.speakers = assign_formats([d.serial_id for d in devices])
     console.say(
         f"  simulator   {len(devices)} devices of the seed; device time runs {plan.scale:g}x "
         f"from {plan.start:%H:%M} UTC, so rules with durations fire within the run"
     )
+    for fmt, label in FORMAT_LABELS.items():
+        serials = sorted(s for s, f in run.speakers.items() if f == fmt)
+        if serials:
+            console.say(f"    {label + ':':<18} {', '.join(serials)}")
     log.info(
         "demo_running",
         duration=duration,
@@ -500,6 +557,7 @@ def _run(
         bad_share=bad_share,
         device_time_start=plan.start.isoformat(),
         device_time_scale=plan.scale,
+        formats=run.speakers,
     )
     console.say()
     run.start_simulator(env.stack, devices, plan)
