@@ -904,9 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--workers",
-        default=None,
-        help="workers counts of the scaling table, comma-separated (default 1,2; --quick: 1,"
-        " since drains with workers >= 2 can stall, see docs/performance.md)",
+        default="1,2",
+        help="workers counts of the scaling table, comma-separated (default 1,2)",
     )
     parser.add_argument(
         "--only-scaling",
@@ -916,8 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages-scaling", type=int, help="backlog of each scaling run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
-    counts_text = args.workers or ("1" if args.quick else "1,2")
-    counts = [int(w) for w in counts_text.split(",") if w.strip()]
+    counts = [int(w) for w in args.workers.split(",") if w.strip()]
     sizes = QUICK if args.quick else FULL
     overrides = {
         "devices": args.devices,
@@ -945,8 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start()
         bench.set_rules(False)
-        if not args.only_rules:
-            scaling_table(bench, sizes, counts, out)
+        scaling_table(bench, sizes, counts, out)
         if args.only_scaling:
             return 0
         c1: Drain | None = None

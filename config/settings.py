@@ -69,9 +69,32 @@ DEFAULT_MAX_BATCH_READINGS = 50_000  # readings (stored + rejected) per batch
 DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024  # payload bytes per batch
 DEFAULT_MAX_REJECTIONS_PER_MESSAGE = 100  # rejected readings recorded per message
 MAX_WORKERS = 64  # worker processes of `iothub run` at most
-# 1 (one process does everything) until the stall seen with workers >= 2 in benchmark drains is
-# understood (docs/performance.md, "Worker processes: the scaling table").
-DEFAULT_WORKERS = 1
+# The default stops here: one connection's receiving process saturates long before (each worker
+# adds ~70 MB and 3 database connections; docs/performance.md, "Worker processes").
+DEFAULT_WORKERS_CAP = 8
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max ..."
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity (taskset, cpusets), lowered by a cgroup
+    v2 CPU quota (a container's `--cpus`), which os.cpu_count() knows nothing of."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def default_workers() -> int:
+    """One worker process per usable core, at most DEFAULT_WORKERS_CAP; on one core, 1: one
+    process does everything (the connection, parsing, writing, rules)."""
+    return min(DEFAULT_WORKERS_CAP, usable_cpus())
 
 
 DEFAULT_RETENTION = 30 * 24 * 3600.0  # seconds (30 days) for rejections and finished actions
@@ -149,7 +172,7 @@ class Settings(BaseSettings):
 
     # --- ingestion
     workers: int = Field(
-        default=DEFAULT_WORKERS,
+        default_factory=default_workers,
         ge=1,
         le=MAX_WORKERS,
         description="processes that parse, write and evaluate rules, each owning a share of "

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "ingest_bench.py"
 FIGURES = (
-    *("(a5/a311) ", "(scaling) ", "| 1 |"),
+    *("(a5/a311) ", "(scaling) ", "| 1 |", "| 2 |"),
     *("(a) ", "(b) ", "(c1) ", "(rss) ", "(c10) ", "(rules) ", "(latency) "),
 )
 TIMEOUT = 300  # seconds; the quick run takes well under a minute on two cores

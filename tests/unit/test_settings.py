@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import structlog
 
-from config.settings import ConfigError, Settings, load_settings
+from config.settings import (
+    DEFAULT_WORKERS_CAP,
+    ConfigError,
+    Settings,
+    load_settings,
+    usable_cpus,
+)
 from schema import timescale
 
 
@@ -267,8 +274,10 @@ def test_aggregate_intervals_read_in_whole_units() -> None:
     )
 
 
-def test_workers_default_to_one_process() -> None:
-    assert load_settings(None, {}).workers == 1
+def test_workers_default_to_the_usable_cores_within_the_cap() -> None:
+    settings = load_settings(None, {})
+    assert settings.workers == min(DEFAULT_WORKERS_CAP, usable_cpus())
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
     assert load_settings(None, {"IOTHUB_WORKERS": "3"}).workers == 3
 
 
