@@ -590,7 +590,7 @@ class Bench:
             peak_rss_mb=rss_peak,
             redelivered=redelivered,
             batches=batches,
-            workers=len(watched.workers) or 1,
+            workers=workers if workers is not None else len(watched.workers) or 1,
             cpu_receiver=cpu[0],
             cpu_workers=cpu[1],
         )
@@ -639,7 +639,10 @@ class Bench:
             while time.monotonic() - started < DRAIN_TIMEOUT:
                 if proc.poll() is not None:
                     raise RuntimeError(f"daemon exited early ({proc.returncode})")
-                workers = workers or worker_pids(proc.pid)
+                # Workers start one after the other: keep looking until all are seen.
+                found = worker_pids(proc.pid)
+                if len(found) > len(workers):
+                    workers = found
                 rss = sum(vm_kb(p, "VmRSS") for p in [proc.pid, *workers])
                 peak = max(peak, rss / 1024)
                 row = conn.execute("SELECT max(id) FROM telemetries").fetchone()
