@@ -113,6 +113,16 @@ class ServiceMetrics:
         summed.register(_Summed(self.registry, list(self.remote.values())))
         return summed
 
+    def remote_sum(self, sample_name: str) -> float:
+        """The sum of one sample over the worker processes' latest snapshots (0 with none)."""
+        return sum(
+            value
+            for families in list(self.remote.values())  # a copy: the results thread writes it
+            for _name, _doc, _kind, samples in families
+            for name, _labels, value in samples
+            if name == sample_name
+        )
+
     def render(self) -> bytes:
         """`view()` in the Prometheus text exposition format (see CONTENT_TYPE)."""
         return exposition.generate_latest(self.view())
@@ -281,7 +291,10 @@ class Observer:
             rejections_not_logged=suppressed,
             events=dict(s.events),
             late=s.late,
-            queue_depth=self.intake.queue_depth,
+            # With workers, messages wait in the receiving process and in each worker's queue
+            # (the workers' part as of their last snapshot, at most half a second old).
+            queue_depth=self.intake.queue_depth
+            + int(self.metrics.remote_sum("iothub_queue_depth")),
             pending=self.intake.pending,
             oldest_unacked_s=round(self.oldest_unacked_age(), 3),
             mqtt_connected=self.intake.connected,

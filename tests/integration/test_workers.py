@@ -275,7 +275,8 @@ def test_healthz_is_the_worst_of_the_workers(
     local_postgres: LocalPostgres, broker_url: str, unique: str, tmp_path: Path
 ) -> None:
     """PostgreSQL stopped under two workers: /healthz answers 503 naming the database (the
-    workers' writers fail), and 200 again once a batch commits after the restart."""
+    workers' writers fail), the stats line counts the readings waiting in the workers, and
+    /healthz is 200 again once a batch commits after the restart."""
     dsn = psycopg.conninfo.make_conninfo(local_postgres.admin_dsn, dbname="iothub")
     fleet = make_fleet(dsn, f"SN-{unique}", 1)
     serial = fleet.serials[0]
@@ -297,12 +298,25 @@ def test_healthz_is_the_worst_of_the_workers(
     daemon.wait_log("db_unavailable")
     assert wait_for(lambda: get(url)[0] == 503, timeout=10)
     assert "database" in json.loads(get(url)[1])["down"]
+    # The readings published during the outage wait in the owning worker's queue, not in the
+    # receiving process's: the stats line counts both.
+    assert wait_for(lambda: max_stats_queue_depth(daemon) > 0, timeout=15), daemon.tail()
     local_postgres.start()
     daemon.wait_log("db_recovered", timeout=60)
     assert wait_for(lambda: get(url)[0] == 200, timeout=30)
     pub.wait(60)
     check_no_loss(dsn, fleet.bindings[(serial, "temperature")], pub, daemon)
     assert daemon.terminate() == 0
+
+
+def max_stats_queue_depth(daemon: Daemon) -> int:
+    """The highest queue_depth of the daemon's stats lines so far."""
+    depths = [
+        int(json.loads(line)["queue_depth"])
+        for line in daemon.log_path.read_text(errors="replace").splitlines()
+        if '"event": "stats"' in line
+    ]
+    return max(depths, default=0)
 
 
 def pid_alive(pid: int) -> bool:
