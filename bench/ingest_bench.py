@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg  # noqa: E402
 from mqtt_wire import WirePublisher  # noqa: E402
-from paho_api import CallbackAPIVersion, PacketTypes, Properties  # noqa: E402
+from paho_api import CallbackAPIVersion, PacketTypes, Properties, assert_bare  # noqa: E402
 from paho_api import client as mqtt  # noqa: E402
 
 from schema import migrate  # noqa: E402
@@ -279,6 +279,7 @@ def drop_session(port: int, client_id: str, settle: float = 0.0) -> int:
 
 def _count_subscriber(port: int, client_id: str, n: int, v311: bool = False, *, out: Any) -> None:
     """Counts, and acknowledges each message when its callback returns (paho's default)."""
+    assert_bare()
     if v311:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,

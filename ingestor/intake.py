@@ -227,13 +227,15 @@ class MqttIntake(MessageQueue):
         """With `_ack_lock` held: acknowledge what the current connection delivered; returns
         how many were skipped as stale."""
         skipped = 0
+        mids: list[int] = []
         for msg in messages:
             if msg.qos == 0:
                 continue
             if self._fenced or msg.generation != self._generation or not self._connected:
                 skipped += 1
                 continue
-            self._client.ack(msg.mid, msg.qos)
+            mids.append(msg.mid)  # QoS 1: what we subscribe with is what we are sent at most
+        mqtt.ack_many(self._client, mids)
         return skipped
 
     def _acked(self, messages: Sequence[InboundMessage], skipped: int) -> None:
@@ -410,7 +412,7 @@ class MqttIntake(MessageQueue):
             received_mono=time.monotonic(),
             retain=bool(message.retain),
         )
-        size = held_bytes((item,))
+        size = len(item.payload) + len(item.topic)  # held_bytes of one, without a generator
         with self._cond:
             # Bounded in bytes as well as messages; one message is always let in, so a
             # message larger than the byte limit cannot stop intake for good.

@@ -13,6 +13,8 @@ need in their signatures are re-exported below.
 from __future__ import annotations
 
 import functools
+import importlib
+import struct
 import threading
 from collections.abc import Callable
 from typing import Concatenate, Final, ParamSpec, TypeVar
@@ -22,6 +24,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties as _PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -39,11 +42,13 @@ __all__ = [
     "Properties",
     "ReasonCode",
     "SubscribeOptions",
+    "ack_many",
     "connect_properties",
     "error_string",
     "gate_connects",
     "guarded",
     "host_port",
+    "install_lean_properties",
     "make_client",
     "max_packet_size",
     "message_topic",
@@ -88,10 +93,81 @@ def target_of(broker: MqttTarget | str) -> MqttTarget:
     return broker if isinstance(broker, MqttTarget) else parse_mqtt_url(broker)
 
 
+# The modules whose `Properties` paho's packet decoding calls: `_packet` (paho 2.2, where
+# decode_publish lives) and `client` (paho 2.1 decodes PUBLISH there).
+_PROPERTY_USERS: Final = ("paho.mqtt._packet", "paho.mqtt.client")
+# What paho's Properties.__init__ sets on each instance; the lean class keeps the last three
+# on the class. Anything else means paho changed, and the lean class is not installed.
+_PROPERTY_FIELDS: Final = frozenset({"packetType", "types", "names", "properties"})
+
+
+class _LeanProperties(_PahoProperties):
+    """paho's Properties, made cheaply.
+
+    paho builds a Properties object for every MQTT 5 PUBLISH it receives, and its __init__
+    rebuilds three lookup tables (27 names, 27 property types) each time; `unpack` then loops
+    over all 27 names to clear attributes the new object cannot have. Measured on the receive
+    path of one connection, that is about half of paho's CPU per message, and what MQTT 5
+    costs over 3.1.1. The tables never change: here they are built once, on the class, and a
+    PUBLISH without properties (the usual one) is unpacked without the loop. Everything else
+    (`__setattr__` checks, `pack`, properties that are present) is paho's own code."""
+
+    _template = _PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    types = _template.types
+    names = _template.names
+    properties = _template.properties
+
+    def __init__(self, packetType: int) -> None:
+        object.__setattr__(self, "packetType", packetType)
+
+    def unpack(self, buffer: bytes | bytearray) -> tuple[Properties, int]:
+        # A zero property length is one byte, 0; a fresh object has nothing to clear.
+        if buffer[:1] == b"\x00" and len(self.__dict__) == 1:
+            return self, 1
+        result: tuple[Properties, int] = super().unpack(buffer)  # type: ignore[no-untyped-call]
+        return result
+
+
+@functools.cache
+def install_lean_properties() -> bool:
+    """Make paho's packet decoding build `_LeanProperties` (the first call does; True: in place).
+
+    Touches the private modules named in `_PROPERTY_USERS`, and only when paho's Properties
+    still sets exactly `_PROPERTY_FIELDS`: after a paho upgrade that changed it, paho's own
+    class stays, the cost comes back, and `lean_properties_off` says so."""
+    fields = set(vars(_PahoProperties(PacketTypes.PUBLISH)))  # type: ignore[no-untyped-call]
+    if fields != _PROPERTY_FIELDS:
+        log.warning(
+            "lean_properties_off",
+            fields=sorted(fields),
+            why="paho's Properties changed; MQTT 5 packets are decoded at paho's own cost",
+        )
+        return False
+    for name in _PROPERTY_USERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "Properties", None) is _PahoProperties:
+            setattr(module, "Properties", _LeanProperties)  # noqa: B010 (a private module)
+    return True
+
+
+class _NoTopicCallbacks:
+    """Stands in for paho's matcher of per-topic callbacks (`message_callback_add`), which no
+    client of ours uses: paho walks it for every message received, to find none (a recursive
+    generator over the topic's levels). With this, `on_message` is called straight away; a
+    `message_callback_add` fails loudly (TypeError) instead of being ignored."""
+
+    def iter_match(self, _topic: str) -> tuple[()]:
+        return ()
+
+
 def make_client(
     broker: MqttTarget | str, client_id: str, *, manual_ack: bool = False
 ) -> _paho.Client:
     """An MQTT v5 client with the target's credentials and TLS applied (not connected yet)."""
+    install_lean_properties()
     target = target_of(broker)
     client = _paho.Client(
         CallbackAPIVersion.VERSION2,
@@ -99,11 +175,32 @@ def make_client(
         protocol=_paho.MQTTv5,
         manual_ack=manual_ack,
     )
+    # paho's private attribute, set in its __init__; see _NoTopicCallbacks.
+    client._on_message_filtered = _NoTopicCallbacks()  # type: ignore[assignment]
     if target.username:
         client.username_pw_set(target.username, target.password)
     if target.tls:
         client.tls_set()
     return client
+
+
+_PUBACK: Final = struct.Struct("!BBH")  # a PUBACK: type 0x40, remaining length 2, packet id
+_PUBACK_TYPE: Final = 0x40
+
+
+def ack_many(client: _paho.Client, mids: list[int]) -> None:
+    """Acknowledge QoS 1 messages by packet id, in this order, as one write.
+
+    paho's `ack()` queues each PUBACK as a packet of its own, and wakes its network thread
+    with a write to its socket pair each time; the network thread then sends each with a
+    `send()` of its own: two system calls per message on the receiving path. These are the
+    same bytes (a v5 PUBACK without reason code means success, as paho's own) queued once,
+    through paho's private `_packet_queue`, in paho's outgoing order. paho drops its queue on
+    reconnect, so PUBACKs of a lost connection are never sent on the next one."""
+    if mids:
+        pack = _PUBACK.pack
+        packet = b"".join([pack(_PUBACK_TYPE, 2, mid) for mid in mids])
+        client._packet_queue(_PUBACK_TYPE, packet, 0, 0)
 
 
 def host_port(broker: MqttTarget | str) -> tuple[str, int]:
