@@ -33,9 +33,10 @@ from ingestor.sources import SourceRouter
 
 log = structlog.get_logger(__name__)
 
-# A message on its way to a worker: (seq, topic, payload, qos, dup, retain, received_at,
-# received_mono). Plain tuples pickle several times faster than dataclasses.
-Item = tuple[int, str, bytes, int, bool, bool, float, float]
+# A message on its way to a worker: an InboundMessage's fields as a plain tuple (plain tuples
+# pickle several times faster than objects), with the hand-off's sequence number as its `mid`
+# and generation 0: the worker rebuilds the message from it without looking at the fields.
+Item = tuple[str, bytes, int, int, bool, int, float, float, bool]
 # What goes to a worker: ("msgs", [Item, ...]) or ("end",): drain, commit, report, exit.
 # What comes back: ("done", [seq, ...]) committed (or recorded as rejected) and to acknowledge;
 # ("given_back", [seq, ...]) not committed, never to acknowledge; ("stats", {...}) after each
@@ -98,14 +99,15 @@ def serial_in_payload(payload: bytes, max_payload_bytes: int) -> str | None:
 
 def item_of(seq: int, message: InboundMessage) -> Item:
     return (
-        seq,
         message.topic,
         message.payload,
+        seq,
         message.qos,
         message.dup,
-        message.retain,
+        0,
         message.received_at,
         message.received_mono,
+        message.retain,
     )
 
 
@@ -172,20 +174,8 @@ class PipeIntake(MessageQueue):
                 self._on_end()
                 return
             items: list[Item] = message[1]
-            received = [
-                InboundMessage(
-                    topic=topic,
-                    payload=payload,
-                    mid=seq,
-                    qos=qos,
-                    dup=dup,
-                    generation=0,
-                    received_at=received_at,
-                    received_mono=received_mono,
-                    retain=retain,
-                )
-                for seq, topic, payload, qos, dup, retain, received_at, received_mono in items
-            ]
+            make = InboundMessage._make
+            received = [make(item) for item in items]
             with self._cond:
                 self._queue.extend(received)
                 self._cond.notify_all()

