@@ -193,6 +193,12 @@ def globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
 
 
 @functools.cache
+def template_fields(template: str) -> frozenset[str]:
+    """The placeholders a template uses ("tas-{node}": node); cached, asked once per message."""
+    return frozenset(_TEMPLATE_FIELD.findall(template))
+
+
+@functools.cache
 def _plain(template: str) -> bool:
     """Whether every brace of ``template`` belongs to a ``{name}`` field, so that
     ``str.format_map`` reads it exactly as ``_TEMPLATE_FIELD`` does."""

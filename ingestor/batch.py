@@ -11,6 +11,12 @@ reached, and the caller prepares the rest as the next batch.
 
 Rejections are grouped by message: the payload of a rejected message is recorded once, with at
 most `Bounds.max_rejections_per_message` of its rejected readings; the others are only counted.
+
+In a worker process, a message whose devices several workers own comes with its part
+(`InboundMessage.split`, see `ingestor.ownership.Split`): the whole message is decoded as
+anywhere, but only the readings of this worker's devices are checked against the catalogue and
+stored, and only the primary records what the decoder rejected. A message without a split
+costs nothing more.
 """
 
 from __future__ import annotations
@@ -109,6 +115,14 @@ class Batch:
     # A rejected payload is recorded up to this many bytes (the message's limit): a message
     # slightly over it (the broker's packet limit leaves room for headers) is not kept whole.
     keep_payload_bytes: int = payload.MAX_PAYLOAD_BYTES
+    # Messages this worker holds as a secondary part (ingestor.ownership.Split): their primary
+    # counts them, so that a message counts once in the service's totals.
+    secondary_parts: int = 0
+
+    @property
+    def counted_messages(self) -> int:
+        """The messages this batch counts in the service's totals (each message once)."""
+        return len(self.messages) - self.secondary_parts
 
     @property
     def rejects(self) -> list[RejectRow]:
@@ -151,7 +165,8 @@ def _keep_births(
             batch.births.append(birth)
 
 
-def prepare(
+# One loop, its checks inline: it runs per reading, where a function call per check costs.
+def prepare(  # noqa: C901
     messages: Sequence[InboundMessage],
     snapshot: Snapshot,
     router: TopicRouter | SourceRouter,
@@ -184,6 +199,13 @@ def prepare(
         ) -> None:
             batch.reject(_index, RejectRow(reason, detail, serial, metric))
 
+        split = msg.split
+        # Of a message several workers own, what the decoder rejected is the same in every
+        # part: the primary alone records it. A reading is judged (and, if rejected, recorded)
+        # by the worker that owns its device, with that worker's catalogue.
+        records = split is None or split.primary
+        if not records:
+            batch.secondary_parts += 1
         match = router.match(msg.topic)
         if msg.retain:
             # We subscribe with retain handling 2 and without retain-as-published, so the flag
@@ -191,12 +213,13 @@ def prepare(
             # retain handling). That copy is the same old reading on every (re)subscribe, and
             # without a ts of its own it would be stored again at each receipt time: recorded
             # once per replay, never stored.
-            reject(
-                Reason.retained,
-                "retained message replayed by the broker on subscribe; publish telemetry without"
-                " the retain flag",
-                match.serial_id if match is not None else None,
-            )
+            if records:
+                reject(
+                    Reason.retained,
+                    "retained message replayed by the broker on subscribe; publish telemetry"
+                    " without the retain flag",
+                    match.serial_id if match is not None else None,
+                )
             continue
         if match is None:
             readings += 1
@@ -210,9 +233,12 @@ def prepare(
         readings += len(parsed.rejections) + len(parsed.readings)
         if parsed.births:
             _keep_births(batch, router, snapshot, parsed.births)
-        for rejection in parsed.rejections:
-            reject(rejection.reason, rejection.detail, rejection.serial_id, rejection.metric)
+        if records:
+            for rejection in parsed.rejections:
+                reject(rejection.reason, rejection.detail, rejection.serial_id, rejection.metric)
         for reading in parsed.readings:
+            if split is not None and not split.keeps(reading.serial_id):
+                continue  # another worker's device: judged, stored and evaluated there
             device = snapshot.devices.get(reading.serial_id)
             if device is None:
                 reject(

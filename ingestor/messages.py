@@ -7,6 +7,8 @@ import threading
 import time
 from typing import NamedTuple
 
+from ingestor.ownership import Split
+
 
 class InboundMessage(NamedTuple):
     """One received message. A NamedTuple, not a frozen dataclass: one is made per message in
@@ -26,6 +28,9 @@ class InboundMessage(NamedTuple):
     # The broker sent it as a retained message, i.e. because of the subscription and not because
     # it was just published: an old reading replayed, never stored (see ingestor/batch.py).
     retain: bool = False
+    # In a worker process: this worker's part of a message whose devices several workers own
+    # (ingestor.ownership.Split); None for a message that is all this process's.
+    split: Split | None = None
 
 
 class MessageQueue:

@@ -55,7 +55,7 @@ def decode(
             )
             continue
         context.update({key: record[key] for key in _BASE if key in record})
-        serial = _serial(source, fields, context.get("bn"))
+        serial = serial_of(source, fields, context.get("bn"))
         problem = _record_problem(record, context)
         if problem is not None:
             problems.setdefault(serial, []).append(
@@ -87,7 +87,8 @@ def decode(
     return ParseResult(tuple(readings), tuple(rejections))
 
 
-def _serial(source: Source, fields: Mapping[str, str], bn: object) -> str | None:
+def serial_of(source: Source, fields: Mapping[str, str], bn: object) -> str | None:
+    """The device of a record under base name ``bn`` (what the receiving process routes by)."""
     name = bn.rstrip(":/") if isinstance(bn, str) else ""
     if source.serial is not None:
         return source.serial_for({**fields, "bn": name})

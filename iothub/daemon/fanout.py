@@ -2,14 +2,18 @@
 
 The MQTT intake (`ingestor.intake`) runs here, bounded as in one process; this module takes its
 messages in chunks, numbers them in arrival order and sends each to the worker process that
-owns its device (`ingestor.handoff.owner_of`, a stable hash of the serial_id), where the
+owns its device (`ingestor.handoff.owners_of`, a stable hash of the serial_id), where the
 pipeline parses, writes and evaluates rules (`iothub.daemon.ingest_worker`). One device's
-messages go to one worker, in order, so rules see exactly what one process would see.
+messages go to one worker, in order, so rules see exactly what one process would see. A
+message whose devices several workers own (a gateway's array on the shared topic) goes whole
+to each of them, and each stores only its own devices' readings (`ingestor.ownership.Split`); it
+is finished once every part is.
 
 Workers report the numbers of the messages whose transaction committed; the PUBACKs go out in
 arrival order, for the longest run of finished numbers only: a message is acknowledged after
-its own commit and after every message that arrived before it finished. A message a worker gave
-back (stopping with the database away) is skipped, never acknowledged.
+its own commit (every part's) and after every message that arrived before it finished. A
+message a worker gave back (stopping with the database away), or one part of it, is skipped,
+never acknowledged: the broker redelivers it and the unique key drops what parts committed.
 
 Two threads: `iothub-dispatch` (intake → workers) and `iothub-results` (workers → PUBACKs,
 stats, health, metrics). A worker that dies stops the service (`worker_died`, exit 70): its
@@ -27,6 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
@@ -49,6 +54,71 @@ TICK: Final = 0.5  # seconds between the threads' checks of the stop flag
 START_METHOD: Final = "spawn"  # a fresh interpreter: no paho thread or lock copied by fork
 START_TIMEOUT: Final = 60.0  # seconds start() waits for the workers to load their catalogues
 JOIN_TIMEOUT: Final = 5.0  # seconds a worker may take to exit after its last report
+
+
+@dataclass(slots=True)
+class _Parts:
+    """A message sent to several workers, until each has reported its part."""
+
+    left: int  # parts not yet reported
+    acknowledge: bool = True  # False once a part was given back
+
+
+class InFlight:
+    """The messages handed to workers and not yet acknowledged or given back, by sequence
+    number in arrival order, and which of them have finished.
+
+    Bounded by the intake's window (max_pending_messages): a message enters when it is handed
+    over and leaves in the run that acknowledges or gives it back; its parts (one per owner)
+    leave with it. Not locked: the caller holds its lock around each use."""
+
+    def __init__(self) -> None:
+        self._messages: dict[int, InboundMessage] = {}  # by seq, in arrival order
+        self._finished: dict[int, bool] = {}  # seq -> acknowledge (True) or give back
+        self._parts: dict[int, _Parts] = {}  # the messages in flight in several parts
+        self._next_seq = 1  # the oldest seq not yet acknowledged or given back
+        self._last_seq = 0  # the last seq handed out
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def oldest(self) -> InboundMessage | None:
+        return next(iter(self._messages.values()), None)
+
+    def add(self, message: InboundMessage, parts: int = 1) -> int:
+        """Number a message handed to `parts` workers; it finishes when all have reported."""
+        self._last_seq += 1
+        seq = self._last_seq
+        self._messages[seq] = message
+        if parts > 1:
+            self._parts[seq] = _Parts(parts)
+        return seq
+
+    def finish(
+        self, seqs: Sequence[int], *, acknowledge: bool
+    ) -> tuple[list[InboundMessage], list[InboundMessage]]:
+        """One worker's report on these messages (its parts of them); what leaves: the run of
+        finished messages from the oldest one on, as (to acknowledge, to give back). A message
+        one of whose parts was given back is given back whole."""
+        finished, parts = self._finished, self._parts
+        for seq in seqs:
+            split = parts.get(seq)
+            if split is None:
+                finished[seq] = acknowledge
+                continue
+            split.left -= 1
+            split.acknowledge = split.acknowledge and acknowledge
+            if split.left == 0:
+                del parts[seq]
+                finished[seq] = split.acknowledge
+        to_ack: list[InboundMessage] = []
+        to_give: list[InboundMessage] = []
+        seq = self._next_seq
+        while seq in finished:
+            (to_ack if finished.pop(seq) else to_give).append(self._messages.pop(seq))
+            seq += 1
+        self._next_seq = seq
+        return to_ack, to_give
 
 
 class Fanout:
@@ -74,10 +144,7 @@ class Fanout:
         self.count = settings.workers
         self.fatal: str | None = None
         self._lock = threading.Lock()
-        self._inflight: dict[int, InboundMessage] = {}  # by seq, in arrival order
-        self._finished: dict[int, bool] = {}  # seq -> acknowledge (True) or give back
-        self._next_seq = 1  # the oldest seq not yet acknowledged or given back
-        self._last_seq = 0  # the last seq handed out (by the dispatch thread only)
+        self._inflight = InFlight()  # under _lock: dispatch adds, results finishes
         self._health: list[dict[str, Any]] = [{} for _ in range(self.count)]
         self._bye: list[dict[str, Any] | None] = [None] * self.count
         self._done = threading.Event()
@@ -170,7 +237,7 @@ class Fanout:
 
     def oldest_unacked_age(self) -> float:
         with self._lock:
-            oldest = next(iter(self._inflight.values()), None)
+            oldest = self._inflight.oldest()
         age = time.monotonic() - oldest.received_mono if oldest is not None else 0.0
         return max(age, self.intake.oldest_queued_age())
 
@@ -203,14 +270,22 @@ class Fanout:
                     return
                 continue
             chunks: list[list[handoff.Item]] = [[] for _ in range(workers)]
-            seq = self._last_seq
+            # Read outside the lock: the results thread's acknowledgements need it meanwhile.
+            owned = [
+                (message, handoff.owners_of(message.topic, message.payload, router, workers, limit))
+                for message in messages
+            ]
             with self._lock:
-                for message in messages:
-                    seq += 1
-                    self._inflight[seq] = message
-                    owner = handoff.owner_of(message.topic, message.payload, router, workers, limit)
-                    chunks[owner].append(handoff.item_of(seq, message))
-            self._last_seq = seq
+                for message, owners in owned:
+                    seq = self._inflight.add(message, len(owners))
+                    if len(owners) == 1:
+                        chunks[owners[0]].append(handoff.item_of(seq, message))
+                        continue
+                    # Several workers' devices: each owner gets the whole message (in its
+                    # chunk, in arrival order among that worker's messages) and its role.
+                    item = handoff.item_of(seq, message, owners)
+                    for owner in owners:
+                        chunks[owner].append(item)
             for index, chunk in enumerate(chunks):
                 if chunk:
                     self._send(index, ("msgs", chunk))
@@ -270,17 +345,8 @@ class Fanout:
 
     def _finish(self, seqs: Sequence[int], *, acknowledge: bool) -> None:
         """Acknowledge (or give back) the run of finished messages from the oldest one on."""
-        to_ack: list[InboundMessage] = []
-        to_give: list[InboundMessage] = []
         with self._lock:
-            finished = self._finished
-            for seq in seqs:
-                finished[seq] = acknowledge
-            seq = self._next_seq
-            while seq in finished:
-                (to_ack if finished.pop(seq) else to_give).append(self._inflight.pop(seq))
-                seq += 1
-            self._next_seq = seq
+            to_ack, to_give = self._inflight.finish(seqs, acknowledge=acknowledge)
         # Only this thread acknowledges: PUBACKs leave in arrival order.
         if to_ack:
             self.intake.ack(to_ack)

@@ -98,7 +98,14 @@ class IngestWorker:
             self.engine = RuleEngine(settings, self.metrics.rules)
             hook = self.engine
             self.preloader = RulePreloader(self.engine, self.pool)
-        self.intake = PipeIntake(inbox, self.link, on_end=self.stop.set, on_orphaned=orphaned)
+        self.intake = PipeIntake(
+            inbox,
+            self.link,
+            on_end=self.stop.set,
+            on_orphaned=orphaned,
+            worker=spec.index,
+            workers=settings.workers,
+        )
         self.catalog = catalog.CatalogListener(
             db.conninfo(settings, f"catalog-{spec.index}"), self._catalog_changed, self.stop
         )

@@ -168,7 +168,8 @@ class BatchCounter:
 
     def committed(self, prepared: batch_mod.Batch, result: WriteResult) -> Committed:
         m = self.metrics.ingest
-        n_msgs = len(prepared.messages)
+        # A message several workers own is in each of their batches; its primary counts it.
+        n_msgs = prepared.counted_messages
         rejected = prepared.rejected_by_reason()
         if result.storage_rejects:
             rejected["storage_error"] += result.storage_rejects

@@ -25,14 +25,14 @@ import psycopg
 import pytest
 
 from config.settings import Settings
-from ingestor import handoff, mqtt, sources
+from ingestor import handoff, mqtt, ownership, sources
 from iothub import exitcodes
 from iothub.daemon import assemble
 from iothub.daemon.fanout import Fanout
 from tests.integration.test_faults import check_no_loss, daemon_env
 from tests.support.daemon import running
 from tests.support.faults import Daemon, NumberedPublisher
-from tests.support.fleet import Publisher, make_fleet, wait_for
+from tests.support.fleet import Fleet, Publisher, make_fleet, wait_for
 from tests.support.mqtt_proxy import MqttProxy
 from tests.support.services import LocalPostgres
 
@@ -127,12 +127,26 @@ THRESHOLD = {"type": "threshold", "operator": ">", "value": 27.5, "duration_minu
 NOTIFY = {"type": "notify", "channel": "email", "message": "{device_name}: {value}"}
 
 
-def scenario_events(
-    settings: Settings, db_url: str, broker_url: str, prefix: str
-) -> list[tuple[int, str, datetime, str]]:
-    """A fixed rule scenario over 12 devices, run through the service with `settings`: the
-    events it wrote, as (device index, kind, time, value seen), in device then time order."""
-    fleet = make_fleet(db_url, prefix, 12)
+def run_through(
+    settings: Settings, broker_url: str, client_id: str, items: list[tuple[str, Any]], burst: int
+) -> dict[str, int]:
+    """Publish `items` in bursts (so that batches are cut anywhere) through a service with
+    `settings` and rules on, until it has counted and acknowledged them all; its totals."""
+    pub = Publisher(broker_url, client_id)
+    try:
+        with running(assemble.build(settings, rules_on=True)) as handle:
+            for start in range(0, len(items), burst):
+                part = items[start : start + burst]
+                assert pub.publish_many(part) == len(part)
+            assert wait_for(lambda: handle.service.totals["messages"] >= len(items), timeout=60)
+            assert wait_for(lambda: not handle.service.pipeline.oldest_unacked_age(), timeout=10)
+            return dict(handle.service.totals)
+    finally:
+        pub.close()
+
+
+def hot_rules(db_url: str, fleet: Fleet) -> dict[int, int]:
+    """A THRESHOLD rule on each device's temperature: the rules' ids, to the device's index."""
     rule_device: dict[int, int] = {}
     with psycopg.connect(db_url, autocommit=True) as conn:
         for d, serial in enumerate(fleet.serials):
@@ -148,6 +162,16 @@ def scenario_events(
             ).fetchone()
             assert row
             rule_device[int(row[0])] = d
+    return rule_device
+
+
+def scenario_events(
+    settings: Settings, db_url: str, broker_url: str, prefix: str
+) -> list[tuple[int, str, datetime, str]]:
+    """A fixed rule scenario over 12 devices, run through the service with `settings`: the
+    events it wrote, as (device index, kind, time, value seen), in device then time order."""
+    fleet = make_fleet(db_url, prefix, 12)
+    rule_device = hot_rules(db_url, fleet)
     t0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
     items: list[tuple[str, Any]] = []
     for minute in range(60):
@@ -158,14 +182,7 @@ def scenario_events(
             topic = f"{settings.mqtt_topics[0].split('/')[0]}/devices/{serial}/telemetry"
             ts = (t0 + timedelta(minutes=minute)).isoformat()
             items.append((topic, {"ts": ts, "metrics": {"temperature": value}}))
-    pub = Publisher(broker_url, f"pub-{prefix}")
-    try:
-        with running(assemble.build(settings, rules_on=True)) as handle:
-            for start in range(0, len(items), 97):  # in uneven bursts: batches cut anywhere
-                assert pub.publish_many(items[start : start + 97]) == len(items[start : start + 97])
-            assert wait_for(lambda: handle.service.totals["messages"] >= len(items), timeout=60)
-    finally:
-        pub.close()
+    run_through(settings, broker_url, f"pub-{prefix}", items, burst=97)
     with psycopg.connect(db_url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT rule_id, kind::text, \"timestamp\", context->>'value' FROM events"
@@ -359,3 +376,126 @@ def test_pubacks_leave_in_arrival_order(
     recorded = proxy.recorded
     assert len(recorded.published) == len(items)
     assert recorded.acked == recorded.published
+
+
+GATEWAY_DEVICES = 8
+
+
+def gateway_scenario(
+    settings: Settings, db_url: str, broker_url: str, prefix: str
+) -> dict[str, Any]:
+    """A fixed rule scenario over 8 devices behind one gateway, run through the service with
+    `settings`: every minute one array on the shared topic with a reading of each device (the
+    first element's device changing from message to message), and half the devices also on
+    their own topic half a minute later; one array with a bad element naming a device the
+    first element's worker does not own. What the service wrote, keyed by device index."""
+    fleet = make_fleet(db_url, prefix, GATEWAY_DEVICES)
+    by_dm = {fleet.bindings[(s, "temperature")]: d for d, s in enumerate(fleet.serials)}
+    rule_device = hot_rules(db_url, fleet)
+    owner = {s: ownership.device_owner(s, 2) for s in fleet.serials}
+    assert set(owner.values()) == {0, 1}, "the fleet must span both workers"
+    shared, topic_prefix = settings.mqtt_topics[1], settings.mqtt_topics[0].split("/")[0]
+    t0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    items: list[tuple[str, Any]] = []
+    bad_minute = 30
+    for minute in range(60):
+        at = t0 + timedelta(minutes=minute)
+        order = (
+            fleet.serials[minute % GATEWAY_DEVICES :] + fleet.serials[: minute % GATEWAY_DEVICES]
+        )
+        array: list[dict[str, Any]] = []
+        for serial in order:
+            d = fleet.serials.index(serial)
+            hot = (minute // (3 + d)) % 2 == 1
+            array.append(
+                {
+                    "device": serial,
+                    "ts": at.isoformat(),
+                    "metrics": {"temperature": 30.0 + d if hot else 20.0},
+                }
+            )
+        if minute == bad_minute:
+            other = next(s for s in fleet.serials if owner[s] != owner[order[0]])
+            array.append({"device": other, "ts": at.isoformat(), "metrics": "not an object"})
+        items.append((shared, array))
+        for d, serial in enumerate(fleet.serials[::2]):
+            own = (at + timedelta(seconds=30)).isoformat()
+            value = 29.0 + d if minute % 4 else 21.0
+            items.append(
+                (
+                    f"{topic_prefix}/devices/{serial}/telemetry",
+                    {"ts": own, "metrics": {"temperature": value}},
+                )
+            )
+    totals = run_through(settings, broker_url, f"pub-{prefix}", items, burst=23)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        events = conn.execute(
+            "SELECT rule_id, kind::text, \"timestamp\", context->>'value' FROM events"
+        ).fetchall()
+        # A state back at its start (ok, nothing pending, never fired) has a row or not
+        # depending on where batches were cut: such a row says nothing, and is left out.
+        states = conn.execute(
+            "SELECT rule_id, status, state FROM rule_states WHERE status <> 'ok'"
+            " OR state->>'pending_since' IS NOT NULL OR state->>'last_triggered' IS NOT NULL"
+        ).fetchall()
+        cursors = conn.execute(
+            "SELECT device_metric_id, last_ts, last_value FROM rule_cursors"
+            " WHERE device_metric_id = ANY(%s)",
+            (list(by_dm),),
+        ).fetchall()
+        rows = conn.execute(
+            "SELECT device_metric_id, ts, value_jsonb FROM telemetries"
+            " WHERE device_metric_id = ANY(%s)",
+            (list(by_dm),),
+        ).fetchall()
+        rejected = conn.execute(
+            "SELECT p.rejections, m.reason, m.serial_id FROM rejected_payloads p"
+            " JOIN rejected_messages m ON m.payload_id = p.id"
+            " WHERE convert_from(p.payload, 'UTF8') LIKE %s",
+            (f"%{prefix}-%",),
+        ).fetchall()
+    serial_index = {s: d for d, s in enumerate(fleet.serials)}
+    return {
+        "messages": len(items),
+        "totals": totals,
+        "events": sorted(
+            (rule_device[r], kind, ts, str(v)) for r, kind, ts, v in events if r in rule_device
+        ),
+        "states": sorted(
+            (rule_device[r], status, json.dumps(state, sort_keys=True))
+            for r, status, state in states
+            if r in rule_device
+        ),
+        "cursors": sorted((by_dm[dm], ts, json.dumps(value)) for dm, ts, value in cursors),
+        "rows": sorted((by_dm[dm], ts, json.dumps(v, sort_keys=True)) for dm, ts, v in rows),
+        "rejected": [(n, reason, serial_index.get(s)) for n, reason, s in rejected],
+    }
+
+
+def test_gateway_arrays_evaluated_as_by_one_process(
+    make_settings: Callable[..., Settings], db_url: str, broker_url: str, unique: str
+) -> None:
+    """Arrays naming devices of both workers on the shared topic: with two workers the events,
+    rule states and stored rows equal one process's, every reading stored once, one
+    rejected_messages row for the array with a bad element naming the other worker's device,
+    every message counted once and acknowledged (none comes back after a restart)."""
+    one = gateway_scenario(make_settings(workers=1), db_url, broker_url, f"GA-{unique}")
+    two_settings = make_settings(workers=2, mqtt_client_id=f"iothub-test-{unique}-2")
+    two = gateway_scenario(two_settings, db_url, broker_url, f"GB-{unique}")
+    assert len(one["events"]) > 10, "the scenario fires too little to compare"
+    assert two["events"] == one["events"]
+    assert two["states"] == one["states"]
+    assert two["cursors"] == one["cursors"]
+    assert len(one["cursors"]) == GATEWAY_DEVICES and one["states"]
+    assert two["rows"] == one["rows"]
+    readings = 60 * GATEWAY_DEVICES + 60 * (GATEWAY_DEVICES // 2)
+    assert len(two["rows"]) == len(set(two["rows"])) == readings
+    assert two["rejected"] == one["rejected"]
+    assert [(n, reason) for n, reason, _ in two["rejected"]] == [(1, "bad_schema")]
+    for run in (one, two):
+        assert run["totals"]["messages"] == run["messages"]
+        assert run["totals"]["rows"] == readings
+    # Acknowledged: the same session again gets nothing redelivered.
+    with running(assemble.build(two_settings, rules_on=True)) as handle:
+        time.sleep(2.0)
+        assert handle.service.totals["messages"] == 0
