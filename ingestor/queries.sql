@@ -14,6 +14,7 @@ LISTEN iothub_catalog
 -- name: create_staging
 -- Per connection, once (the pool's configure hook). ON COMMIT DELETE ROWS empties it for free.
 CREATE TEMP TABLE IF NOT EXISTS iothub_staging (
+    n                integer NOT NULL,  -- the row's place in the batch: what comes back
     device_metric_id integer NOT NULL,
     ts               timestamptz NOT NULL,
     value_jsonb      jsonb NOT NULL
@@ -27,18 +28,24 @@ SELECT set_config('lock_timeout', %(lock_ms)s, false),
        set_config('statement_timeout', %(statement_ms)s, false)
 
 -- name: copy_staging
-COPY iothub_staging (device_metric_id, ts, value_jsonb) FROM STDIN
+COPY iothub_staging (n, device_metric_id, ts, value_jsonb) FROM STDIN
 
 -- name: truncate_staging
 TRUNCATE iothub_staging
 
 -- name: insert_from_staging
 -- Redelivered readings meet the unique key and are dropped here, so what RETURNING gives is
--- exactly what is new: only that reaches the rule engine.
-INSERT INTO telemetries (device_metric_id, ts, value_jsonb)
-SELECT device_metric_id, ts, value_jsonb FROM iothub_staging
-ON CONFLICT (device_metric_id, ts) DO NOTHING
-RETURNING device_metric_id, ts
+-- exactly what is new: only that reaches the rule engine. It comes back as the rows' places in
+-- the batch (a batch holds a key once): integers are cheap to read, where (id, timestamptz)
+-- pairs cost the writer a timestamp to parse and a keyed lookup per row (measured: a fifth
+-- of a worker's writer thread with ten readings per message).
+WITH inserted AS (
+    INSERT INTO telemetries (device_metric_id, ts, value_jsonb)
+    SELECT device_metric_id, ts, value_jsonb FROM iothub_staging
+    ON CONFLICT (device_metric_id, ts) DO NOTHING
+    RETURNING device_metric_id, ts
+)
+SELECT s.n FROM iothub_staging s JOIN inserted USING (device_metric_id, ts)
 
 -- name: next_rejected_payload_ids
 -- Ids for a batch's rejected payloads, drawn before the COPY so the rejections can name them.

@@ -150,8 +150,7 @@ class BatchWriter:
                             )
                         hook_result = HookResult()
                         if inserted:
-                            by_key = {(row.device_metric_id, row.ts): row for row in batch.rows}
-                            new_rows = [by_key[key].reading for key in inserted if key in by_key]
+                            new_rows = [row.reading for row in inserted]
                             new_rows.sort(key=lambda r: (r.device_metric_id, r.ts))
                             hook_result = self._run_hook(conn, new_rows)
                         if rejected:
@@ -213,7 +212,7 @@ class BatchWriter:
 
     def _insert(
         self, conn: psycopg.Connection, rows: Sequence[Row]
-    ) -> tuple[list[tuple[int, datetime]], list[tuple[Row, str]]]:
+    ) -> tuple[list[Row], list[tuple[Row, str]]]:
         """Insert rows; on a data error split the rows in halves until the culprits are alone."""
         if not rows:
             return [], []
@@ -232,15 +231,14 @@ class BatchWriter:
             ok_b, bad_b = self._insert(conn, rows[half:])
             return ok_a + ok_b, bad_a + bad_b
 
-    def _copy_insert(
-        self, conn: psycopg.Connection, rows: Sequence[Row]
-    ) -> list[tuple[int, datetime]]:
+    def _copy_insert(self, conn: psycopg.Connection, rows: Sequence[Row]) -> list[Row]:
+        """COPY the rows into staging and insert what is new; the rows inserted."""
         with conn.cursor() as cur:
             with cur.copy(queries["copy_staging"]) as copy:
-                for row in rows:
-                    copy.write_row((row.device_metric_id, row.ts, row.value_json))
+                for n, row in enumerate(rows):
+                    copy.write_row((n, row.device_metric_id, row.ts, row.value_json))
             cur.execute(queries["insert_from_staging"])
-            inserted = [(dm, ts) for dm, ts in cur.fetchall()]
+            inserted = [rows[n] for (n,) in cur.fetchall()]
             # The staging table empties at commit; inside the transaction a later savepoint
             # (bisection) must not see these rows again.
             cur.execute(queries["truncate_staging"])

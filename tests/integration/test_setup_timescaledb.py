@@ -19,6 +19,7 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from ingestor import writer
 from iothub import exitcodes
 from iothub.cli import main as cli
 from tests.support import services, skips
@@ -729,8 +730,9 @@ def test_insert_on_conflict_into_a_compressed_chunk(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A backfill into a compressed chunk with the writer's ON CONFLICT DO NOTHING stores the
-    new readings and drops the duplicates, and the chunk stays compressed."""
+    """A backfill into a compressed chunk through the writer's own statements (staging table,
+    COPY, the INSERT ... ON CONFLICT DO NOTHING in a writable CTE that returns the new rows'
+    places) stores the new readings and drops the duplicates, and the chunk stays compressed."""
     add_readings(conn, days=45)
     assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
     conn.execute(
@@ -744,21 +746,17 @@ def test_insert_on_conflict_into_a_compressed_chunk(
     assert len(old) == 3
     binding = old[0][0]
     fresh = [ts + timedelta(minutes=30) for _, ts in old]  # between two hourly readings
-    rows = [(binding, ts, Jsonb({"t": "numeric", "v": 1000})) for ts in fresh]
-    rows += [(binding, ts, Jsonb({"t": "numeric", "v": -1})) for _, ts in old]  # duplicates
+    rows = [(binding, ts, '{"t":"numeric","v":-1}') for _, ts in old]  # duplicates
+    rows += [(binding, ts, '{"t":"numeric","v":1000}') for ts in fresh]
     before = conn.execute("SELECT count(*) FROM telemetries").fetchone()
     assert before is not None
-    with conn.cursor() as cur:
-        cur.execute(
-            "CREATE TEMP TABLE backfill (device_metric_id int, ts timestamptz, value_jsonb jsonb)"
-        )
-        cur.executemany("INSERT INTO backfill VALUES (%s, %s, %s)", rows)
-        stored = cur.execute(
-            "INSERT INTO telemetries (device_metric_id, ts, value_jsonb) "
-            "SELECT device_metric_id, ts, value_jsonb FROM backfill "
-            "ON CONFLICT (device_metric_id, ts) DO NOTHING RETURNING ts"
-        ).fetchall()
-    assert sorted(ts for (ts,) in stored) == fresh
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(writer.queries["create_staging"])
+        with cur.copy(writer.queries["copy_staging"]) as copy:
+            for n, row in enumerate(rows):
+                copy.write_row((n, *row))
+        stored = cur.execute(writer.queries["insert_from_staging"]).fetchall()
+    assert sorted(n for (n,) in stored) == [3, 4, 5]  # the places of the fresh readings
     assert conn.execute("SELECT count(*) FROM telemetries").fetchone() == (before[0] + 3,)
     kept = conn.execute(
         "SELECT count(*) FROM telemetries WHERE ts = ANY(%s) AND value_jsonb ->> 'v' = '-1'",
