@@ -20,6 +20,8 @@ from rules_engine.model.conditions import Condition
 from schema import types
 from schema.types import DataType
 
+# Built once: a union written in isinstance() is built again on every call (per reading here).
+_NOT_NUMERIC = bool | str
 ROOT_PATH: Final = ""  # node-state key of the top-level condition
 CLEAR_PATH: Final = "clear"  # node-state key of the clear condition
 
@@ -105,7 +107,7 @@ STATELESS = (
 
 def stateless_predicate(cond: Condition, value: Value) -> bool:
     """What a condition that needs no history says about one value."""
-    numeric = not isinstance(value, bool | str)
+    numeric = not isinstance(value, _NOT_NUMERIC)
     if isinstance(cond, conditions.Threshold):
         return numeric and COMPARE[cond.operator](value, cond.value)
     if isinstance(cond, conditions.Range):
@@ -130,9 +132,9 @@ def delta_predicate(
 ) -> bool:
     """Change per minute since the previous evaluated reading, against the bound."""
     value = reading.value
-    if previous_ts is None or isinstance(previous_value, bool | str) or previous_value is None:
+    if previous_ts is None or isinstance(previous_value, _NOT_NUMERIC) or previous_value is None:
         return False
-    if isinstance(value, bool | str):
+    if isinstance(value, _NOT_NUMERIC):
         return False
     elapsed = (reading.ts - previous_ts).total_seconds() / 60
     if elapsed <= 0:
