@@ -234,7 +234,10 @@ class MqttIntake(MessageQueue):
             if self._fenced or msg.generation != self._generation or not self._connected:
                 skipped += 1
                 continue
-            mids.append(msg.mid)  # QoS 1: what we subscribe with is what we are sent at most
+            if msg.qos == 1:
+                mids.append(msg.mid)
+            else:  # QoS 2 (never granted: we subscribe at 1): paho's own PUBREC/PUBCOMP path
+                self._client.ack(msg.mid, msg.qos)
         mqtt.ack_many(self._client, mids)
         return skipped
 

@@ -197,7 +197,7 @@ def ack_many(client: _paho.Client, mids: list[int]) -> None:
     same bytes (a v5 PUBACK without reason code means success, as paho's own) queued once,
     through paho's private `_packet_queue`, in paho's outgoing order. paho drops its queue on
     reconnect, so PUBACKs of a lost connection are never sent on the next one."""
-    if mids:
+    if mids and client._manual_ack:  # as paho's ack(): without manual_ack paho sent them
         pack = _PUBACK.pack
         packet = b"".join([pack(_PUBACK_TYPE, 2, mid) for mid in mids])
         client._packet_queue(_PUBACK_TYPE, packet, 0, 0)

@@ -13,7 +13,9 @@ LISTEN iothub_catalog
 
 -- name: create_staging
 -- Per connection, once (the pool's configure hook). ON COMMIT DELETE ROWS empties it for free.
-CREATE TEMP TABLE IF NOT EXISTS iothub_staging (
+-- Named anew when its columns change: behind a session pooler a server session (and its TEMP
+-- table of an older release) can outlive an upgrade, and IF NOT EXISTS would keep that one.
+CREATE TEMP TABLE IF NOT EXISTS iothub_staging_rows (
     n                integer NOT NULL,  -- the row's place in the batch: what comes back
     device_metric_id integer NOT NULL,
     ts               timestamptz NOT NULL,
@@ -28,24 +30,25 @@ SELECT set_config('lock_timeout', %(lock_ms)s, false),
        set_config('statement_timeout', %(statement_ms)s, false)
 
 -- name: copy_staging
-COPY iothub_staging (n, device_metric_id, ts, value_jsonb) FROM STDIN
+COPY iothub_staging_rows (n, device_metric_id, ts, value_jsonb) FROM STDIN
 
 -- name: truncate_staging
-TRUNCATE iothub_staging
+TRUNCATE iothub_staging_rows
 
 -- name: insert_from_staging
 -- Redelivered readings meet the unique key and are dropped here, so what RETURNING gives is
 -- exactly what is new: only that reaches the rule engine. It comes back as the rows' places in
--- the batch (a batch holds a key once): integers are cheap to read, where (id, timestamptz)
--- pairs cost the writer a timestamp to parse and a keyed lookup per row (measured: a fifth
--- of a worker's writer thread with ten readings per message).
+-- the batch (ingestor.batch.prepare keeps a key once per batch, so none comes back twice):
+-- integers are cheap to read, where (id, timestamptz) pairs cost the writer a timestamp to
+-- parse and a keyed lookup per row (measured: a fifth of a worker's writer thread with ten
+-- readings per message).
 WITH inserted AS (
     INSERT INTO telemetries (device_metric_id, ts, value_jsonb)
-    SELECT device_metric_id, ts, value_jsonb FROM iothub_staging
+    SELECT device_metric_id, ts, value_jsonb FROM iothub_staging_rows
     ON CONFLICT (device_metric_id, ts) DO NOTHING
     RETURNING device_metric_id, ts
 )
-SELECT s.n FROM iothub_staging s JOIN inserted USING (device_metric_id, ts)
+SELECT s.n FROM iothub_staging_rows s JOIN inserted USING (device_metric_id, ts)
 
 -- name: next_rejected_payload_ids
 -- Ids for a batch's rejected payloads, drawn before the COPY so the rejections can name them.

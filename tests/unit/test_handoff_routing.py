@@ -173,3 +173,32 @@ def test_hostile_payloads_are_read_as_one_process_reads_them() -> None:
 def test_one_worker_owns_everything() -> None:
     assert owner("devices/SN-1/telemetry", b"", workers=1) == 0
     assert owner("telemetry", b"\xff", workers=1) == 0
+
+
+def test_a_message_crosses_the_pipe_field_for_field() -> None:
+    """item_of in the receiving process and PipeIntake's rebuild in the worker, over a real
+    pipe: every field arrives in its place (the sequence number as mid, generation 0), and a
+    message of several owners carries this worker's Split."""
+    import multiprocessing
+
+    from ingestor.messages import InboundMessage
+    from ingestor.ownership import Split
+
+    sent = InboundMessage("t/a", b'{"x": 1}', 901, 1, True, 5, 1700000000.25, 12.5, False)
+    other = InboundMessage("telemetry", b"[]", 902, 1, False, 5, 1700000001.5, 13.75, True)
+    inbox, outbox = multiprocessing.Pipe(duplex=False)
+    reports, _unused = multiprocessing.Pipe(duplex=False)
+    intake = handoff.PipeIntake(
+        inbox, handoff.Link(reports), lambda: None, lambda: None, worker=1, workers=3
+    )
+    intake.start()
+    try:
+        outbox.send(("msgs", [handoff.item_of(7, sent), handoff.item_of(8, other, (2, 1))]))
+        got = intake.take_batch(2, 5.0, 1.0)
+    finally:
+        outbox.send(("end",))
+        intake.thread.join(5)
+    assert got == [
+        sent._replace(mid=7, generation=0),
+        other._replace(mid=8, generation=0, split=Split(1, 3, (2, 1))),
+    ]
