@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from config.topics import TopicRouter
 from ingestor import payload
@@ -55,9 +56,8 @@ class Bounds:
     max_rejections_per_message: int = MAX_REJECTIONS_PER_MESSAGE
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """A validated, resolved reading ready for COPY."""
+class Row(NamedTuple):
+    """A validated, resolved reading ready for COPY (a NamedTuple: one per reading)."""
 
     device_metric_id: int
     ts: datetime

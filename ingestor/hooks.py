@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import psycopg
 
 from schema.types import DataType
 
 
-@dataclass(frozen=True, slots=True)
-class BatchReading:
+class BatchReading(NamedTuple):
     """A reading of a batch, built when the batch is prepared (before anything is stored); the
-    hook is handed only those the transaction inserted, never a redelivered duplicate."""
+    hook is handed only those the transaction inserted, never a redelivered duplicate. A
+    NamedTuple: one is made per reading, at a fifth of a frozen dataclass's cost."""
 
     device_metric_id: int
     ts: datetime

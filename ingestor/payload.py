@@ -138,9 +138,9 @@ class Limits:
             raise ValueError("future_tolerance must be >= 0 and max_age > 0")
 
 
-@dataclass(frozen=True)
-class RawReading:
-    """One (device, metric, ts, value) from a message, before the catalogue lookup."""
+class RawReading(NamedTuple):
+    """One (device, metric, ts, value) from a message, before the catalogue lookup. A
+    NamedTuple: one is made per reading, at a fifth of a frozen dataclass's cost."""
 
     serial_id: str
     metric: str  # as sent; the catalogue's metric_type is citext, so lookups ignore case
