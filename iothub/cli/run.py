@@ -9,7 +9,7 @@ import structlog
 from config.settings import MAX_WORKERS, Settings
 from iothub import exitcodes, signals
 from iothub.cli import argtypes
-from iothub.daemon import assemble
+from iothub.daemon import assemble, heap
 from iothub.daemon.systemd import SystemdNotifier
 
 log = structlog.get_logger(__name__)
@@ -35,6 +35,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     log.info("config_loaded", settings=settings.redacted())
     notifier = SystemdNotifier.from_environ()
     service = assemble.build(settings, notifier, rules_on=not args.no_rules)
+    heap.freeze_startup_objects()  # everything is imported and built: see iothub.daemon.heap
 
     def stop(name: str) -> None:
         service.request_stop(f"signal {name}")

@@ -39,6 +39,7 @@ from ingestor.hooks import BatchHook, NoHook
 from ingestor.pipeline import Pipeline
 from ingestor.writer import BatchWriter, WriteResult, connection_setup
 from iothub import exitcodes, logs
+from iothub.daemon import heap
 from iothub.daemon.observe import BatchCounter, ServiceMetrics, snapshot
 from rules_engine.engine import RuleEngine
 from rules_engine.preload import RulePreloader
@@ -66,6 +67,7 @@ def main(spec: WorkerSpec, inbox: Connection, outbox: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(spec.settings.log_level, spec.settings.log_format)
     structlog.contextvars.bind_contextvars(worker=spec.index)
+    heap.freeze_startup_objects()  # the imports are done: see iothub.daemon.heap
     try:
         code = IngestWorker(spec, inbox, outbox).run()
     except Exception:
