@@ -752,9 +752,7 @@ def test_insert_on_conflict_into_a_compressed_chunk(
     assert before is not None
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(writer.queries["create_staging"])
-        with cur.copy(writer.queries["copy_staging"]) as copy:
-            for n, row in enumerate(rows):
-                copy.write_row((n, *row))
+        writer.stage(cur, [(n, *row) for n, row in enumerate(rows)])
         stored = cur.execute(writer.queries["insert_from_staging"]).fetchall()
     assert sorted(n for (n,) in stored) == [3, 4, 5]  # the places of the fresh readings
     assert conn.execute("SELECT count(*) FROM telemetries").fetchone() == (before[0] + 3,)
