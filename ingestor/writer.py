@@ -39,11 +39,6 @@ STAGING_TYPES = ("int4", "int4", "timestamptz", "jsonb")
 JSONB_BINARY_VERSION = b"\x01"  # jsonb's binary input: a version byte, then the JSON text
 
 
-class _JsonbText(str):
-    """The key under which `_JsonbTextDumper` is registered (never made): COPY picks dumpers
-    by the column's type (set_types), so no str elsewhere is dumped with it."""
-
-
 class _JsonbTextDumper(Dumper):
     """A str that already holds the JSON text of a value (`payload.encode_value`), as jsonb's
     binary format. psycopg's own jsonb dumper would encode the str again, as a JSON string."""
@@ -62,7 +57,8 @@ class _JsonbTextDumper(Dumper):
 
 def stage(cur: psycopg.Cursor[Any], rows: Iterable[tuple[int, int, datetime, str]]) -> None:
     """COPY (n, device_metric_id, ts, value JSON text) rows into the staging table."""
-    cur.adapters.register_dumper(_JsonbText, _JsonbTextDumper)  # this cursor's only
+    # By oid only (cls None): used where set_types names jsonb, never for a str elsewhere.
+    cur.adapters.register_dumper(None, _JsonbTextDumper)
     with cur.copy(queries["copy_staging"]) as copy:
         copy.set_types(STAGING_TYPES)
         for row in rows:
@@ -274,10 +270,7 @@ class BatchWriter:
     def _copy_insert(self, conn: psycopg.Connection, rows: Sequence[Row]) -> list[Row]:
         """COPY the rows into staging and insert what is new; the rows inserted."""
         with conn.cursor() as cur:
-            stage(
-                cur,
-                [(n, row.device_metric_id, row.ts, row.value_json) for n, row in enumerate(rows)],
-            )
+            stage(cur, ((n, r.device_metric_id, r.ts, r.value_json) for n, r in enumerate(rows)))
             cur.execute(queries["insert_from_staging"])
             inserted = [rows[n] for (n,) in cur.fetchall()]
             # The staging table empties at commit; inside the transaction a later savepoint
