@@ -54,17 +54,6 @@ POLL: Final = 0.5  # seconds a worker's reader waits on the pipe before checking
 UNROUTABLE_OWNER: Final = 0  # the worker that rejects (and records) what names no device
 
 
-def owner_of(
-    topic: str,
-    payload: bytes,
-    router: TopicRouter | SourceRouter,
-    workers: int,
-    max_payload_bytes: int,
-) -> int:
-    """The worker that owns this message (its primary, when it names several workers' devices)."""
-    return owners_of(topic, payload, router, workers, max_payload_bytes)[0]
-
-
 def owners_of(
     topic: str,
     payload: bytes,

@@ -45,7 +45,7 @@ READINGS = 40
 def owners(settings: Settings, serials: tuple[str, ...], topic: Callable[[str], str]) -> set[int]:
     router = sources.router_for(settings.mqtt_topics, ())
     return {
-        handoff.owner_of(topic(s), b"{}", router, settings.workers, settings.max_payload_bytes)
+        handoff.owners_of(topic(s), b"{}", router, settings.workers, settings.max_payload_bytes)[0]
         for s in serials
     }
 
@@ -230,7 +230,7 @@ def test_kill_9_of_one_worker_stops_the_service_and_loses_nothing(
     daemon.wait_log("service_ready")
     topic = f"t{unique}/devices/{serial}/telemetry"
     router = sources.router_for((env["IOTHUB_MQTT_TOPICS"],), ())
-    owner = handoff.owner_of(topic, b"", router, 2, 1 << 20)
+    owner = handoff.owners_of(topic, b"", router, 2, 1 << 20)[0]
     pids = worker_pids(daemon, 1)
     pub = NumberedPublisher(broker_url, topic, n=3000, rate=500)
     pub.run()

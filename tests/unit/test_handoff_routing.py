@@ -1,4 +1,4 @@
-"""Which worker owns a message (`ingestor.handoff.owner_of`): stable, by device, and bounded on
+"""Which worker owns a message (`ingestor.handoff.owners_of`): stable, by device, and bounded on
 hostile payloads (they go to the fixed worker that rejects and records them)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROUTER = sources.router_for(("devices/{serial_id}/telemetry", "telemetry"), ())
 
 
 def owner(topic: str, payload: bytes, workers: int = 4) -> int:
-    return handoff.owner_of(topic, payload, ROUTER, workers, LIMIT)
+    return handoff.owners_of(topic, payload, ROUTER, workers, LIMIT)[0]
 
 
 def test_one_device_one_owner_whatever_the_topic() -> None:
@@ -39,7 +39,8 @@ def test_the_same_owner_in_another_process() -> None:
     code = (
         "from ingestor import handoff, sources;"
         "r = sources.router_for(('devices/{serial_id}/telemetry', 'telemetry'), ());"
-        "print([handoff.owner_of(f'devices/SN-{i}/telemetry', b'', r, 4, 1) for i in range(40)])"
+        "print([handoff.owners_of(f'devices/SN-{i}/telemetry', b'', r, 4, 1)[0]"
+        " for i in range(40)])"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
@@ -86,7 +87,7 @@ def test_senml_base_name_routes_a_source_without_a_topic_serial() -> None:
     first = json.dumps([{"bn": "urn:dev:SN-3:", "n": "t", "v": 1}]).encode()
     again = json.dumps([{"bn": "urn:dev:SN-3:", "n": "h", "v": 2}]).encode()
     owners = {
-        handoff.owner_of(t, p, SENML_ROUTER, 8, LIMIT)
+        handoff.owners_of(t, p, SENML_ROUTER, 8, LIMIT)[0]
         for t, p in (("senml/a", first), ("senml/b", again))
     }
     assert owners == {zlib.crc32(b"urn:dev:SN-3") % 8} != {handoff.UNROUTABLE_OWNER}
