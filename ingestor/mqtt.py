@@ -21,7 +21,7 @@ from typing import Concatenate, Final, ParamSpec, TypeVar
 
 import paho.mqtt.client as _paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.properties import Properties as _PahoProperties
@@ -163,13 +163,68 @@ class _NoTopicCallbacks:
         return ()
 
 
+# How much one read from the socket may bring into the client's buffer.
+_READ_CHUNK: Final = 65_536  # bytes
+# Packets handled in one wake of the network thread before it looks at its writes (PUBACKs,
+# PINGREQ) again: enough to empty a full read chunk of small PUBLISHes in one go.
+_READ_BURST: Final = 1_000
+
+
+class _BufferedClient(_paho.Client):
+    """paho's client, reading its socket in chunks.
+
+    paho reads a packet in three `recv()` calls (the type byte, the length byte(s), the rest),
+    and handles one packet each time `select()` wakes its thread: four system calls, and as
+    many releases of the GIL, per PUBLISH. Here a read brings up to 64 KiB into a buffer that
+    paho's own framing (`_packet_read`) then takes its bytes from, and one wake handles every
+    packet the buffer holds. paho's exception handling of a read (TLS, websockets, a lost
+    connection) stays paho's: an empty buffer is refilled through paho's own `_sock_recv`.
+
+    The buffer belongs to one socket: a new socket (a reconnect) starts with an empty one, so
+    bytes of a lost connection are never taken for packets of the next."""
+
+    _rbuf: bytes = b""
+    _rpos: int = 0
+    _rsock: object = None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._rbuf, self._rpos
+        if pos == len(buf) or self._rsock is not self._sock:
+            if bufsize >= _READ_CHUNK:  # a large payload: straight into paho's packet
+                self._rbuf, self._rpos, self._rsock = b"", 0, self._sock
+                return super()._sock_recv(bufsize)
+            buf = super()._sock_recv(_READ_CHUNK)  # raises as paho does; b"" at EOF
+            self._rbuf, self._rpos, self._rsock = buf, 0, self._sock
+            pos = 0
+        end = pos + bufsize
+        self._rpos = min(end, len(buf))
+        return buf[pos:end]
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:  # noqa: ARG002 (paho ignores it too)
+        """paho's `loop_read`, which handles one packet a wake (it ignores `max_packets`),
+        handling what the buffer holds: it returns only with the buffer empty, so `select()`
+        never sleeps over bytes already read."""
+        handled = 0
+        while True:
+            if self._sock is None:
+                return _paho.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if self._rpos == len(self._rbuf) and (
+                rc == _paho.MQTT_ERR_AGAIN or handled >= _READ_BURST
+            ):
+                return _paho.MQTT_ERR_SUCCESS
+            handled += 1
+
+
 def make_client(
     broker: MqttTarget | str, client_id: str, *, manual_ack: bool = False
 ) -> _paho.Client:
     """An MQTT v5 client with the target's credentials and TLS applied (not connected yet)."""
     install_lean_properties()
     target = target_of(broker)
-    client = _paho.Client(
+    client = _BufferedClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=_paho.MQTTv5,
