@@ -8,8 +8,9 @@ it commits with the telemetry, so a crash either keeps readings, state and event
 loses none of them to a redelivery.
 
 The parts: the rules (rule_cache.py), their states (state_store.py), the rows written
-(events.py), and the workers that run beside the batches (preload.py, no_data.py,
-actions/outbox.py).
+(events.py). The workers that run beside the batches (preload.py, no_data.py, actions/outbox.py)
+are put together in background.py: this module is also every worker process's batch hook, and
+it does not import what delivers the actions.
 """
 
 from __future__ import annotations
@@ -20,27 +21,20 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from operator import attrgetter
-from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from ingestor.catalog import Snapshot
 from ingestor.hooks import BatchReading, HookResult
-from rules_engine.actions.outbox import OutboxWorker
 from rules_engine.evaluate import batch
 from rules_engine.evaluate.state import RuleState
 from rules_engine.evaluate.step import Observation, Reading, Transition
 from rules_engine.events import EventWriter
 from rules_engine.failures import RuleFailures
 from rules_engine.metrics import RuleMetrics
-from rules_engine.no_data import NoDataWorker
-from rules_engine.preload import RulePreloader
 from rules_engine.rule_cache import RuleCache, RuleEntry
 from rules_engine.state_store import INITIAL, DmStates, StateCache, StateStore, own_part
-from rules_engine.workers import PoolKeeper
-from schema import db
 
 RELOAD_TABLES = frozenset({"*", "rules", "devices", "metrics", "device_metrics"})
 NO_INTAKE = datetime.min.replace(tzinfo=UTC)  # intake_since() of an engine run without one
@@ -67,7 +61,8 @@ def not_ahead(rows: Sequence[BatchReading], now: datetime) -> tuple[Sequence[Obs
 
 
 class RuleEngine:
-    """The batch hook of the ingestion transaction, plus the rule engine's workers."""
+    """The batch hook of the ingestion transaction, and what its workers share with it
+    (`rules_engine.workers.RuleHost`; they are built by `rules_engine.background`)."""
 
     def __init__(self, settings: Settings, metrics: RuleMetrics) -> None:
         self.settings = settings
@@ -92,15 +87,6 @@ class RuleEngine:
         if tables & RELOAD_TABLES:
             self.cache.mark_stale()
         self.catalog_seen.set()
-
-    def workers(self, _pool: ConnectionPool) -> list[Any]:
-        actions_pool = db.make_pool(self.settings, "actions", size=3)
-        return [
-            PoolKeeper(actions_pool),
-            RulePreloader(self, actions_pool),
-            NoDataWorker(self, actions_pool),
-            OutboxWorker(self.settings, actions_pool, metrics=self.metrics),
-        ]
 
     # --- the hook
 

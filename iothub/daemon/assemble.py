@@ -19,7 +19,7 @@ from iothub.daemon.fanout import Fanout
 from iothub.daemon.observe import ServiceMetrics
 from iothub.daemon.service import IngestService, Stage
 from iothub.daemon.systemd import SystemdNotifier
-from rules_engine import engine
+from rules_engine import background, engine
 from schema import db
 
 
@@ -40,7 +40,7 @@ def build(
         # serves the no-data timer and the outbox.
         hook=rules if fan_out is None else None,
         stage=fan_out,
-        workers=rules.workers(pool),
+        workers=background.workers(rules),
         on_catalog_change=rules.on_catalog_change,
         metrics=metrics,
         notifier=notifier,
