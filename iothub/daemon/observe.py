@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge, exposition
@@ -14,11 +15,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ingestor import batch as batch_mod
-from ingestor.intake import MqttIntake
 from ingestor.metrics import IngestMetrics
 from ingestor.writer import WriteResult
 from iothub.daemon.systemd import SystemdNotifier
 from rules_engine.metrics import RuleMetrics
+
+if TYPE_CHECKING:  # the annotation only: a worker process uses this module, but no MQTT client
+    from ingestor.intake import MqttIntake
 
 log = structlog.get_logger(__name__)
 
