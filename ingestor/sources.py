@@ -8,7 +8,7 @@ availability, commands: not telemetry).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -18,7 +18,7 @@ from config import topics
 from config.sources import Source
 from ingestor import payload
 from ingestor.aliases import AliasStore
-from ingestor.decoders import base, flat_json, native, senml, sparkplug_b, tasmota, ttn, value
+from ingestor.decoders import base, flat_json, native, senml, tasmota, ttn, value
 from ingestor.payload import Limits, ParseResult
 from ingestor.reasons import Reason
 
@@ -30,8 +30,20 @@ DECODERS: Mapping[str, base.Decoder] = {
     "senml": senml.decode,
     "ttn": ttn.decode,
 }
-# Decoders that keep state: built per router, around that router's state.
-STATEFUL = ("sparkplug_b",)
+
+
+def _sparkplug_b(aliases: AliasStore) -> base.Decoder:
+    # Imported only when a router has a sparkplug_b source: the decoder brings protobuf and the
+    # Sparkplug B descriptors, ~27 MB in every process (the receiving one and each worker) of a
+    # deployment that has no Sparkplug device.
+    from ingestor.decoders import sparkplug_b  # noqa: PLC0415
+
+    return sparkplug_b.SparkplugDecoder(aliases)
+
+
+# Decoders that keep state, by the function that builds one around a router's aliases: built per
+# router, and only for the formats of its sources.
+STATEFUL: Mapping[str, Callable[[AliasStore], base.Decoder]] = {"sparkplug_b": _sparkplug_b}
 _NOTHING = ParseResult((), ())
 log = structlog.get_logger(__name__)
 
@@ -96,9 +108,6 @@ class SourceRouter:
     _stateful: Mapping[str, base.Decoder] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "_stateful", {"sparkplug_b": sparkplug_b.SparkplugDecoder(self.aliases)}
-        )
         missing = [
             s.decoder
             for s in self.sources
@@ -106,6 +115,10 @@ class SourceRouter:
         ]
         if missing:
             raise ValueError(f"no decoder {missing[0]!r} in this build")
+        formats = {s.decoder for s in self.sources if s.decoder in STATEFUL}
+        object.__setattr__(
+            self, "_stateful", {name: STATEFUL[name](self.aliases) for name in sorted(formats)}
+        )
         native_filters = {p.subscription for p in self.native.patterns}
         for source in self.sources:
             # One filter twice would make the broker deliver each of its messages twice.
