@@ -33,6 +33,11 @@ SELECT set_config('lock_timeout', %(lock_ms)s, false),
 -- Binary (ingestor.writer.STAGING_TYPES): packing is cheaper than formatting text.
 COPY iothub_staging_rows (n, device_metric_id, ts, value_jsonb) FROM STDIN (FORMAT BINARY)
 
+-- name: copy_telemetries
+-- Straight into the table, when no row of the batch is expected to be stored already
+-- (ingestor.writer.BatchWriter._insert); binary as the staging COPY (TELEMETRY_TYPES).
+COPY telemetries (device_metric_id, ts, value_jsonb) FROM STDIN (FORMAT BINARY)
+
 -- name: truncate_staging
 TRUNCATE iothub_staging_rows
 

@@ -1,10 +1,11 @@
 """Where a batch is written: one transaction from COPY to COMMIT.
 
-COPY into a per-connection staging table, INSERT … ON CONFLICT DO NOTHING into telemetries,
-hand the new rows to the rule engine, record rejections, commit. A row the server refuses
-(a data error) is isolated by bisection inside savepoints and recorded as rejected, so it never
-costs the rest of its batch. A lost connection is `DatabaseUnavailable`: the caller retries the
-same batch later, and nothing was acknowledged.
+COPY the rows straight into telemetries; where one of them is already stored (a redelivery),
+COPY into a per-connection staging table and INSERT … ON CONFLICT DO NOTHING instead (see
+`BatchWriter._insert`). Then hand the new rows to the rule engine, record rejections, commit. A
+row the server refuses (a data error) is isolated by bisection inside savepoints and recorded
+as rejected, so it never costs the rest of its batch. A lost connection is
+`DatabaseUnavailable`: the caller retries the same batch later, and nothing was acknowledged.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ queries = queries_mod.load("ingestor")
 # The staging COPY is binary: measured on 100,000 rows, 0.224 s of client CPU in text against
 # 0.050 s in binary (integers and timestamps are packed, not formatted and escaped).
 STAGING_TYPES = ("int4", "int4", "timestamptz", "jsonb")
+TELEMETRY_TYPES = STAGING_TYPES[1:]  # the direct COPY: the same columns without the place
 JSONB_BINARY_VERSION = b"\x01"  # jsonb's binary input: a version byte, then the JSON text
 
 
@@ -55,14 +57,25 @@ class _JsonbTextDumper(Dumper):
         return JSONB_BINARY_VERSION + obj.encode(self._encoding)
 
 
-def stage(cur: psycopg.Cursor[Any], rows: Iterable[tuple[int, int, datetime, str]]) -> None:
-    """COPY (n, device_metric_id, ts, value JSON text) rows into the staging table."""
+def _copy(
+    cur: psycopg.Cursor[Any], statement: str, types: Sequence[str], rows: Iterable[Any]
+) -> None:
     # By oid only (cls None): used where set_types names jsonb, never for a str elsewhere.
     cur.adapters.register_dumper(None, _JsonbTextDumper)
-    with cur.copy(queries["copy_staging"]) as copy:
-        copy.set_types(STAGING_TYPES)
+    with cur.copy(statement) as copy:
+        copy.set_types(types)
         for row in rows:
             copy.write_row(row)
+
+
+def stage(cur: psycopg.Cursor[Any], rows: Iterable[tuple[int, int, datetime, str]]) -> None:
+    """COPY (n, device_metric_id, ts, value JSON text) rows into the staging table."""
+    _copy(cur, queries["copy_staging"], STAGING_TYPES, rows)
+
+
+def copy_telemetries(cur: psycopg.Cursor[Any], rows: Iterable[tuple[int, datetime, str]]) -> None:
+    """COPY (device_metric_id, ts, value JSON text) rows straight into telemetries."""
+    _copy(cur, queries["copy_telemetries"], TELEMETRY_TYPES, rows)
 
 
 # SQLSTATE classes that mean "this row", not "this connection": data exceptions, integrity
@@ -109,6 +122,8 @@ class WriteResult:
     rejections_not_recorded: int = 0  # rejected readings beyond the per-message cap
     hook: HookResult = field(default_factory=HookResult)
     seconds: float = 0.0
+    # The rows went by COPY straight into telemetries, not the staging way (BatchWriter._insert).
+    copied_direct: bool = False
 
 
 def configure_connection(conn: psycopg.Connection) -> None:
@@ -153,13 +168,20 @@ class BatchWriter:
     def __init__(self, pool: ConnectionPool, hook: BatchHook) -> None:
         self._pool = pool
         self._hook = hook
+        # Whether the next batch is COPYed straight into telemetries (see _insert). Not at
+        # start: what comes first after a restart is most likely a redelivery.
+        self._copy_direct = False
+        self._copied_direct = False  # how the last _insert went
 
     def write(self, batch: Batch) -> WriteResult:
         try:
             return self._write(batch)
         except BaseException:
-            # Not committed, or not known to be: the hook must not trust what it remembers.
+            # Not committed, or not known to be: the hook must not trust what it remembers,
+            # and the batch done again may find its own rows stored (a commit whose answer was
+            # lost): it goes the safe way.
             self._hook.on_failed()
+            self._copy_direct = False
             raise
 
     def _write(self, batch: Batch) -> WriteResult:
@@ -213,6 +235,7 @@ class BatchWriter:
             rejections_not_recorded=sum(sum(m.not_recorded.values()) for m in rejected.values()),
             hook=hook_result,
             seconds=time.perf_counter() - started,
+            copied_direct=self._copied_direct,
         )
 
     def load_aliases(self, store: aliases.AliasStore) -> int:
@@ -249,7 +272,40 @@ class BatchWriter:
     def _insert(
         self, conn: psycopg.Connection, rows: Sequence[Row]
     ) -> tuple[list[Row], list[tuple[Row, str]]]:
-        """Insert rows; on a data error split the rows in halves until the culprits are alone."""
+        """Insert rows: (the rows inserted, the rows the server refused with why).
+
+        A COPY straight into telemetries costs the server about a third less per row than
+        staging, INSERT … ON CONFLICT (speculative insertion) and the join back that says which
+        rows were new (measured with this schema: 6.5 against 10.1 µs a row). It cannot skip a
+        row that is already stored: the unique key refuses the whole COPY, which is undone (a
+        savepoint) and done again the safe way. So it is tried only after a batch in which
+        nothing was already stored; a batch with a redelivery or a device's repeat keeps the
+        next one on the safe way, and a fleet that repeats itself in every batch never pays
+        for a refused COPY. A row the server refuses for another reason goes the safe way too,
+        where bisection finds it."""
+        self._copied_direct = False
+        if not rows:
+            return [], []
+        if self._copy_direct:
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    copy_telemetries(cur, ((r.device_metric_id, r.ts, r.value_json) for r in rows))
+                self._copied_direct = True
+                return list(rows), []
+            except psycopg.errors.UniqueViolation:
+                log.debug("batch_copy_met_stored_rows", rows=len(rows))
+            except psycopg.Error as exc:
+                if not _is_data_error(exc):
+                    raise
+        inserted, refused = self._insert_new(conn, rows)
+        self._copy_direct = len(inserted) + len(refused) == len(rows)
+        return inserted, refused
+
+    def _insert_new(
+        self, conn: psycopg.Connection, rows: Sequence[Row]
+    ) -> tuple[list[Row], list[tuple[Row, str]]]:
+        """Insert what is new; on a data error split the rows in halves until the culprits
+        are alone."""
         if not rows:
             return [], []
         try:
@@ -263,8 +319,8 @@ class BatchWriter:
                 return [], [(rows[0], f"{exc.sqlstate}: {first_line}")]
             log.info("batch_bisect", rows=len(rows), sqlstate=exc.sqlstate)
             half = len(rows) // 2
-            ok_a, bad_a = self._insert(conn, rows[:half])
-            ok_b, bad_b = self._insert(conn, rows[half:])
+            ok_a, bad_a = self._insert_new(conn, rows[:half])
+            ok_b, bad_b = self._insert_new(conn, rows[half:])
             return ok_a + ok_b, bad_a + bad_b
 
     def _copy_insert(self, conn: psycopg.Connection, rows: Sequence[Row]) -> list[Row]:

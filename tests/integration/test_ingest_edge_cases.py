@@ -17,7 +17,7 @@ from ingestor.messages import InboundMessage
 from iothub.daemon.service import IngestService
 from tests.integration.test_faults import daemon_env
 from tests.support.daemon import running
-from tests.support.faults import Daemon
+from tests.support.faults import Daemon, refuse_value
 from tests.support.fleet import Publisher, count, make_fleet, wait_for
 from tests.support.services import LocalMosquitto, LocalPostgres
 
@@ -89,18 +89,7 @@ def test_a_row_the_server_refuses_costs_only_itself(
     is isolated by bisection and recorded as storage_error; the rest of its batch is stored."""
     fleet = make_fleet(db_url, f"SN-{unique}", 1)
     serial = fleet.serials[0]
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("""
-            CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.value_jsonb ->> 'v' = 'poison' THEN
-                    RAISE EXCEPTION 'refused by policy' USING ERRCODE = '22023';
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER refuse_poison BEFORE INSERT ON telemetries
-                FOR EACH ROW EXECUTE FUNCTION refuse_poison();
-        """)
+    refuse_value(db_url, "poison")
     now = datetime.now(UTC).replace(microsecond=0)
     service = IngestService(make_settings(batch_interval=1.0))
     with running(service):

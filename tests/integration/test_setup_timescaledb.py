@@ -776,6 +776,57 @@ def test_insert_on_conflict_into_a_compressed_chunk(
     assert chunk == (True,)
 
 
+@pytest.mark.timescaledb
+def test_direct_copy_into_a_compressed_chunk(
+    db_url: str,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The writer's direct COPY (ingestor.writer.copy_telemetries, binary): into a compressed
+    chunk, a reading already stored refuses the whole COPY with a unique violation (the writer
+    then goes the staging way), and new readings are stored with their generated columns."""
+    add_readings(conn, days=45)
+    assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
+    conn.execute(
+        "SELECT compress_chunk(c) FROM show_chunks('telemetries', older_than => INTERVAL "
+        "'30 days') c"
+    )
+    old = conn.execute(
+        "SELECT device_metric_id, ts FROM telemetries WHERE ts < now() - INTERVAL '35 days' "
+        "ORDER BY ts LIMIT 3"
+    ).fetchall()
+    assert len(old) == 3
+    binding = old[0][0]
+    fresh = [ts + timedelta(minutes=30) for _, ts in old]
+    new_rows = [(binding, ts, '{"t":"numeric","v":1000}') for ts in fresh]
+    before = conn.execute("SELECT count(*) FROM telemetries").fetchone()
+    assert before is not None
+    with conn.transaction():
+        with (
+            pytest.raises(psycopg.errors.UniqueViolation),
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            writer.copy_telemetries(
+                cur, [*new_rows, (binding, old[1][1], '{"t":"numeric","v":-1}')]
+            )
+        with conn.cursor() as cur:
+            writer.copy_telemetries(cur, new_rows)
+    assert conn.execute("SELECT count(*) FROM telemetries").fetchone() == (before[0] + 3,)
+    computed = conn.execute(
+        "SELECT value_numeric FROM telemetries WHERE device_metric_id = %s AND ts = ANY(%s)",
+        (binding, fresh),
+    ).fetchall()
+    assert computed == [(1000,)] * 3
+    chunk = conn.execute(
+        "SELECT is_compressed FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = 'telemetries' AND %s >= range_start AND %s < range_end",
+        (fresh[0], fresh[0]),
+    ).fetchone()
+    assert chunk == (True,)
+
+
 def test_dry_run_shows_the_aggregate_settings(
     db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

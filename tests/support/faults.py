@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from ingestor import mqtt as mqttclient
 from tests.support.paho_api import client as mqtt
@@ -159,3 +160,21 @@ def wait_stored(
         except psycopg.OperationalError:
             continue
     return numbers, total
+
+
+def refuse_value(dsn: str, value: str) -> None:
+    """A trigger on telemetries that refuses (a data exception, 22023 'refused by policy') every
+    row whose value is `value`: a reading that passes validation but not the server."""
+    body = sql.SQL("""
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.value_jsonb ->> 'v' = {value} THEN
+                RAISE EXCEPTION 'refused by policy' USING ERRCODE = '22023';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_poison BEFORE INSERT ON telemetries
+            FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+    """).format(value=sql.Literal(value))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(body)
