@@ -89,7 +89,8 @@ class MqttIntake(MessageQueue):
         mqtt.gate_connects(client, self._may_connect)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_message = self._on_message  # what the sink does not take
+        mqtt.set_publish_sink(client, self._on_publishes)
         client.on_subscribe = self._on_subscribe
         self._client = client
 
@@ -404,42 +405,68 @@ class MqttIntake(MessageQueue):
 
     @mqtt.guarded("on_message")
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        item = InboundMessage(  # by position: the fields' order (cheaper than keywords)
-            mqtt.message_topic(message),
-            bytes(message.payload),
-            message.mid,
-            message.qos,
-            bool(message.dup),
-            self._generation,
-            time.time(),
-            time.monotonic(),
-            bool(message.retain),
+        self._admit(
+            [
+                (
+                    mqtt.message_topic(message),
+                    bytes(message.payload),
+                    message.mid,
+                    message.qos,
+                    bool(message.dup),
+                    bool(message.retain),
+                )
+            ]
         )
-        size = len(item.payload) + len(item.topic)  # held_bytes of one, without a generator
+
+    @mqtt.guarded("on_publishes")
+    def _on_publishes(self, publishes: list[mqtt.Publish]) -> None:
+        self._admit(publishes)
+
+    def _admit(self, publishes: list[mqtt.Publish]) -> None:
+        """Queue what paho received, in order, each message once there is room for it."""
+        generation = self._generation
         with self._cond:
-            # Bounded in bytes as well as messages; one message is always let in, so a
-            # message larger than the byte limit cannot stop intake for good.
-            while (
-                self._pending >= self._max_pending
-                or (self._pending and self._pending_bytes + size > self._max_pending_bytes)
-            ) and not self._closed:
-                if self._paused_since is None:
-                    self._paused_since = time.monotonic()
-                    log.warning(
-                        "intake_paused",
-                        pending=self._pending,
-                        limit=self._max_pending,
-                        pending_bytes=self._pending_bytes,
-                        limit_bytes=self._max_pending_bytes,
+            for topic, body, mid, qos, dup, retain in publishes:
+                size = len(body) + len(topic)  # held_bytes of one, without a generator
+                # Bounded in bytes as well as messages; one message is always let in, so a
+                # message larger than the byte limit cannot stop intake for good.
+                while (
+                    self._pending >= self._max_pending
+                    or (self._pending and self._pending_bytes + size > self._max_pending_bytes)
+                ) and not self._closed:
+                    if self._paused_since is None:
+                        self._paused_since = time.monotonic()
+                        log.warning(
+                            "intake_paused",
+                            pending=self._pending,
+                            limit=self._max_pending,
+                            pending_bytes=self._pending_bytes,
+                            limit_bytes=self._max_pending_bytes,
+                        )
+                    self._cond.wait(FULL_WAIT)
+                if self._paused_since is not None:
+                    log.info(
+                        "intake_resumed", paused_s=round(time.monotonic() - self._paused_since, 3)
                     )
-                self._cond.wait(FULL_WAIT)
-            if self._paused_since is not None:
-                log.info("intake_resumed", paused_s=round(time.monotonic() - self._paused_since, 3))
-                self._paused_since = None
-            if self._closed:
-                return  # not acknowledged: the broker keeps it for the next start
-            self._pending += 1
-            self._pending_bytes += size
-            self._queue.append(item)
+                    self._paused_since = None
+                if self._closed:
+                    return  # not acknowledged: the broker keeps it for the next start
+                self._pending += 1
+                self._pending_bytes += size
+                # By position: the fields' order (cheaper than keywords). Each message its own
+                # receipt time: it is the ts of its readings that carry none.
+                self._queue.append(
+                    InboundMessage(
+                        topic,
+                        body,
+                        mid,
+                        qos,
+                        dup,
+                        generation,
+                        time.time(),
+                        time.monotonic(),
+                        retain,
+                    )
+                )
             if self._wanted and len(self._queue) >= self._wanted:
                 self._cond.notify_all()

@@ -1,0 +1,124 @@
+"""ingestor.mqtt's publish sink against paho's own decoding of the same bytes.
+
+`set_publish_sink` makes a client decode runs of QoS 0/1 PUBLISH packets itself and hand them
+over in one call; everything else stays paho's. Two clients of `make_client` read the same
+byte stream from a real socket, cut into the same pieces: one with a sink, one with paho's
+`on_message` only. What each delivers (topic, payload, packet id, QoS, dup, retain, in order)
+must be the same, for any mix of packets hypothesis makes: sizes around the length
+boundaries, properties short and long, QoS 2, topics that are not UTF-8, PINGRESPs between.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingestor import mqtt
+
+Delivered = tuple[str, bytes, int, int, bool, bool]
+
+
+def _length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@st.composite
+def publishes(draw: st.DrawFn) -> bytes:
+    qos = draw(st.sampled_from([0, 1, 1, 1, 2]))
+    topic = draw(
+        st.one_of(
+            st.text(max_size=40).map(lambda t: t.encode()),
+            st.just(b"devices/\xff\xfe/telemetry"),  # not UTF-8
+            st.just(b""),
+        )
+    )
+    props = draw(
+        st.one_of(
+            st.just(b""),
+            st.just(b"\x02\x00\x00\x0e\x10"),  # Message Expiry Interval 3600
+            # A long user property; its value is not always UTF-8 (paho refuses the packet).
+            st.one_of(st.binary(min_size=130, max_size=200), st.just(b"v" * 140)).map(
+                lambda b: b"\x26\x00\x01k" + struct.pack("!H", len(b)) + b
+            ),
+        )
+    )
+    payload = draw(
+        st.one_of(st.binary(max_size=300), st.integers(0, 20_000).map(lambda n: b"p" * n))
+    )
+    mid = draw(st.integers(1, 65_535))
+    flags = (qos << 1) | (0x08 if draw(st.booleans()) else 0) | (0x01 if draw(st.booleans()) else 0)
+    body = struct.pack("!H", len(topic)) + topic
+    if qos:
+        body += struct.pack("!H", mid)
+    body += _length(len(props)) + props + payload
+    return bytes([0x30 | flags]) + _length(len(body)) + body
+
+
+PINGRESP = b"\xd0\x00"
+streams = st.lists(st.one_of(publishes(), st.just(PINGRESP)), min_size=1, max_size=25)
+
+
+def _deliveries(data: bytes, cuts: list[int], with_sink: bool) -> list[Delivered | int]:
+    """What the client delivered, and the code of each read that was not a success (paho
+    then drops the connection: the rest of the stream is not read)."""
+    got: list[Delivered | int] = []
+    client = mqtt.make_client("mqtt://127.0.0.1:1", f"sink-{with_sink}")
+
+    def on_message(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        got.append((mqtt.message_topic(m), bytes(m.payload), m.mid, m.qos, m.dup, m.retain))
+
+    client.on_message = on_message
+    if with_sink:
+        assert mqtt.set_publish_sink(client, got.extend)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    client._sock = ours  # paho's socket, as its connect() would set it
+    try:
+        start = 0
+        for cut in [*sorted(cuts), len(data)]:
+            theirs.sendall(data[start:cut])
+            start = max(start, cut)
+            rc = client.loop_read()
+            if rc != mqtt.ERR_SUCCESS:
+                got.append(int(rc))
+                break
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+    return got
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=streams, data=st.data())
+def test_the_sink_delivers_what_paho_delivers(stream: list[bytes], data: st.DataObject) -> None:
+    wire = b"".join(stream)
+    cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=6))
+    assert _deliveries(wire, cuts, with_sink=True) == _deliveries(wire, cuts, with_sink=False)
+
+
+def test_a_run_of_publishes_reaches_the_sink_in_one_call() -> None:
+    calls: list[int] = []
+    client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-run")
+    assert mqtt.set_publish_sink(client, lambda run: calls.append(len(run)))
+    one = b"\x32" + _length(2 + 3 + 2 + 1 + 2) + b"\x00\x03a/b\x00\x07\x00{}"
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours
+    try:
+        theirs.sendall(one * 200 + PINGRESP + one * 5)
+        assert client.loop_read() == mqtt.ERR_SUCCESS
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+    assert calls == [200, 5]  # paho took the PINGRESP between the two runs
