@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import queue
 import socket
-import struct
 import threading
 import uuid
 
 from ingestor import mqtt
+from tests.support.mqtt_packets import publish_v5
 
 WAIT = 10.0  # seconds
 # Around one-byte/two-byte/three-byte remaining lengths (127/128, 16383/16384) and above the
@@ -53,20 +53,9 @@ def test_every_payload_arrives_whole_and_in_order_through_the_broker(broker_url:
     assert {qos for _, qos in received} == {1}
 
 
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _publish(topic: str, payload: bytes) -> bytes:
     """A QoS 0 MQTT 5 PUBLISH without properties."""
-    name = topic.encode()
-    body = struct.pack("!H", len(name)) + name + b"\x00" + payload
-    return b"\x30" + _length(len(body)) + body
+    return publish_v5(topic.encode(), payload)
 
 
 CONNACK = b"\x20\x03\x00\x00\x00"  # v5: no session present, success, no properties

@@ -17,17 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingestor import mqtt
+from tests.support.mqtt_packets import publish_v5
 
 Delivered = tuple[str, bytes, int, int, bool, bool]
-
-
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 @st.composite
@@ -54,12 +46,8 @@ def publishes(draw: st.DrawFn) -> bytes:
         st.one_of(st.binary(max_size=300), st.integers(0, 20_000).map(lambda n: b"p" * n))
     )
     mid = draw(st.integers(1, 65_535))
-    flags = (qos << 1) | (0x08 if draw(st.booleans()) else 0) | (0x01 if draw(st.booleans()) else 0)
-    body = struct.pack("!H", len(topic)) + topic
-    if qos:
-        body += struct.pack("!H", mid)
-    body += _length(len(props)) + props + payload
-    return bytes([0x30 | flags]) + _length(len(body)) + body
+    flags = (0x08 if draw(st.booleans()) else 0) | (0x01 if draw(st.booleans()) else 0)
+    return publish_v5(topic, payload, qos=qos, mid=mid, flags=flags, props=props)
 
 
 PINGRESP = b"\xd0\x00"
@@ -110,7 +98,7 @@ def test_a_run_of_publishes_reaches_the_sink_in_one_call() -> None:
     calls: list[int] = []
     client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-run")
     assert mqtt.set_publish_sink(client, lambda run: calls.append(len(run)))
-    one = b"\x32" + _length(2 + 3 + 2 + 1 + 2) + b"\x00\x03a/b\x00\x07\x00{}"
+    one = publish_v5(b"a/b", b"{}", qos=1, mid=7)
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     client._sock = ours
