@@ -172,8 +172,8 @@ PublishSink = Callable[[list[Publish]], None]
 
 # How much one read from the socket may bring into the client's buffer.
 _READ_CHUNK: Final = 65_536  # bytes
-# Packets handled in one wake of the network thread before it looks at its writes (PUBACKs,
-# PINGREQ) again: enough to empty a full read chunk of small PUBLISHes in one go.
+# Packets read between two looks at what waits to be written (PUBACKs) while packets keep
+# coming: about a full read chunk of small PUBLISHes.
 _READ_BURST: Final = 1_000
 
 
@@ -210,9 +210,11 @@ class _BufferedClient(_paho.Client):
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:  # noqa: ARG002 (paho ignores it too)
         """paho's `loop_read`, which handles one packet a wake (it ignores `max_packets`),
-        handling what the buffer holds: it returns only with the buffer empty, so `select()`
-        never sleeps over bytes already read."""
-        handled = 0
+        handling what the buffer holds: it returns only with the buffer empty and nothing more
+        to read, so `select()` never sleeps over bytes already read. While packets keep coming,
+        what waits to be sent (PUBACKs) is written every `_READ_BURST` packets, as paho's loop
+        would between two wakes."""
+        handled = flushed = 0
         while True:
             if self._sock is None:
                 return _paho.MQTT_ERR_NO_CONN
@@ -223,11 +225,15 @@ class _BufferedClient(_paho.Client):
             rc = self._packet_read()
             if rc > 0:
                 return self._loop_rc_handle(rc)
-            if self._rpos == len(self._rbuf) and (
-                rc == _paho.MQTT_ERR_AGAIN or handled >= _READ_BURST
-            ):
+            if rc == _paho.MQTT_ERR_AGAIN and self._rpos == len(self._rbuf):
                 return _paho.MQTT_ERR_SUCCESS
             handled += 1
+            if handled - flushed >= _READ_BURST:
+                flushed = handled
+                if self.want_write():
+                    rc = self.loop_write()  # paho's own: it handles a failed write itself
+                    if rc != _paho.MQTT_ERR_SUCCESS:
+                        return rc
 
     def _take_publishes(self, sink: PublishSink) -> int:
         """Decode the run of complete QoS 0/1 PUBLISH packets at the head of the buffer and

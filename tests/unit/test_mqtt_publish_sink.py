@@ -110,3 +110,34 @@ def test_a_run_of_publishes_reaches_the_sink_in_one_call() -> None:
         ours.close()
         theirs.close()
     assert calls == [200, 5]  # paho took the PINGRESP between the two runs
+
+
+def test_acknowledgements_leave_while_publishes_keep_coming() -> None:
+    """A read that goes on (the broker keeps sending) still writes the queued PUBACKs every
+    so many packets, not only once the socket runs dry: the broker's in-flight window is freed
+    as messages are acknowledged."""
+    client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-acks", manual_ack=True)
+    assert mqtt.set_publish_sink(client, lambda run: mqtt.ack_many(client, [p[2] for p in run]))
+    # What the sink does not take (here, a packet cut by the end of a read) is paho's.
+    client.on_message = lambda c, _u, m: mqtt.ack_many(c, [m.mid])
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    client._sock = ours
+    try:
+        theirs.sendall(b"".join(publish_v5(b"a/b", b"{}", qos=1, mid=m) for m in range(1, 20_001)))
+        assert (
+            client.loop_read() == mqtt.ERR_SUCCESS
+        )  # reads all 20,000 (several read chunks), writes on the way
+        theirs.setblocking(False)
+        acked = theirs.recv(1 << 20)
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+    # What was written during the read (this test never runs paho's own write step): PUBACKs
+    # (4 bytes each, packet ids in order) for at least the first thousand messages.
+    assert len(acked) % 4 == 0 and len(acked) >= 4 * 1000
+    ids = [struct.unpack("!H", acked[i + 2 : i + 4])[0] for i in range(0, len(acked), 4)]
+    assert ids == list(range(1, len(ids) + 1))
+    assert {acked[i] for i in range(0, len(acked), 4)} == {0x40}
