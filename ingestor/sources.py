@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
+from typing import NamedTuple
 
 import structlog
 
@@ -45,16 +47,19 @@ def _sparkplug_b(aliases: AliasStore) -> base.Decoder:
 # router, and only for the formats of its sources.
 STATEFUL: Mapping[str, Callable[[AliasStore], base.Decoder]] = {"sparkplug_b": _sparkplug_b}
 _NOTHING = ParseResult((), ())
+# The topic fields of a native route: one read-only mapping shared by all of them.
+_NO_FIELDS: Mapping[str, str] = MappingProxyType({})
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class Route:
-    """A received topic with its source (None for the native patterns) and topic fields."""
+class Route(NamedTuple):
+    """A received topic with its source (None for the native patterns) and topic fields. A
+    NamedTuple: one is made per message, and a frozen dataclass with a default_factory field
+    cost several times as much to make."""
 
     serial_id: str | None  # for the rejection of a retained copy, before any decoding
     source: Source | None = None
-    fields: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, str] = _NO_FIELDS
     ignored: bool = False
     decoder: base.Decoder | None = None  # the source's, when it keeps state (sparkplug_b)
 
