@@ -94,6 +94,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CONTAINER: Final = (list, dict)
 _INT_OR_FLOAT = int | float
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+_NUL_PROBLEM = "contains NUL (U+0000), which PostgreSQL cannot store"
 _DURATION_UNITS = (("y", 365 * 86_400), ("d", 86_400), ("h", 3_600), ("min", 60), ("s", 1))
 INTERNAL_ERROR = "internal error in iothub's payload validation (please report): "
 
@@ -841,11 +842,16 @@ def _single(reason: Reason, detail: str, serial: str | None = None) -> ParseResu
 
 
 def _text_problem(text: str) -> str | None:
+    # It runs for every serial, metric name and unit (several times per message). An ASCII
+    # string holds no surrogate, and CPython keeps that flag (isascii() reads it): NUL is all
+    # that is left to find, and `in` finds it in a third of the pattern search's time.
+    if text.isascii():
+        return None if "\x00" not in text else _NUL_PROBLEM
     found = _UNSTORABLE.search(text)
     if found is None:
         return None
     if found.group() == "\x00":
-        return "contains NUL (U+0000), which PostgreSQL cannot store"
+        return _NUL_PROBLEM
     return "contains an unpaired surrogate (a \\uD800-\\uDFFF escape), which is not Unicode text"
 
 
