@@ -266,13 +266,13 @@ def parse_message(
 def _parse_message(
     payload: bytes, topic_serial: str | None, now: datetime, limits: Limits
 ) -> ParseResult:
-    serial_hint = _storable(topic_serial)
     if topic_serial is not None:
         problem = _name_problem(topic_serial)
         if problem is not None:
             return _single(
                 Reason.bad_schema, f"the topic's serial_id {_show(topic_serial)} {problem}"
             )
+    serial_hint = topic_serial  # None, or storable: checked just above
     document = load_json(payload, serial_hint, limits)
     if isinstance(document, ParseResult):
         return document
@@ -439,7 +439,11 @@ def _elements(document: Any, serial_hint: str | None) -> list[tuple[Any, str]] |
 
 
 class _MessageParser:
-    """Accumulates the readings and rejections of one message's elements."""
+    """Accumulates the readings and rejections of one message's elements.
+
+    ``topic_serial`` is None or a storable serial (``_name_problem`` found nothing): its callers
+    check it first, and it is not checked again per element.
+    """
 
     def __init__(self, topic_serial: str | None, now: datetime, limits: Limits) -> None:
         self.topic_serial = topic_serial
@@ -463,11 +467,11 @@ class _MessageParser:
             self.reject(
                 Reason.bad_schema,
                 f"{where}element is {_kind(obj)}; expected an object",
-                _storable(topic_serial),
+                topic_serial,
             )
             return
         device = obj.get("device")
-        hint = _storable(topic_serial) if topic_serial is not None else _storable(device)
+        hint = topic_serial if topic_serial is not None else _storable(device)
 
         version = obj.get("schema_version")
         if version is not None and not (type(version) is int and version == SCHEMA_VERSION):
@@ -537,7 +541,6 @@ class _MessageParser:
         if problem is not None:
             self.reject(Reason.bad_schema, f"{where}metric name {_show(name)} {problem}", serial)
             return
-        label = f"{where}metric {_show(name)}: "
         ts = message_ts
         unit: str | None = None
         if isinstance(raw, dict):
@@ -545,7 +548,7 @@ class _MessageParser:
             if unknown:
                 self.reject(
                     Reason.bad_schema,
-                    f"{label}unknown key(s) {_show_keys(unknown)}; "
+                    f"{_label(where, name)}unknown key(s) {_show_keys(unknown)}; "
                     "a metric object has value, ts and unit",
                     serial,
                     name,
@@ -553,7 +556,10 @@ class _MessageParser:
                 return
             if "value" not in raw:
                 self.reject(
-                    Reason.bad_schema, f"{label}a metric object needs a 'value'", serial, name
+                    Reason.bad_schema,
+                    f"{_label(where, name)}a metric object needs a 'value'",
+                    serial,
+                    name,
                 )
                 return
             value = raw["value"]
@@ -562,7 +568,7 @@ class _MessageParser:
                 if not isinstance(raw_unit, str):
                     self.reject(
                         Reason.bad_schema,
-                        f"{label}unit is {_kind(raw_unit)}; expected a string",
+                        f"{_label(where, name)}unit is {_kind(raw_unit)}; expected a string",
                         serial,
                         name,
                     )
@@ -570,7 +576,10 @@ class _MessageParser:
                 problem = _name_problem(raw_unit)
                 if problem is not None:
                     self.reject(
-                        Reason.bad_schema, f"{label}unit {_show(raw_unit)} {problem}", serial, name
+                        Reason.bad_schema,
+                        f"{_label(where, name)}unit {_show(raw_unit)} {problem}",
+                        serial,
+                        name,
                     )
                     return
                 unit = raw_unit
@@ -580,7 +589,7 @@ class _MessageParser:
         else:
             value = raw
 
-        self.accept(serial, name, value, ts, unit=unit, label=label)
+        self.accept(serial, name, value, ts, unit=unit, where=where)
 
     def accept(
         self,
@@ -590,19 +599,19 @@ class _MessageParser:
         ts: datetime | str,
         *,
         unit: str | None,
-        label: str | None = None,
+        where: str = "",
     ) -> None:
         """The checks every reading passes, whichever decoder found it.
 
-        ``label`` starts a rejection's detail; None stands for ``metric '<name>': ``, built
-        only when the reading is rejected (a decoder's readings mostly pass).
+        A rejection's detail starts with ``where`` (the element, ``array[i]: ``) and
+        ``metric '<name>': ``, built only when the reading is rejected: most readings pass.
         """
         if value is None or isinstance(value, _CONTAINER):
             detail = f"value is {_kind(value)}; expected a number, boolean or string"
-            self._refuse(Reason.type_mismatch, label, serial, name, detail)
+            self._refuse(Reason.type_mismatch, where, serial, name, detail)
             return
         if isinstance(ts, str):
-            self._refuse(Reason.bad_timestamp, label, serial, name, ts)
+            self._refuse(Reason.bad_timestamp, where, serial, name, ts)
             return
         ahead = ts - self.now
         if ahead > self.limits.future_tolerance:
@@ -610,14 +619,14 @@ class _MessageParser:
                 f"ts {ts.isoformat()} is {_duration(ahead)} ahead of the service clock "
                 f"(limit {_duration(self.limits.future_tolerance)})"
             )
-            self._refuse(Reason.ts_in_future, label, serial, name, detail)
+            self._refuse(Reason.ts_in_future, where, serial, name, detail)
             return
         if -ahead > self.limits.max_age:
             detail = (
                 f"ts {ts.isoformat()} is {_duration(-ahead)} old "
                 f"(limit {_duration(self.limits.max_age)})"
             )
-            self._refuse(Reason.ts_too_old, label, serial, name, detail)
+            self._refuse(Reason.ts_too_old, where, serial, name, detail)
             return
         key = (serial, name.lower(), ts)
         if key in self.seen:
@@ -625,16 +634,18 @@ class _MessageParser:
                 f"a reading of this metric at {ts.isoformat()} appears earlier in the "
                 "message (metric names ignore case)"
             )
-            self._refuse(Reason.bad_schema, label, serial, name, detail)
+            self._refuse(Reason.bad_schema, where, serial, name, detail)
             return
         self.seen.add(key)
         self.readings.append(RawReading(serial, name, ts, value, unit))
 
-    def _refuse(
-        self, reason: Reason, label: str | None, serial: str, name: str, detail: str
-    ) -> None:
-        prefix = f"metric {_show(name)}: " if label is None else label
-        self.reject(reason, f"{prefix}{detail}", serial, name)
+    def _refuse(self, reason: Reason, where: str, serial: str, name: str, detail: str) -> None:
+        self.reject(reason, f"{_label(where, name)}{detail}", serial, name)
+
+
+def _label(where: str, name: str) -> str:
+    """The start of a metric's rejection detail: ``array[2]: metric 'temp': ``."""
+    return f"{where}metric {_show(name)}: "
 
 
 def _parse_ts(raw: object, subject: str) -> datetime | str:
@@ -842,9 +853,9 @@ def _single(reason: Reason, detail: str, serial: str | None = None) -> ParseResu
 
 
 def _text_problem(text: str) -> str | None:
-    # It runs for every serial, metric name and unit (several times per message). An ASCII
-    # string holds no surrogate, and CPython keeps that flag (isascii() reads it): NUL is all
-    # that is left to find, and `in` finds it in a third of the pattern search's time.
+    # It runs for every serial, metric name and unit. An ASCII string holds no surrogate, and
+    # CPython keeps that flag (isascii() reads it): NUL is all that is left to find, and `in`
+    # finds it in a third of the pattern search's time.
     if text.isascii():
         return None if "\x00" not in text else _NUL_PROBLEM
     found = _UNSTORABLE.search(text)
