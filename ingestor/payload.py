@@ -251,10 +251,14 @@ def parse_message(
     none, and the reference of the time bounds. Values are checked only for being a scalar here;
     their fit to the metric's data_type is ``check_value``'s job once the catalogue is known.
     """
-    if received_at.utcoffset() is None:
-        raise ValueError("received_at must be timezone-aware")  # a caller bug, not device input
+    # A time in UTC (what batch.prepare passes) needs neither the check nor the conversion,
+    # which cost about 0.2 us per message.
+    if received_at.tzinfo is not UTC:
+        if received_at.utcoffset() is None:
+            raise ValueError("received_at must be timezone-aware")  # a caller bug
+        received_at = received_at.astimezone(UTC)
     try:
-        return _parse_message(payload, topic_serial, received_at.astimezone(UTC), limits)
+        return _parse_message(payload, topic_serial, received_at, limits)
     except Exception as exc:
         # Last line of defence: a bug here must neither stop intake nor lose the message silently.
         # The detail says it is ours; the fuzz test asserts this branch is never taken.
