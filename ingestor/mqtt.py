@@ -297,6 +297,16 @@ class _BufferedClient(_paho.Client):
         return len(out)
 
 
+# paho's private state the sink reads or keeps as paho would (checked before it is set).
+_SINK_NEEDS: Final = (
+    "_in_packet",
+    "_msgtime_mutex",
+    "_last_bytes_received",
+    "_in_callback_mutex",
+    "_loop_rc_handle",
+)
+
+
 def set_publish_sink(client: _paho.Client, sink: PublishSink) -> bool:
     """Hand `client`'s QoS 0/1 PUBLISHes to `sink` in runs, as (topic, payload, mid, qos, dup,
     retain), instead of one `on_message` call each; True if the client can (one of
@@ -311,6 +321,14 @@ def set_publish_sink(client: _paho.Client, sink: PublishSink) -> bool:
     messages is the order on the wire. The sink runs on the network thread and must not
     raise (see `guarded`)."""
     if not isinstance(client, _BufferedClient) or client._protocol != _paho.MQTTv5:
+        return False
+    missing = [name for name in _SINK_NEEDS if not hasattr(client, name)]
+    if missing or "command" not in client._in_packet:
+        log.warning(
+            "publish_sink_off",
+            missing=missing or ["_in_packet['command']"],
+            why="paho's client changed; every message is decoded by paho, at paho's cost",
+        )
         return False
     client._publish_sink = sink
     return True

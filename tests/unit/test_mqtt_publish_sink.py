@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from ingestor import mqtt
 from tests.support.mqtt_packets import publish_v5
@@ -141,3 +143,28 @@ def test_acknowledgements_leave_while_publishes_keep_coming() -> None:
     ids = [struct.unpack("!H", acked[i + 2 : i + 4])[0] for i in range(0, len(acked), 4)]
     assert ids == list(range(1, len(ids) + 1))
     assert {acked[i] for i in range(0, len(acked), 4)} == {0x40}
+
+
+def test_a_paho_without_the_state_the_sink_needs_keeps_paho_decoding() -> None:
+    """After a paho upgrade that dropped what the sink relies on, the sink is refused loudly
+    and messages still reach on_message."""
+    client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-off")
+    del client._msgtime_mutex  # as a paho that no longer has it
+    with capture_logs() as logs:
+        assert mqtt.set_publish_sink(client, lambda run: None) is False
+    assert [e["event"] for e in logs] == ["publish_sink_off"]
+    assert logs[0]["missing"] == ["_msgtime_mutex"]
+    got: list[bytes] = []
+    client.on_message = lambda _c, _u, m: got.append(bytes(m.payload))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours
+    try:
+        theirs.sendall(publish_v5(b"a/b", b"one") + publish_v5(b"a/b", b"two"))
+        client._msgtime_mutex = threading.Lock()  # paho's own read needs it back
+        assert client.loop_read() == mqtt.ERR_SUCCESS
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+    assert got == [b"one", b"two"]
