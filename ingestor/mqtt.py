@@ -208,12 +208,24 @@ class _BufferedClient(_paho.Client):
         self._rpos = min(end, len(buf))
         return buf[pos:end]
 
+    def _sock_close(self) -> None:
+        # What was read from a socket dies with it: bytes of a lost connection are never
+        # taken for packets of the next, nor counted as waiting to be read on it.
+        super()._sock_close()
+        self._rbuf, self._rpos, self._rsock = b"", 0, None
+
+    def _buffered(self) -> bool:
+        """Whether bytes read from the current socket wait in the buffer."""
+        return self._rsock is self._sock and self._rpos < len(self._rbuf)
+
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:  # noqa: ARG002 (paho ignores it too)
         """paho's `loop_read`, which handles one packet a wake (it ignores `max_packets`),
         handling what the buffer holds: it returns only with the buffer empty and nothing more
         to read, so `select()` never sleeps over bytes already read. While packets keep coming,
-        what waits to be sent (PUBACKs) is written every `_READ_BURST` packets, as paho's loop
-        would between two wakes."""
+        every `_READ_BURST` packets it does what paho's loop does between two wakes: the
+        keepalive (a PINGREQ when nothing was sent for a while, a PINGRESP overdue) and the
+        writes that wait (PUBACKs, a PINGREQ, a DISCONNECT); and it gives the loop back if
+        the network thread is being stopped."""
         handled = flushed = 0
         while True:
             if self._sock is None:
@@ -225,15 +237,18 @@ class _BufferedClient(_paho.Client):
             rc = self._packet_read()
             if rc > 0:
                 return self._loop_rc_handle(rc)
-            if rc == _paho.MQTT_ERR_AGAIN and self._rpos == len(self._rbuf):
+            if rc == _paho.MQTT_ERR_AGAIN and not self._buffered():
                 return _paho.MQTT_ERR_SUCCESS
             handled += 1
             if handled - flushed >= _READ_BURST:
                 flushed = handled
-                if self.want_write():
+                rc = self.loop_misc()  # paho's own keepalive; it closes a dead connection
+                if rc == _paho.MQTT_ERR_SUCCESS and self.want_write():
                     rc = self.loop_write()  # paho's own: it handles a failed write itself
-                    if rc != _paho.MQTT_ERR_SUCCESS:
-                        return rc
+                if rc != _paho.MQTT_ERR_SUCCESS:
+                    return rc
+                if self._thread_terminate:  # loop_stop(): bytes still buffered stay unread
+                    return _paho.MQTT_ERR_SUCCESS
 
     def _take_publishes(self, sink: PublishSink) -> int:
         """Decode the run of complete QoS 0/1 PUBLISH packets at the head of the buffer and
@@ -300,6 +315,7 @@ class _BufferedClient(_paho.Client):
 # paho's private state the sink reads or keeps as paho would (checked before it is set).
 _SINK_NEEDS: Final = (
     "_in_packet",
+    "_thread_terminate",
     "_msgtime_mutex",
     "_last_bytes_received",
     "_in_callback_mutex",

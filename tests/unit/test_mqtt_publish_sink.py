@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from ingestor import mqtt
 from tests.support.mqtt_packets import publish_v5
+from tests.support.paho_api import client as paho
 
 Delivered = tuple[str, bytes, int, int, bool, bool]
 
@@ -168,3 +169,58 @@ def test_a_paho_without_the_state_the_sink_needs_keeps_paho_decoding() -> None:
         ours.close()
         theirs.close()
     assert got == [b"one", b"two"]
+
+
+def test_bytes_of_a_lost_connection_are_dropped_with_its_socket() -> None:
+    """paho refuses a packet in the middle of a read (QoS 3) and drops the connection; what
+    followed it in that read is never handled, and a new socket with nothing to read yet
+    makes the read return at once, not spin over the old bytes."""
+    got: list[mqtt.Publish] = []
+    client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-lost")
+    assert mqtt.set_publish_sink(client, got.extend)
+    first, first_peer = socket.socketpair()
+    first.setblocking(False)
+    client._sock = first
+    bad = b"\x36\x02\x00\x00"  # PUBLISH with QoS 3: a protocol error
+    first_peer.sendall(publish_v5(b"a/b", b"kept") + bad + publish_v5(b"a/b", b"stale") * 10)
+    assert client.loop_read() == paho.MQTT_ERR_PROTOCOL
+    assert client._sock is None  # paho dropped the connection
+    second, second_peer = socket.socketpair()
+    second.setblocking(False)
+    client._sock = second  # the next connection, nothing on it yet
+    codes: list[int] = []
+    reading = threading.Thread(target=lambda: codes.append(client.loop_read()), daemon=True)
+    reading.start()
+    reading.join(2.0)
+    try:
+        assert not reading.is_alive(), "loop_read spins over bytes of the lost connection"
+        assert codes == [mqtt.ERR_SUCCESS]
+        assert [p[1] for p in got] == [b"kept"]
+    finally:
+        client._sock = None
+        for sock in (first_peer, second, second_peer):
+            sock.close()
+
+
+def test_a_flood_of_qos0_messages_still_keeps_the_connection_alive() -> None:
+    """QoS 0 messages are never acknowledged: while they keep coming, only the keepalive
+    tells the broker the client lives. A PINGREQ leaves during a read that goes on."""
+    client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-keepalive")
+    assert mqtt.set_publish_sink(client, lambda run: None)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    client._sock = ours
+    client._state = paho._ConnectionState.MQTT_CS_CONNECTED  # type: ignore[attr-defined]  # as after a CONNACK
+    client._keepalive = 1
+    client._last_msg_out = paho.time_func() - 5  # nothing sent for 5 s
+    try:
+        theirs.sendall(b"".join(publish_v5(b"a/b", b"{}") for _ in range(20_000)))
+        assert client.loop_read() == mqtt.ERR_SUCCESS
+        theirs.setblocking(False)
+        sent = theirs.recv(1 << 16)
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+    assert sent[:2] == b"\xc0\x00"  # PINGREQ
