@@ -209,6 +209,10 @@ class MqttIntake(MessageQueue):
                     return
                 # No more than can arrive before the pending limit stops intake.
                 reachable = len(self._queue) + self._max_pending - self._pending
+                if self._queue and len(self._queue) >= reachable:
+                    # Intake waits for room, and room comes only from acknowledgements of
+                    # what the writer holds: take what is here rather than wait for nothing.
+                    return
                 self._wanted = max(1, min(count, reachable))
                 self._cond.wait(remaining)
         finally:
@@ -434,6 +438,9 @@ class MqttIntake(MessageQueue):
                     self._pending >= self._max_pending
                     or (self._pending and self._pending_bytes + size > self._max_pending_bytes)
                 ) and not self._closed:
+                    # What this run queued so far may be what a consumer waits for.
+                    if self._wanted and len(self._queue) >= self._wanted:
+                        self._cond.notify_all()
                     if self._paused_since is None:
                         self._paused_since = time.monotonic()
                         log.warning(

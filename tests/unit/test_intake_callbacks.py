@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from structlog.testing import capture_logs
 
 from config.settings import Settings
@@ -105,3 +108,33 @@ def test_suback_granting_qos_0_or_refusing_is_fatal() -> None:
         assert [e["event"] for e in logs] == ["mqtt_subscribe_refused"]
         assert intake.fatal is not None and expected in intake.fatal
         assert not intake.ever_connected.is_set()
+
+
+def test_a_run_that_fills_the_window_hands_over_what_it_queued() -> None:
+    """A consumer waiting for a batch gets what a run queued before the pending limit stopped
+    it, at once: room comes only from acknowledging what the writer already holds, so waiting
+    for more would wait for nothing."""
+    intake = make_intake(max_pending_messages=100)
+    topic = "devices/SN-1/telemetry"
+    intake._on_publishes([(topic, b"{}", mid, 1, False, False) for mid in range(1, 61)])
+    held = intake.take(60, 0.0)  # with the writer: pending, not acknowledged
+    assert len(held) == 60
+    taken: list[int] = []
+
+    def consumer() -> None:
+        taken.append(len(intake.take_batch(50, 5.0, 5.0)))
+
+    waiting = threading.Thread(target=consumer)
+    waiting.start()
+    time.sleep(0.1)  # the consumer waits for its batch
+    run = [(topic, b"{}", mid, 1, False, False) for mid in range(61, 121)]
+    feeding = threading.Thread(target=intake._on_publishes, args=(run,), daemon=True)
+    started = time.monotonic()
+    feeding.start()  # 40 fit; then it waits for room
+    waiting.join(2.0)
+    assert not waiting.is_alive() and taken == [40]
+    assert time.monotonic() - started < 1.0
+    intake.ack(held)  # room: the rest of the run goes in
+    feeding.join(2.0)
+    assert not feeding.is_alive()
+    assert len(intake.take(100, 0.0)) == 20
