@@ -282,7 +282,7 @@ class BatchWriter:
         nothing was already stored; a batch with a redelivery or a device's repeat keeps the
         next one on the safe way, and a fleet that repeats itself in every batch never pays
         for a refused COPY. A row the server refuses for another reason goes the safe way too,
-        where bisection finds it."""
+        where bisection finds it, and so does the batch after it."""
         self._copied_direct = False
         if not rows:
             return [], []
@@ -298,7 +298,9 @@ class BatchWriter:
                 if not _is_data_error(exc):
                     raise
         inserted, refused = self._insert_new(conn, rows)
-        self._copy_direct = len(inserted) + len(refused) == len(rows)
+        # Straight in next time only after a batch that went in whole: a duplicate would
+        # refuse the next COPY too, and so would a row the server refuses again and again.
+        self._copy_direct = len(inserted) == len(rows)
         return inserted, refused
 
     def _insert_new(

@@ -140,5 +140,8 @@ def test_a_row_the_server_refuses_in_a_direct_copy_costs_only_itself(
             "SELECT reason, detail FROM rejected_messages WHERE detail LIKE '%refused by policy%'"
         ).fetchall()
     assert [r[0] for r in reasons] == ["storage_error"]
-    # The refusal is not a duplicate: the next batch goes straight in.
-    assert writer.write(batch(binding, range(15, 20))).copied_direct is True
+    # After a refusal the next batch goes the safe way (a poison that recurs would refuse
+    # every COPY), the one after it straight in again.
+    assert writer.write(batch(binding, range(15, 20))).copied_direct is False
+    assert writer.write(batch(binding, range(20, 25))).copied_direct is True
+    assert stored(db_url, binding) == [t for t in at(range(0, 25)) if t != bad.ts]
