@@ -74,6 +74,7 @@ READY_TIMEOUT = 60.0  # seconds
 TARGET_VS_CEILING = 0.8
 TARGET_VS_NAIVE = 10.0
 TARGET_ROWS_C10 = 100_000  # rows/s
+TARGET_C10_VS_CEILING = 3.0  # (c10) rows/s against (a) msg/s of the same run (issue 14)
 TARGET_P99 = 1.0  # seconds
 TARGET_RSS_MB = 250.0
 TARGET_RULES_COST = 0.15
@@ -828,8 +829,8 @@ def verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
 
 
-def c1_figures(bench: Bench, sizes: Sizes, out: Callable[[str], None]) -> Drain:
-    """(a), (b), (c1) and the RSS figure."""
+def c1_figures(bench: Bench, sizes: Sizes, out: Callable[[str], None]) -> tuple[Drain, float]:
+    """(a), (b), (c1) and the RSS figure; (c1) and the (a) rate."""
     rate_a, n_a = bench.ceiling()
     out(f"(a) receive ceiling, paho QoS 1 counting subscriber: {rate_a:,.0f} msg/s ({n_a:,})")
     rate_b, n_b = bench.naive()
@@ -857,7 +858,7 @@ def c1_figures(bench: Bench, sizes: Sizes, out: Callable[[str], None]) -> Drain:
         f"(rss) peak RSS of iothub run draining {sizes.messages:,} messages: "
         f"{c1.peak_rss_mb:,.0f} MB, target < {TARGET_RSS_MB:g} MB: {verdict(ok_rss)}"
     )
-    return c1
+    return c1, rate_a
 
 
 def scaling_table(
@@ -963,8 +964,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only_scaling:
             return 0
         c1: Drain | None = None
+        rate_a: float | None = None
         if not args.only_rules:
-            c1 = c1_figures(bench, sizes, out)
+            c1, rate_a = c1_figures(bench, sizes, out)
         costs = []
         for round_no in range(1, args.rules_rounds + 1):
             label = f" round {round_no}/{args.rules_rounds}" if args.rules_rounds > 1 else ""
@@ -978,6 +980,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"(redelivered after stop: {c10.redelivered}; {c10.batches:,} batches, "
                 f"{c10.rows / max(c10.batches, 1):,.0f} rows each)"
             )
+            if rate_a:
+                ratio = c10.rows_per_s / rate_a
+                out(
+                    f"  (c10) rows/s vs (a) {rate_a:,.0f} msg/s: {ratio:.2f}x, target >= "
+                    f"{TARGET_C10_VS_CEILING:g}x: {verdict(ratio >= TARGET_C10_VS_CEILING)}"
+                )
             n_rules = bench.set_rules(True)
             ruled = bench.daemon("rules", METRICS_PER_DEVICE, sizes.messages_c10)
             bench.set_rules(False)

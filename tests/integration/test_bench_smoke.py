@@ -40,6 +40,8 @@ def test_quick_benchmark_prints_every_figure() -> None:
         assert any(line.startswith(tag) for line in lines), f"no {tag!r} line in:\n{done.stdout}"
     assert "msg/s" in next(line for line in lines if line.startswith("(c1) "))
     assert "redelivered after stop: 0" in next(line for line in lines if line.startswith("(c1) "))
+    # issue 14's (c10) target is against (a) of the same run: the ratio has a line of its own
+    assert any(line.startswith("  (c10) rows/s vs (a) ") for line in lines), done.stdout
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
