@@ -723,16 +723,14 @@ def test_hypertable_without_aggregates_gets_them_from_a_plain_rerun(
 # --- Writes into compressed chunks ------------------------------------------------------------
 
 
-@pytest.mark.timescaledb
-def test_insert_on_conflict_into_a_compressed_chunk(
+def compressed_readings(
     db_url: str,
     conn: psycopg.Connection,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:
-    """A backfill into a compressed chunk through the writer's own statements (staging table,
-    COPY, the INSERT ... ON CONFLICT DO NOTHING in a writable CTE that returns the new rows'
-    places) stores the new readings and drops the duplicates, and the chunk stays compressed."""
+) -> list[tuple[int, datetime]]:
+    """45 days of readings set up as a hypertable, the chunks older than 30 days compressed:
+    three (device_metric_id, ts) stored in a compressed chunk, oldest first."""
     add_readings(conn, days=45)
     assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
     conn.execute(
@@ -744,6 +742,38 @@ def test_insert_on_conflict_into_a_compressed_chunk(
         "ORDER BY ts LIMIT 3"
     ).fetchall()
     assert len(old) == 3
+    return [(int(dm), ts) for dm, ts in old]
+
+
+def assert_stored_compressed(conn: psycopg.Connection, binding: int, fresh: list[datetime]) -> None:
+    """The `fresh` readings (value 1000) are stored with their generated column, and their
+    chunk is still compressed."""
+    # timescale/timescaledb#9314: some releases left generated columns NULL on rows inserted
+    # into compressed chunks, which every min/max/avg over value_numeric would miss.
+    computed = conn.execute(
+        "SELECT value_numeric FROM telemetries WHERE device_metric_id = %s AND ts = ANY(%s)",
+        (binding, fresh),
+    ).fetchall()
+    assert computed == [(1000,)] * 3
+    chunk = conn.execute(
+        "SELECT is_compressed FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = 'telemetries' AND %s >= range_start AND %s < range_end",
+        (fresh[0], fresh[0]),
+    ).fetchone()
+    assert chunk == (True,)
+
+
+@pytest.mark.timescaledb
+def test_insert_on_conflict_into_a_compressed_chunk(
+    db_url: str,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A backfill into a compressed chunk through the writer's own statements (staging table,
+    COPY, the INSERT ... ON CONFLICT DO NOTHING in a writable CTE that returns the new rows'
+    places) stores the new readings and drops the duplicates, and the chunk stays compressed."""
+    old = compressed_readings(db_url, conn, monkeypatch, capsys)
     binding = old[0][0]
     fresh = [ts + timedelta(minutes=30) for _, ts in old]  # between two hourly readings
     rows = [(binding, ts, '{"t":"numeric","v":-1}') for _, ts in old]  # duplicates
@@ -761,19 +791,7 @@ def test_insert_on_conflict_into_a_compressed_chunk(
         ([ts for _, ts in old],),
     ).fetchone()
     assert kept == (0,)  # the stored readings were not overwritten
-    # timescale/timescaledb#9314: some releases left generated columns NULL on rows inserted
-    # into compressed chunks, which every min/max/avg over value_numeric would miss.
-    computed = conn.execute(
-        "SELECT value_numeric FROM telemetries WHERE device_metric_id = %s AND ts = ANY(%s)",
-        (binding, fresh),
-    ).fetchall()
-    assert computed == [(1000,)] * 3
-    chunk = conn.execute(
-        "SELECT is_compressed FROM timescaledb_information.chunks "
-        "WHERE hypertable_name = 'telemetries' AND %s >= range_start AND %s < range_end",
-        (fresh[0], fresh[0]),
-    ).fetchone()
-    assert chunk == (True,)
+    assert_stored_compressed(conn, binding, fresh)
 
 
 @pytest.mark.timescaledb
@@ -786,17 +804,7 @@ def test_direct_copy_into_a_compressed_chunk(
     """The writer's direct COPY (ingestor.writer.copy_telemetries, binary): into a compressed
     chunk, a reading already stored refuses the whole COPY with a unique violation (the writer
     then goes the staging way), and new readings are stored with their generated columns."""
-    add_readings(conn, days=45)
-    assert run(monkeypatch, capsys, db_url).code == exitcodes.OK
-    conn.execute(
-        "SELECT compress_chunk(c) FROM show_chunks('telemetries', older_than => INTERVAL "
-        "'30 days') c"
-    )
-    old = conn.execute(
-        "SELECT device_metric_id, ts FROM telemetries WHERE ts < now() - INTERVAL '35 days' "
-        "ORDER BY ts LIMIT 3"
-    ).fetchall()
-    assert len(old) == 3
+    old = compressed_readings(db_url, conn, monkeypatch, capsys)
     binding = old[0][0]
     fresh = [ts + timedelta(minutes=30) for _, ts in old]
     new_rows = [(binding, ts, '{"t":"numeric","v":1000}') for ts in fresh]
@@ -814,17 +822,7 @@ def test_direct_copy_into_a_compressed_chunk(
         with conn.cursor() as cur:
             writer.copy_telemetries(cur, new_rows)
     assert conn.execute("SELECT count(*) FROM telemetries").fetchone() == (before[0] + 3,)
-    computed = conn.execute(
-        "SELECT value_numeric FROM telemetries WHERE device_metric_id = %s AND ts = ANY(%s)",
-        (binding, fresh),
-    ).fetchall()
-    assert computed == [(1000,)] * 3
-    chunk = conn.execute(
-        "SELECT is_compressed FROM timescaledb_information.chunks "
-        "WHERE hypertable_name = 'telemetries' AND %s >= range_start AND %s < range_end",
-        (fresh[0], fresh[0]),
-    ).fetchone()
-    assert chunk == (True,)
+    assert_stored_compressed(conn, binding, fresh)
 
 
 def test_dry_run_shows_the_aggregate_settings(

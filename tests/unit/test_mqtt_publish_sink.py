@@ -10,9 +10,11 @@ boundaries, properties short and long, QoS 2, topics that are not UTF-8, PINGRES
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -57,6 +59,22 @@ PINGRESP = b"\xd0\x00"
 streams = st.lists(st.one_of(publishes(), st.just(PINGRESP)), min_size=1, max_size=25)
 
 
+@contextlib.contextmanager
+def broker_side(client: mqtt.Client) -> Iterator[socket.socket]:
+    """A socket pair in place of a broker connection: the client reads its end, set as paho's
+    connect() would set its socket; the test writes to (and reads from) the other end."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    client._sock = ours
+    try:
+        yield theirs
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+
+
 def _deliveries(data: bytes, cuts: list[int], with_sink: bool) -> list[Delivered | int]:
     """What the client delivered, and the code of each read that was not a success (paho
     then drops the connection: the rest of the stream is not read)."""
@@ -69,23 +87,15 @@ def _deliveries(data: bytes, cuts: list[int], with_sink: bool) -> list[Delivered
     client.on_message = on_message
     if with_sink:
         assert mqtt.set_publish_sink(client, got.extend)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    client._sock = ours  # paho's socket, as its connect() would set it
-    try:
+    with broker_side(client) as broker:
         start = 0
         for cut in [*sorted(cuts), len(data)]:
-            theirs.sendall(data[start:cut])
+            broker.sendall(data[start:cut])
             start = max(start, cut)
             rc = client.loop_read()
             if rc != mqtt.ERR_SUCCESS:
                 got.append(int(rc))
                 break
-    finally:
-        client._sock = None
-        ours.close()
-        theirs.close()
     return got
 
 
@@ -102,16 +112,9 @@ def test_a_run_of_publishes_reaches_the_sink_in_one_call() -> None:
     client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-run")
     assert mqtt.set_publish_sink(client, lambda run: calls.append(len(run)))
     one = publish_v5(b"a/b", b"{}", qos=1, mid=7)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    client._sock = ours
-    try:
-        theirs.sendall(one * 200 + PINGRESP + one * 5)
+    with broker_side(client) as broker:
+        broker.sendall(one * 200 + PINGRESP + one * 5)
         assert client.loop_read() == mqtt.ERR_SUCCESS
-    finally:
-        client._sock = None
-        ours.close()
-        theirs.close()
     assert calls == [200, 5]  # paho took the PINGRESP between the two runs
 
 
@@ -123,21 +126,12 @@ def test_acknowledgements_leave_while_publishes_keep_coming() -> None:
     assert mqtt.set_publish_sink(client, lambda run: mqtt.ack_many(client, [p[2] for p in run]))
     # What the sink does not take (here, a packet cut by the end of a read) is paho's.
     client.on_message = lambda c, _u, m: mqtt.ack_many(c, [m.mid])
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    client._sock = ours
-    try:
-        theirs.sendall(b"".join(publish_v5(b"a/b", b"{}", qos=1, mid=m) for m in range(1, 20_001)))
-        assert (
-            client.loop_read() == mqtt.ERR_SUCCESS
-        )  # reads all 20,000 (several read chunks), writes on the way
-        theirs.setblocking(False)
-        acked = theirs.recv(1 << 20)
-    finally:
-        client._sock = None
-        ours.close()
-        theirs.close()
+    with broker_side(client) as broker:
+        broker.sendall(b"".join(publish_v5(b"a/b", b"{}", qos=1, mid=m) for m in range(1, 20_001)))
+        # It reads all 20,000 (several read chunks) and writes on the way.
+        assert client.loop_read() == mqtt.ERR_SUCCESS
+        broker.setblocking(False)
+        acked = broker.recv(1 << 20)
     # What was written during the read (this test never runs paho's own write step): PUBACKs
     # (4 bytes each, packet ids in order) for at least the first thousand messages.
     assert len(acked) % 4 == 0 and len(acked) >= 4 * 1000
@@ -157,17 +151,10 @@ def test_a_paho_without_the_state_the_sink_needs_keeps_paho_decoding() -> None:
     assert logs[0]["missing"] == ["_msgtime_mutex"]
     got: list[bytes] = []
     client.on_message = lambda _c, _u, m: got.append(bytes(m.payload))
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    client._sock = ours
-    try:
-        theirs.sendall(publish_v5(b"a/b", b"one") + publish_v5(b"a/b", b"two"))
+    with broker_side(client) as broker:
+        broker.sendall(publish_v5(b"a/b", b"one") + publish_v5(b"a/b", b"two"))
         client._msgtime_mutex = threading.Lock()  # paho's own read needs it back
         assert client.loop_read() == mqtt.ERR_SUCCESS
-    finally:
-        client._sock = None
-        ours.close()
-        theirs.close()
     assert got == [b"one", b"two"]
 
 
@@ -178,28 +165,19 @@ def test_bytes_of_a_lost_connection_are_dropped_with_its_socket() -> None:
     got: list[mqtt.Publish] = []
     client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-lost")
     assert mqtt.set_publish_sink(client, got.extend)
-    first, first_peer = socket.socketpair()
-    first.setblocking(False)
-    client._sock = first
     bad = b"\x36\x02\x00\x00"  # PUBLISH with QoS 3: a protocol error
-    first_peer.sendall(publish_v5(b"a/b", b"kept") + bad + publish_v5(b"a/b", b"stale") * 10)
-    assert client.loop_read() == paho.MQTT_ERR_PROTOCOL
-    assert client._sock is None  # paho dropped the connection
-    second, second_peer = socket.socketpair()
-    second.setblocking(False)
-    client._sock = second  # the next connection, nothing on it yet
-    codes: list[int] = []
-    reading = threading.Thread(target=lambda: codes.append(client.loop_read()), daemon=True)
-    reading.start()
-    reading.join(2.0)
-    try:
+    with broker_side(client) as broker:
+        broker.sendall(publish_v5(b"a/b", b"kept") + bad + publish_v5(b"a/b", b"stale") * 10)
+        assert client.loop_read() == paho.MQTT_ERR_PROTOCOL
+        assert client._sock is None  # paho dropped the connection
+    with broker_side(client):  # the next connection, nothing on it yet
+        codes: list[int] = []
+        reading = threading.Thread(target=lambda: codes.append(client.loop_read()), daemon=True)
+        reading.start()
+        reading.join(2.0)
         assert not reading.is_alive(), "loop_read spins over bytes of the lost connection"
-        assert codes == [mqtt.ERR_SUCCESS]
-        assert [p[1] for p in got] == [b"kept"]
-    finally:
-        client._sock = None
-        for sock in (first_peer, second, second_peer):
-            sock.close()
+    assert codes == [mqtt.ERR_SUCCESS]
+    assert [p[1] for p in got] == [b"kept"]
 
 
 def test_a_flood_of_qos0_messages_still_keeps_the_connection_alive() -> None:
@@ -207,20 +185,13 @@ def test_a_flood_of_qos0_messages_still_keeps_the_connection_alive() -> None:
     tells the broker the client lives. A PINGREQ leaves during a read that goes on."""
     client = mqtt.make_client("mqtt://127.0.0.1:1", "sink-keepalive")
     assert mqtt.set_publish_sink(client, lambda run: None)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    client._sock = ours
-    client._state = paho._ConnectionState.MQTT_CS_CONNECTED  # type: ignore[attr-defined]  # as after a CONNACK
-    client._keepalive = 1
-    client._last_msg_out = paho.time_func() - 5  # nothing sent for 5 s
-    try:
-        theirs.sendall(b"".join(publish_v5(b"a/b", b"{}") for _ in range(20_000)))
+    with broker_side(client) as broker:
+        # As after a CONNACK, and with nothing sent for 5 s.
+        client._state = paho._ConnectionState.MQTT_CS_CONNECTED  # type: ignore[attr-defined]
+        client._keepalive = 1
+        client._last_msg_out = paho.time_func() - 5
+        broker.sendall(b"".join(publish_v5(b"a/b", b"{}") for _ in range(20_000)))
         assert client.loop_read() == mqtt.ERR_SUCCESS
-        theirs.setblocking(False)
-        sent = theirs.recv(1 << 16)
-    finally:
-        client._sock = None
-        ours.close()
-        theirs.close()
+        broker.setblocking(False)
+        sent = broker.recv(1 << 16)
     assert sent[:2] == b"\xc0\x00"  # PINGREQ
