@@ -195,15 +195,21 @@ class _BufferedClient(_paho.Client):
     _rsock: object = None
     _publish_sink: PublishSink | None = None  # see set_publish_sink
 
+    def _refill(self, size: int = _READ_CHUNK) -> bytes:
+        """Read up to `size` bytes from the current socket into the (empty) buffer, through
+        paho's own `_sock_recv`: it raises as paho does, and gives b"" at EOF."""
+        self._rbuf, self._rpos, self._rsock = b"", 0, self._sock
+        buf = super()._sock_recv(size)
+        self._rbuf = buf
+        return buf
+
     def _sock_recv(self, bufsize: int) -> bytes:
         buf, pos = self._rbuf, self._rpos
         if pos == len(buf) or self._rsock is not self._sock:
             if bufsize >= _READ_CHUNK:  # a large payload: straight into paho's packet
                 self._rbuf, self._rpos, self._rsock = b"", 0, self._sock
                 return super()._sock_recv(bufsize)
-            buf = super()._sock_recv(_READ_CHUNK)  # raises as paho does; b"" at EOF
-            self._rbuf, self._rpos, self._rsock = buf, 0, self._sock
-            pos = 0
+            buf, pos = self._refill(), 0
         end = pos + bufsize
         self._rpos = min(end, len(buf))
         return buf[pos:end]
@@ -259,11 +265,9 @@ class _BufferedClient(_paho.Client):
         buf, pos = self._rbuf, self._rpos
         if pos == len(buf) or self._rsock is not self._sock:
             try:
-                buf = super()._sock_recv(_READ_CHUNK)
+                buf, pos = self._refill(), 0
             except OSError:  # nothing to read now (BlockingIOError), or a lost connection:
                 return 0  # paho's own read, next, meets it again and handles it
-            self._rbuf, self._rpos, self._rsock = buf, 0, self._sock
-            pos = 0
         end = len(buf)
         out: list[Publish] = []
         while end - pos >= 2:

@@ -171,7 +171,6 @@ class BatchWriter:
         # Whether the next batch is COPYed straight into telemetries (see _insert). Not at
         # start: what comes first after a restart is most likely a redelivery.
         self._copy_direct = False
-        self._copied_direct = False  # how the last _insert went
 
     def write(self, batch: Batch) -> WriteResult:
         try:
@@ -194,7 +193,7 @@ class BatchWriter:
                             # Durable with the batch: what comes after a birth is acknowledged
                             # only once it is stored (ingestor.aliases).
                             aliases.store(conn, batch.births)
-                        inserted, refused = self._insert(conn, batch.rows)
+                        inserted, refused, copied_direct = self._insert(conn, batch.rows)
                         # A copy: a retried write must not add its refusals a second time.
                         rejected = {k: m.copy() for k, m in batch.rejected.items()}
                         for n, (row, why) in enumerate(refused):
@@ -235,7 +234,7 @@ class BatchWriter:
             rejections_not_recorded=sum(sum(m.not_recorded.values()) for m in rejected.values()),
             hook=hook_result,
             seconds=time.perf_counter() - started,
-            copied_direct=self._copied_direct,
+            copied_direct=copied_direct,
         )
 
     def load_aliases(self, store: aliases.AliasStore) -> int:
@@ -271,8 +270,9 @@ class BatchWriter:
 
     def _insert(
         self, conn: psycopg.Connection, rows: Sequence[Row]
-    ) -> tuple[list[Row], list[tuple[Row, str]]]:
-        """Insert rows: (the rows inserted, the rows the server refused with why).
+    ) -> tuple[list[Row], list[tuple[Row, str]], bool]:
+        """Insert rows: (the rows inserted, the rows the server refused with why, whether they
+        went by the direct COPY).
 
         A COPY straight into telemetries costs the server about a third less per row than
         staging, INSERT … ON CONFLICT (speculative insertion) and the join back that says which
@@ -283,15 +283,13 @@ class BatchWriter:
         next one on the safe way, and a fleet that repeats itself in every batch never pays
         for a refused COPY. A row the server refuses for another reason goes the safe way too,
         where bisection finds it, and so does the batch after it."""
-        self._copied_direct = False
         if not rows:
-            return [], []
+            return [], [], False
         if self._copy_direct:
             try:
                 with conn.transaction(), conn.cursor() as cur:
                     copy_telemetries(cur, ((r.device_metric_id, r.ts, r.value_json) for r in rows))
-                self._copied_direct = True
-                return list(rows), []
+                return list(rows), [], True
             except psycopg.errors.UniqueViolation:
                 log.debug("batch_copy_met_stored_rows", rows=len(rows))
             except psycopg.Error as exc:
@@ -301,7 +299,7 @@ class BatchWriter:
         # Straight in next time only after a batch that went in whole: a duplicate would
         # refuse the next COPY too, and so would a row the server refuses again and again.
         self._copy_direct = len(inserted) == len(rows)
-        return inserted, refused
+        return inserted, refused, False
 
     def _insert_new(
         self, conn: psycopg.Connection, rows: Sequence[Row]
